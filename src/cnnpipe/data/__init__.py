@@ -1,0 +1,1 @@
+"""Datasets: the registry, sources and download, raw formats, prepare, prepared splits."""

@@ -1,0 +1,74 @@
+"""One-line user-facing errors.
+
+Every problem a user can fix (bad params, bad download, foreign checkpoint)
+is raised as a ``CnnpipeError`` subclass whose message already names the
+problem and the fix. Entry points wrap their body in ``run_entry_point`` so
+the user sees that single line and an exit code, never a traceback, unless
+``CNNPIPE_DEBUG=1`` asks for one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+
+class CnnpipeError(Exception):
+    """A problem the user can fix; ``str(err)`` is the whole message."""
+
+    exit_code = 1
+
+
+class ParamsError(CnnpipeError):
+    """``params.yaml`` is malformed or inconsistent (exit 2, nothing written)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, source: str = "params.yaml") -> None:
+        self.source = source
+        super().__init__(f"{source}: {message}" if source else message)
+
+
+class DataError(CnnpipeError):
+    """A dataset could not be fetched, verified or decoded."""
+
+
+class CheckpointError(CnnpipeError):
+    """A checkpoint is missing, truncated, foreign or unsafe to load."""
+
+
+class TrackingError(CnnpipeError):
+    """The MLflow tracking store is unreachable or rejected a write."""
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("CNNPIPE_DEBUG", "").strip() not in ("", "0", "false", "no")
+
+
+def fail(err: CnnpipeError) -> NoReturn:
+    """Print ``err`` as one line on stderr and exit with its code."""
+    message = " ".join(str(err).split("\n")).strip()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(err.exit_code)
+
+
+def run_entry_point(main: Callable[[], int | None]) -> NoReturn:
+    """Run ``main`` turning known errors into one line and an exit code.
+
+    Ctrl-C exits 130 with a short message; ``CNNPIPE_DEBUG=1`` re-raises so
+    the traceback is visible.
+    """
+    try:
+        code = main()
+    except CnnpipeError as err:
+        if debug_enabled():
+            raise
+        fail(err)
+    except KeyboardInterrupt:
+        if debug_enabled():
+            raise
+        print("interrupted: stopped cleanly (Ctrl-C); no output was replaced", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    raise SystemExit(code or 0)

@@ -1,0 +1,1 @@
+"""Architectures: the layer-spec grammar (pure Python), presets, and the torch builder."""

@@ -1,0 +1,207 @@
+"""params.yaml schema: valid files parse, every malformed one gets one clear line and exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cnnpipe.cli import main as cli_main
+from cnnpipe.params import TRAINING_KEYS, expand_grid, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def with_changes(**changes) -> str:
+    raw = base_params()
+    for key, value in changes.items():
+        if "__" in key:
+            section, leaf = key.split("__", 1)
+            raw.setdefault(section, {})[leaf] = value
+        else:
+            raw[key] = value
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def run_validate(path: Path, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--params", str(path), "validate"])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_shipped_params_are_valid_and_document_every_key():
+    params = load_params(ROOT / "params.yaml")
+    assert params.data.dataset == "fashion-mnist"
+    text = (ROOT / "params.yaml").read_text()
+    for key in TRAINING_KEYS:
+        line = next(line for line in text.splitlines() if line.startswith(f"{key}:"))
+        assert "#" in line, f"params.yaml does not document {key}"
+
+
+def test_defaults_apply_when_keys_are_missing():
+    params = parse_params({})
+    assert params.training["lr"] == (0.001,)
+    assert params.axes == ()
+    assert params.grid_size == 1
+    assert params.eval.top_k == [1, 5]
+
+
+def test_expand_grid_is_the_cartesian_product_in_params_order():
+    raw = base_params() | {"lr": [0.1, 0.01, 0.001], "batch_size": [10, 20], "shuffle": [True, False]}
+    runs = expand_grid(parse_params(raw))
+    assert len(runs) == 12
+    assert runs[0].name == "lr=0.1,batch_size=10,shuffle=true"
+    assert runs[-1].name == "lr=0.001,batch_size=20,shuffle=false"
+    assert len({run.run_id for run in runs}) == 12
+    assert [r.values.lr for r in runs[:4]] == [0.1] * 4
+
+
+def test_run_id_is_stable_and_changes_with_anything_trained():
+    raw = base_params() | {"lr": 0.01, "batch_size": 100}
+    first = expand_grid(parse_params(raw))[0]
+    again = expand_grid(parse_params(dict(raw)))[0]
+    assert first.run_id == again.run_id
+    assert expand_grid(parse_params(raw | {"seed": 7}))[0].run_id != first.run_id
+    layers = {"small_bn": base_params()["models"]["small_bn"][:-3] + [{"linear": 64}, "relu", "linear"]}
+    changed = expand_grid(parse_params(raw | {"model": "small_bn", "models": layers}))[0]
+    original = expand_grid(parse_params(raw | {"model": "small_bn"}))[0]
+    assert changed.run_id != original.run_id
+
+
+def test_a_single_value_list_is_not_an_axis():
+    params = parse_params(base_params() | {"lr": [0.01], "batch_size": 100})
+    assert params.axes == ()
+    assert expand_grid(params)[0].name == "model=fashion_tutorial"
+
+
+def test_augment_auto_resolves_per_dataset():
+    fashion = expand_grid(parse_params(base_params() | {"augment": "auto"}))[0]
+    digits_raw = base_params() | {"augment": "auto"}
+    digits_raw["data"] = dict(digits_raw["data"], dataset="mnist")
+    digits = expand_grid(parse_params(digits_raw))[0]
+    assert fashion.values.augment == "crop_flip"
+    assert digits.values.augment == "none"
+
+
+BAD_LAYERS = [{"conv": 8, "kernel": 3}, "relu"] + [{"maxpool": 2}] * 5 + ["flatten", "linear"]
+
+MALFORMED = [
+    # (id, params.yaml text, words the one-line message must contain)
+    ("yaml-syntax", "lr: [0.1, 0.01\nbatch_size: 100\n", ["YAML syntax error", "line"]),
+    ("yaml-tab-indent", "data:\n\tdataset: mnist\n", ["YAML syntax error", "line 2"]),
+    ("top-level-list", "- lr\n- 0.1\n", ["top level must be a mapping"]),
+    ("unknown-key-suggest", with_changes(lrate=0.1), ["unknown key 'lrate'", "did you mean lr?"]),
+    ("unknown-key-plain", with_changes(colour="red"), ["unknown key 'colour'"]),
+    ("unknown-section-key", with_changes(data__datset="mnist"), ["unknown key 'datset' in data", "did you mean dataset?"]),
+    ("unknown-nested-key", with_changes(data__download={"timeot": 3}), ["'timeot' in data.download", "timeout"]),
+    ("lr-negative", with_changes(lr=-0.1), ["lr must be > 0", "got -0.1"]),
+    ("lr-zero-in-list", with_changes(lr=[0.1, 0]), ["lr[1] must be > 0", "got 0"]),
+    ("lr-string", with_changes(lr="fast"), ["lr must be a number", '"fast"']),
+    ("lr-bool", with_changes(lr=True), ["lr must be a number", "true"]),
+    ("batch-size-zero", with_changes(batch_size=0), ["batch_size must be > 0", "got 0"]),
+    ("batch-size-float", with_changes(batch_size=12.5), ["batch_size must be an integer", "12.5"]),
+    ("epochs-zero", with_changes(epochs=0), ["epochs must be > 0"]),
+    ("patience-negative", with_changes(patience=-1), ["patience must be >= 0", "-1"]),
+    ("shuffle-not-bool", with_changes(shuffle="yes"), ["shuffle must be true or false"]),
+    ("optimizer-unknown", with_changes(optimizer="rmsprop"), ["optimizer must be one of", "rmsprop"]),
+    ("schedule-unknown", with_changes(schedule="step"), ["schedule must be one of", "step"]),
+    ("momentum-one", with_changes(momentum=1.0), ["momentum must be < 1"]),
+    ("label-smoothing-negative", with_changes(label_smoothing=-0.1), ["label_smoothing must be >= 0"]),
+    ("empty-grid-list", with_changes(lr=[]), ["lr is an empty list"]),
+    ("duplicate-grid-value", with_changes(batch_size=[100, 100]), ["batch_size lists a value twice"]),
+    ("mapping-as-value", with_changes(lr={"min": 0.1}), ["lr must be a value or a list"]),
+    ("nested-list", with_changes(lr=[[0.1, 0.2]]), ["lr[0] must be a single value"]),
+    ("grid-too-large", with_changes(lr=[0.1 * (i + 1) for i in range(9)], batch_size=list(range(1, 9))),
+     ["72 runs", "grid.max_runs=64"]),
+    ("val-fraction-one", with_changes(data__val_fraction=1.0), ["data.val_fraction must be < 1", "1.0"]),
+    ("val-fraction-zero", with_changes(data__val_fraction=0), ["data.val_fraction must be > 0"]),
+    ("unknown-dataset", with_changes(data__dataset="cifar100"), ["data.dataset must be one of", "cifar100", "did you mean cifar10?"]),
+    ("unknown-model", with_changes(model="resnet50"), ["model: unknown model 'resnet50'", "preset"]),
+    ("unknown-model-in-grid", with_changes(model=["fashion_tutorial", "small_bm"]), ["model[1]", "did you mean small_bn?"]),
+    ("bad-layer-pool", with_changes(models={"tiny": BAD_LAYERS}), ["models.tiny[6]", "maxpool 2 on a 8x1x1 feature map"]),
+    ("bad-layer-type", with_changes(models={"tiny": [{"convolution": 8}, "flatten", "linear"]}), ["models.tiny[0]", "unknown layer type 'convolution'"]),
+    ("bad-layer-linear-before-flatten", with_changes(models={"tiny": [{"conv": 4}, {"linear": 10}]}), ["models.tiny[1]", "add 'flatten'"]),
+    ("bad-layer-wrong-classes", with_changes(models={"tiny": ["flatten", {"linear": 7}]}), ["models.tiny[1]", "7 outputs", "10 classes"]),
+    ("bad-layer-option", with_changes(models={"tiny": [{"conv": 4, "kernal": 3}, "flatten", "linear"]}), ["models.tiny[0]", "no option 'kernal'"]),
+    ("preset-name-clash", with_changes(models={"mnist_net": ["flatten", "linear"]}), ["models.mnist_net clashes"]),
+    ("top-k-too-large", with_changes(eval={"top_k": [1, 11]}), ["eval.top_k has 11", "10 classes"]),
+    ("top-k-zero", with_changes(eval={"top_k": [0]}), ["eval.top_k[0] must be > 0"]),
+    ("mirror-bad-scheme", with_changes(data__mirrors=["ftp://example.org/mnist/"]), ["data.mirrors[0]", "unsupported scheme 'ftp'"]),
+    ("checksum-not-hex", with_changes(data__checksums={"train-images-idx3-ubyte.gz": "abc"}), ["data.checksums", "SHA-256"]),
+    ("timeout-negative", with_changes(data__download={"timeout": -1}), ["data.download.timeout must be > 0"]),
+    ("workers-zero", with_changes(grid={"workers": 0}), ["grid.workers must be 'auto' or an integer > 0"]),
+    ("backend-unknown", with_changes(grid={"backend": "dask"}), ["grid.backend must be one of", "dask"]),
+    ("mlflow-enabled-not-bool", with_changes(mlflow={"enabled": "maybe"}), ["mlflow.enabled must be true or false"]),
+    ("select-by-test", with_changes(select_by="test_top1"), ["select_by must be one of", "test_top1"]),
+    ("device-unknown", with_changes(device="tpu"), ["device must be one of", "tpu"]),
+    ("section-not-mapping", with_changes(data="mnist"), ["data must be a mapping"]),
+]
+
+
+@pytest.mark.parametrize("text,expected", [(t, e) for _, t, e in MALFORMED], ids=[c[0] for c in MALFORMED])
+def test_malformed_params_give_one_line_and_exit_2(tmp_path, capsys, text, expected):
+    path = write(tmp_path, text)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, err = run_validate(path, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {path}: ")
+    assert "Traceback" not in err
+    for words in expected:
+        assert words in lines[0], f"{words!r} not in {lines[0]!r}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_there_are_at_least_30_malformed_cases():
+    assert len(MALFORMED) >= 30
+
+
+def test_missing_params_file_is_one_line(tmp_path, capsys):
+    code, err = run_validate(tmp_path / "nope.yaml", capsys)
+    assert code == 2
+    assert "file not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_validate_prints_the_grid(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--params", str(ROOT / "params.yaml"), "validate"])
+    assert exit_info.value.code == 0
+    assert "4 run(s) (lr(2) x batch_size(2))" in capsys.readouterr().out
+
+
+def _cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cnnpipe", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=60)
+
+
+def test_subprocess_error_has_no_traceback_and_debug_shows_one(tmp_path):
+    write(tmp_path, with_changes(lr=-1))
+    quiet = _cli(["validate"], tmp_path, {"CNNPIPE_DEBUG": ""})
+    assert quiet.returncode == 2
+    assert quiet.stderr.strip() == "error: params.yaml: lr must be > 0.0, got -1"
+    loud = _cli(["validate"], tmp_path, {"CNNPIPE_DEBUG": "1"})
+    assert loud.returncode != 0
+    assert "Traceback" in loud.stderr and "ParamsError" in loud.stderr
+
+
+def test_show_model_prints_shapes_and_parameter_count(tmp_path):
+    result = _cli(["--params", str(ROOT / "params.yaml"), "show-model", "fashion_tutorial"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "12x4x4" in result.stdout  # after the second pool
+    # conv 6@5: 156, conv 12@5: 1812, fc 192->120: 23160, 120->60: 7260, 60->10: 610
+    assert "total parameters: 32,998" in result.stdout
