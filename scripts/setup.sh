@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
 # Idempotent setup: virtualenv, the project and its pinned deps, git + DVC,
 # the default local DVC remote. A second run takes about a second.
+#
+#   bash scripts/setup.sh          everything (what `make run` / `make test` call)
+#   bash scripts/setup.sh remote   only git + DVC + the default remote, with the
+#                                  dvc already on PATH (e.g. in a fresh clone)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE=${1:-all}
 
-PY=${PYTHON:-python3}
-VENV=.venv
-STAMP=$VENV/.cnnpipe-installed
-want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
+if [ "$MODE" != remote ]; then
+  PY=${PYTHON:-python3}
+  VENV=.venv
+  STAMP=$VENV/.cnnpipe-installed
+  want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
 
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "setup: creating virtualenv $VENV"
-  "$PY" -m venv "$VENV"
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating virtualenv $VENV"
+    "$PY" -m venv "$VENV"
+  fi
+  if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing cnnpipe and its pinned dependencies into $VENV (first time: ~4 min)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    # pip -q still prints index warnings; keep the log readable.
+    "$VENV/bin/python" -m pip install -q -e '.[test]' 2> >(grep -v -e "is ignored: it is neither" -e "BuildBackendWarning" -e "return '\\n'.join" >&2)
+    echo "$want" > "$STAMP"
+  fi
+
+  export PATH="$PWD/$VENV/bin:$PATH"
 fi
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing cnnpipe and its pinned dependencies into $VENV (first time: ~4 min)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  # pip -q still prints index warnings; keep the log readable.
-  "$VENV/bin/python" -m pip install -q -e '.[test]' 2> >(grep -v -e "is ignored: it is neither" -e "BuildBackendWarning" -e "return '\\n'.join" >&2)
-  echo "$want" > "$STAMP"
-fi
-
-export PATH="$PWD/$VENV/bin:$PATH"
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 
 if ! git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
@@ -37,11 +44,16 @@ if [ ! -d .dvc ]; then
   dvc init -q
 fi
 
-# Default remote: a folder outside the work tree, overridable with
-# CNNPIPE_DVC_REMOTE=/path or by adding your own default remote (see README).
-if ! dvc remote default >/dev/null 2>&1 || [ -z "$(dvc remote default 2>/dev/null)" ]; then
-  remote="${CNNPIPE_DVC_REMOTE:-$(cd .. && pwd)/cnnpipe-dvc-remote}"
-  mkdir -p "$remote"
-  dvc remote add --local -f -d localstore "$remote" >/dev/null
-  echo "setup: default DVC remote 'localstore' -> $remote (dvc push / dvc pull use it)"
+# Default remote: a folder beside the work tree (../cnnpipe-dvc-remote, so a
+# clone next to this one shares it), or CNNPIPE_DVC_REMOTE=/path. It lives in
+# .dvc/config.local (not committed): every clone runs this once. A default
+# remote you added yourself (dvc remote add -d myremote s3://...) is kept.
+# (`dvc remote default` prints "No default remote set" and exits 1 when there is none.)
+current="$(dvc remote default 2>/dev/null)" || current=""
+wanted="${CNNPIPE_DVC_REMOTE:-$(cd .. && pwd)/cnnpipe-dvc-remote}"
+if [ -z "$current" ] || { [ "$current" = localstore ] && [ -n "${CNNPIPE_DVC_REMOTE:-}" ] &&
+     [ "$(dvc config --local remote.localstore.url 2>/dev/null || true)" != "$wanted" ]; }; then
+  mkdir -p "$wanted"
+  dvc remote add --local -f -d localstore "$wanted" >/dev/null
+  echo "setup: default DVC remote 'localstore' -> $wanted (dvc push / dvc pull use it)"
 fi

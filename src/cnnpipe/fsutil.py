@@ -20,6 +20,17 @@ from typing import Any
 CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public_mode(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700; give outputs the usual umask-based mode."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -36,6 +47,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    _public_mode(tmp)
     try:
         yield tmp
         with open(tmp, "rb") as handle:
@@ -70,6 +82,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _public_mode(tmp, directory=True)
     try:
         yield tmp
         backup = None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class RawFile:
-    """One upstream file. ``content_sha256`` hashes the gunzipped bytes (IDX only)."""
+    """One upstream file. ``content_sha256`` hashes the gunzipped bytes (the IDX data, or a tar.gz's tar)."""
 
     name: str
     role: str  # train_images | train_labels | test_images | test_labels | archive

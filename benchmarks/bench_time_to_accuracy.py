@@ -1,0 +1,86 @@
+"""Time to accuracy of the strong Fashion-MNIST preset on this machine's CPU.
+
+    python benchmarks/bench_time_to_accuracy.py [--prepared data/prepared] [--target 0.925] [--threads N]
+
+Trains ``fashion_vgg`` with the training params documented next to it in
+``presets.yaml`` (AdamW, onecycle, crop+flip, label smoothing) and, after
+every epoch, measures test top-1 on the 10k test images. Test accuracy is
+only *reported* here (the pipeline never selects on it). Prints one row per
+epoch and the first epoch / training time at which ``--target`` was reached,
+then the final (best-by-val_loss) model's test accuracy. Training time is
+the sum of the engine's epoch times (training + validation); the per-epoch
+test evaluation is excluded from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from cnnpipe.engine import EpochRecord, TrainData, evaluate_logits, train_run  # noqa: E402
+from cnnpipe.metrics import topk_accuracy  # noqa: E402
+from cnnpipe.models.presets import PRESETS  # noqa: E402
+from cnnpipe.params import RunConfig, TrainingValues  # noqa: E402
+
+# Keep in sync with the comment above fashion_vgg in src/cnnpipe/models/presets.yaml.
+RECIPE = dict(model="fashion_vgg", optimizer="adamw", lr=0.005, weight_decay=0.05, batch_size=128,
+              schedule="onecycle", epochs=8, augment="crop_flip", label_smoothing=0.1, monitor="val_loss",
+              patience=8, seed=42)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prepared", default=str(ROOT / "data" / "prepared"))
+    parser.add_argument("--target", type=float, default=0.925)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--epochs", type=int, default=RECIPE["epochs"])
+    parser.add_argument("--seed", type=int, default=RECIPE["seed"])
+    args = parser.parse_args()
+
+    data = TrainData.load(args.prepared)
+    assert data.test is not None
+    recipe = {**RECIPE, "epochs": args.epochs, "seed": args.seed}
+    cfg = RunConfig(values=TrainingValues(**recipe), layers=tuple(PRESETS["fashion_vgg"]), dataset=data.dataset)
+    print(f"fashion_vgg on {data.dataset}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
+          f"{args.threads} thread(s), load average {os.getloadavg()[0]:.2f}", flush=True)
+    print("recipe: " + ", ".join(f"{k}={v}" for k, v in recipe.items() if k != "model"), flush=True)
+    print(f"{'epoch':>5}{'train_s':>9}{'cum_s':>8}{'img/s':>8}{'val_loss':>10}{'val_top1':>10}{'test_top1':>11}{'load':>6}", flush=True)
+
+    elapsed = 0.0
+    reached: tuple[int, float, float] | None = None
+
+    def on_epoch(record: EpochRecord, model: torch.nn.Module) -> None:
+        nonlocal elapsed, reached
+        elapsed += record.epoch_seconds
+        logits = evaluate_logits(model, data.test.images, mean=data.mean, std=data.std, batch_size=1000)
+        test_top1 = topk_accuracy(logits, data.test.labels, (1,))[1]
+        model.train()
+        if reached is None and test_top1 >= args.target:
+            reached = (record.epoch, elapsed, test_top1)
+        print(f"{record.epoch:>5}{record.epoch_seconds:>9.1f}{elapsed:>8.1f}{record.images_per_s:>8.0f}"
+              f"{record.val_loss:>10.4f}{record.val_top1:>10.4f}{test_top1:>11.4f}{os.getloadavg()[0]:>6.2f}", flush=True)
+
+    start = time.perf_counter()
+    result = train_run(cfg, data, num_threads=args.threads, on_epoch=on_epoch, progress=False)
+    wall = time.perf_counter() - start
+    assert result.model is not None
+    final = topk_accuracy(evaluate_logits(result.model, data.test.images, mean=data.mean, std=data.std), data.test.labels, (1,))[1]
+    print(f"\nstatus {result.status} ({result.stop_reason}), best epoch {result.best_epoch}: "
+          f"test top-1 {final:.4f} after {elapsed:.0f} s of training ({wall:.0f} s wall with per-epoch test evals)")
+    if reached:
+        print(f"target {args.target:.3f} first reached at epoch {reached[0]} after {reached[1]:.0f} s of training (test {reached[2]:.4f})")
+    else:
+        print(f"target {args.target:.3f} not reached")
+    return 0 if reached else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""``cnnpipe predict | runs | ui``: the subcommands that need torch, pandas or mlflow.
+
+Registered into the argparse tree by ``cnnpipe.cli``; every heavy import
+happens inside the handler, so ``cnnpipe --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from cnnpipe.errors import CnnpipeError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify image files or folders with a trained checkpoint")
+    p.add_argument("images", nargs="+", help="PNG/JPEG files or folders of them")
+    p.add_argument("--model", default="models/best", help="checkpoint folder (default: models/best)")
+    p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: 3)")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("runs", help="print the grid table of the last train stage")
+    p.add_argument("--reports", default="reports", help="reports folder (default: reports)")
+    p.add_argument("--all-columns", action="store_true", help="show every param column")
+    p.set_defaults(func=_runs)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the project's tracking store")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=_ui)
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def collect_images(paths: list[str]) -> list[Path]:
+    """Expand folders (non-recursive, sorted); refuse missing paths and empty folders."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise CnnpipeError(f"{path}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); point at image files or another folder")
+            found.extend(files)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise CnnpipeError(f"{path}: no such file or folder")
+    return found
+
+
+def load_image(path: Path, shape: tuple[int, int, int]) -> tuple[Any, list[str]]:
+    """Read ``path`` as a uint8 C x H x W array matching ``shape``; return notes on conversions."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = shape
+    notes: list[str] = []
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = "L" if channels == 1 else "RGB"
+            if img.mode != mode:
+                if not (img.mode in ("L", "P", "1") and mode == "L"):
+                    notes.append(f"converted {img.mode} to {'grayscale' if mode == 'L' else 'RGB'}")
+                img = img.convert(mode)
+            if img.size != (width, height):
+                notes.append(f"resized {img.size[0]}x{img.size[1]} to {width}x{height}")
+                img = img.resize((width, height), Image.Resampling.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CnnpipeError(f"{path}: not a readable image ({type(err).__name__}); give a PNG or JPEG file") from None
+    if array.ndim == 2:
+        array = array[None]
+    else:
+        array = array.transpose(2, 0, 1)
+    return array, notes
+
+
+def predict_files(model_dir: str, files: list[Path], top_k: int) -> list[dict[str, Any]]:
+    """Top-k classes per image, with the checkpoint's own normalization and class names."""
+    import numpy as np
+    import torch
+
+    from cnnpipe.checkpoint import load_checkpoint
+    from cnnpipe.engine import evaluate_logits
+
+    checkpoint = load_checkpoint(model_dir)
+    sidecar = checkpoint.sidecar
+    classes = list(sidecar["classes"])
+    shape = tuple(sidecar["in_shape"])
+    if not 1 <= top_k <= len(classes):
+        raise CnnpipeError(f"--top-k must be between 1 and {len(classes)} (the number of classes), got {top_k}")
+    arrays, notes = [], []
+    for path in files:
+        array, note = load_image(path, shape)  # type: ignore[arg-type]
+        arrays.append(array)
+        notes.append(note)
+    images = torch.from_numpy(np.stack(arrays))
+    logits = evaluate_logits(checkpoint.model, images, mean=sidecar["mean"], std=sidecar["std"])
+    probs = torch.softmax(logits.float(), dim=1)
+    values, indices = probs.topk(top_k, dim=1)
+    results = []
+    for path, note, vals, idxs in zip(files, notes, values.tolist(), indices.tolist()):
+        results.append({
+            "image": str(path),
+            "predictions": [{"class": classes[i], "index": i, "probability": round(v, 6)} for v, i in zip(vals, idxs)],
+            "notes": note,
+        })
+    return results
+
+
+def _predict(args: argparse.Namespace) -> int:
+    files = collect_images(args.images)
+    results = predict_files(args.model, files, args.top_k)
+    for result in results:
+        for note in result["notes"]:
+            print(f"warning: {result['image']}: {note}", file=sys.stderr)
+    if args.json:
+        for result in results:
+            print(json.dumps(result))
+        return 0
+    width = max(len(r["image"]) for r in results)
+    for result in results:
+        best = "  ".join(f"{p['class']} {p['probability']:.1%}" for p in result["predictions"])
+        print(f"{result['image']:<{width}}  {best}")
+    return 0
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _runs(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    path = Path(args.reports) / "grid.csv"
+    if not path.is_file():
+        raise CnnpipeError(f"{path} not found; run the train stage first (dvc repro train)")
+    table = pd.read_csv(path)
+    train_json = Path(args.reports) / "train.json"
+    selected = json.loads(train_json.read_text()).get("run_id") if train_json.is_file() else None
+    table.insert(0, "best", ["*" if run == selected else "" for run in table["run_id"]])
+    if not args.all_columns:
+        axes = [c for c in table.columns if c in _training_keys() and table[c].nunique() > 1]
+        keep = ["best", "run_id", "run_name", *axes, "status", "best_epoch", "epochs_run", "val_loss", "val_top1", "val_top5", "seconds"]
+        table = table[[c for c in keep if c in table.columns]]
+    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
+def _training_keys() -> tuple[str, ...]:
+    from cnnpipe.params import TRAINING_KEYS
+
+    return TRAINING_KEYS
+
+
+# --------------------------------------------------------------------------- ui
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from cnnpipe.params import load_params
+    from cnnpipe.tracking import resolve_store
+
+    params = load_params(args.params)
+    store = resolve_store(params.mlflow)
+    if not store.tracking_uri.startswith("sqlite:"):
+        print(f"the tracking store is a server: open {store.tracking_uri} in a browser")
+        return 0
+    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    command = [
+        mlflow_bin, "ui",
+        "--backend-store-uri", store.tracking_uri,
+        "--default-artifact-root", store.artifact_location or "",
+        "--host", args.host, "--port", str(args.port),
+    ]
+    print(f"MLflow UI on {store.tracking_uri}: http://{args.host}:{args.port}  (Ctrl-C to stop; first start takes ~25 s)", flush=True)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return 0

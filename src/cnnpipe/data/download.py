@@ -1,0 +1,309 @@
+"""Fetch a dataset's raw files from the first source that serves a verified copy.
+
+For each file the sources (``cnnpipe.data.sources``) are tried in order. A
+copy is streamed into a hidden temp file *inside* the target folder, checked,
+and only then renamed into place, so ``data/raw/<dataset>/`` never holds a
+partial or unverified file. A copy is accepted when
+
+1. its archive MD5 is upstream's, or
+2. the SHA-256 of its decompressed content matches (``data.checksums`` pins
+   override the registry): mirrors such as Debian re-compress the files,
+   which changes the wrapper but not the dataset;
+
+and it always has to parse (gzip CRC, IDX sizes, readable tar), which catches
+truncation and HTML error pages even when no checksum is known.
+
+Network errors and truncation are retried with exponential backoff; HTTP
+errors, redirect loops and bad content move on to the next source. When every
+source fails the user gets one line listing what was tried and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import http.client
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from cnnpipe import __version__
+from cnnpipe.data.formats import RawCheck, RawFormatError, inspect_raw
+from cnnpipe.data.registry import DatasetSpec, RawFile
+from cnnpipe.data.sources import Source, sources_for
+from cnnpipe.errors import DataError
+
+USER_AGENT = f"cnnpipe/{__version__} (dataset download; python-urllib)"
+CHUNK = 1 << 16
+PROGRESS_MIN_BYTES = 1 << 20  # no bar for label files
+TEMP_SUFFIX = ".part"
+MAX_BACKOFF = 30.0  # seconds
+
+
+class _Transient(Exception):
+    """Worth another attempt at the same source (network error, truncation)."""
+
+
+class _Rejected(Exception):
+    """This source will not do; move on to the next one."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """How one raw file got (or already was) into place."""
+
+    name: str
+    source: str | None  # where it came from; None when it was already present
+    verified_by: str  # "upstream MD5" | "content SHA-256" | ...
+    note: str = ""
+
+    def describe(self) -> str:
+        if self.source is None:
+            return f"{self.name}: already present ({self.verified_by} verified)"
+        extra = f"; {self.note}" if self.note else ""
+        return f"{self.name} <- {self.source} ({self.verified_by} verified{extra})"
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _judge(raw: RawFile, check: RawCheck, pins: Mapping[str, str]) -> Fetched | None:
+    """Accept a format-checked copy by archive MD5, else by content SHA-256."""
+    if raw.md5 and check.md5 == raw.md5:
+        return Fetched(raw.name, None, "upstream MD5")
+    expected = pins.get(raw.name) or raw.content_sha256
+    if expected and check.content_sha256 == expected:
+        where = "data.checksums" if raw.name in pins else "registry"
+        note = "archive MD5 differs from upstream's: re-compressed, same data" if raw.md5 else ""
+        return Fetched(raw.name, None, f"content SHA-256 ({where})", note)
+    return None
+
+
+def verify_file(path: Path, spec: DatasetSpec, raw: RawFile, pins: Mapping[str, str]) -> Fetched:
+    """Check ``path`` as a copy of ``raw``; raise ``_Transient`` / ``_Rejected`` with a short reason."""
+    try:
+        check = inspect_raw(path, fmt=spec.format, role=raw.role, image_shape=spec.image_shape)
+    except RawFormatError as err:
+        raise (_Transient if err.truncated else _Rejected)(err.reason) from None
+    verdict = _judge(raw, check, pins)
+    if verdict is None:
+        if not (raw.md5 or pins.get(raw.name) or raw.content_sha256):
+            raise _Rejected("no checksum known; pin it in data.checksums")
+        raise _Rejected("checksum mismatch")
+    return verdict
+
+
+# --------------------------------------------------------------------------- transfer
+
+
+def _progress(total: int | None, name: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    show = enabled and (total is None or total >= PROGRESS_MIN_BYTES)
+    return tqdm(
+        total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+        disable=None if show else True, file=sys.stderr, dynamic_ncols=True,
+    )
+
+
+def _copy(stream: IO[bytes], out: IO[bytes], total: int | None, name: str, progress: bool) -> int:
+    written = 0
+    with _progress(total, name, progress) as bar:
+        while chunk := stream.read(CHUNK):
+            out.write(chunk)
+            written += len(chunk)
+            bar.update(len(chunk))
+    return written
+
+
+class _NoRedirectLoops(urllib.request.HTTPRedirectHandler):
+    """urllib's handler, with a short limit: a loop should fail fast, not after 10 hops."""
+
+    max_redirections = 5
+    max_repeats = 2
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    opener = urllib.request.build_opener(_NoRedirectLoops())
+    opener.addheaders = [("User-Agent", USER_AGENT), ("Accept-Encoding", "identity")]
+    return opener
+
+
+def _fetch_http(url: str, out: IO[bytes], name: str, timeout: float, progress: bool) -> None:
+    try:
+        with _opener().open(url, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            written = _copy(response, out, total, name, progress)
+    except urllib.error.HTTPError as err:
+        if 300 <= err.code < 400:
+            raise _Rejected(f"redirect loop (HTTP {err.code})") from None
+        raise _Rejected(f"HTTP {err.code} {err.reason}".strip()) from None
+    except urllib.error.URLError as err:
+        reason = err.reason
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            raise _Transient(f"timed out after {timeout:g} s") from None
+        if isinstance(reason, socket.gaierror):
+            raise _Transient(f"unknown host ({reason.strerror})") from None
+        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
+        raise _Transient(f"network error: {text.lower()}") from None
+    except (socket.timeout, TimeoutError):
+        raise _Transient(f"timed out after {timeout:g} s") from None
+    except http.client.IncompleteRead as err:
+        raise _Transient(f"truncated: connection closed after {len(err.partial)} bytes") from None
+    except (http.client.HTTPException, ConnectionError, OSError) as err:
+        _fatal_if_disk_full(err, out)
+        raise _Transient(f"network error: {type(err).__name__}: {err}".rstrip(": ")) from None
+    if total is not None and written != total:
+        raise _Transient(f"truncated: got {written} of {total} bytes")
+
+
+def _fetch_local(path: Path, out: IO[bytes], name: str, progress: bool) -> None:
+    if not path.is_file():
+        raise _Rejected("missing")
+    try:
+        with open(path, "rb") as stream:
+            _copy(stream, out, path.stat().st_size, name, progress)
+    except PermissionError:
+        raise _Rejected("not readable (permission denied)") from None
+    except OSError as err:
+        _fatal_if_disk_full(err, out)
+        raise _Transient(f"read error: {err}") from None
+
+
+def _fatal_if_disk_full(err: BaseException, out: IO[bytes]) -> None:
+    """A full disk is not the source's fault: stop with one line instead of trying every mirror."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        folder = Path(getattr(out, "name", ".")).parent
+        raise DataError(f"no space left on the device holding {folder}; free some space and re-run the download stage") from None
+
+
+def _attempt(source: Source, spec: DatasetSpec, raw: RawFile, dest: Path, pins: Mapping[str, str],
+             timeout: float, progress: bool) -> Fetched:
+    """One try: stream into a temp file beside the target, verify, rename into place."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{raw.name}.", suffix=TEMP_SUFFIX, dir=dest)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with open(tmp, "wb") as out:
+            if source.is_remote:
+                _fetch_http(source.locate(raw.name), out, raw.name, timeout, progress)
+            else:
+                _fetch_local(Path(source.locate(raw.name)), out, raw.name, progress)
+            out.flush()
+            os.fsync(out.fileno())
+        verdict = verify_file(tmp, spec, raw, pins)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest / raw.name)
+        return Fetched(raw.name, source.location, verdict.verified_by, verdict.note)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def fetch_file(
+    spec: DatasetSpec,
+    raw: RawFile,
+    dest: Path,
+    sources: Iterable[Source],
+    *,
+    pins: Mapping[str, str],
+    timeout: float,
+    retries: int,
+    backoff: float,
+    progress: bool,
+) -> Fetched:
+    """Get one file from the first source whose copy verifies; one-line DataError otherwise."""
+    tried: list[str] = []
+    for source in sources:
+        for attempt in range(retries + 1):
+            try:
+                return _attempt(source, spec, raw, dest, pins, timeout, progress)
+            except _Rejected as err:
+                tried.append(f"{source} ({err})")
+                break
+            except _Transient as err:
+                if attempt == retries or not source.is_remote:  # a local copy reads the same every time
+                    times = f"; {attempt + 1} attempts" if attempt else ""
+                    tried.append(f"{source} ({err}{times})")
+                    break
+                time.sleep(min(backoff * (2**attempt), MAX_BACKOFF))
+    raise DataError(
+        f"{spec.name}: could not get {raw.name}: {', '.join(tried) or 'no sources'}; "
+        "add a mirror in data.mirrors (a folder or URL holding the files) or check your network"
+    )
+
+
+def _present(path: Path, spec: DatasetSpec, raw: RawFile, pins: Mapping[str, str],
+             echo: Callable[[str], None] | None) -> Fetched | None:
+    """The existing copy if it verifies; a bad one is removed (never left in place)."""
+    if not path.is_file():
+        return None
+    try:
+        verdict = verify_file(path, spec, raw, pins)
+    except (_Transient, _Rejected) as err:
+        path.unlink()
+        if echo is not None:
+            echo(f"{raw.name}: the copy in {path.parent} failed verification ({err}); removed it, fetching again")
+        return None
+    return Fetched(raw.name, None, verdict.verified_by, verdict.note)
+
+
+def _clean_temp(dest: Path) -> None:
+    """Remove temp files a killed earlier run left behind."""
+    for stale in dest.glob(f".*{TEMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def download_dataset(
+    spec: DatasetSpec,
+    dest: str | os.PathLike[str],
+    *,
+    mirrors: Iterable[str] = (),
+    checksums: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+    retries: int = 3,
+    backoff: float = 1.0,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = print,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> list[Fetched]:
+    """Make ``dest`` hold every raw file of ``spec``, each verified.
+
+    Files already present and verified are kept. ``checksums`` maps a file
+    name to the SHA-256 of its decompressed content (``data.checksums``).
+    """
+    folder = Path(dest)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    _clean_temp(folder)
+    pins = dict(checksums or {})
+    sources = sources_for(spec, mirrors, base_dir=base_dir)
+    results: list[Fetched] = []
+    try:
+        for raw in spec.files:
+            fetched = _present(folder / raw.name, spec, raw, pins, echo) or fetch_file(
+                spec, raw, folder, sources, pins=pins, timeout=timeout, retries=retries,
+                backoff=backoff, progress=progress,
+            )
+            results.append(fetched)
+            if echo is not None:
+                echo(fetched.describe())
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return results

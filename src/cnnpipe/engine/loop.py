@@ -1,0 +1,416 @@
+"""The training loop: one run of one ``RunConfig`` on one device.
+
+Design (after Keller Jordan's airbench): each split is one uint8 tensor on
+the device; an epoch is a seeded ``torch.randperm``; a batch is an index
+into it, augmented and normalized with a handful of batched tensor ops. No
+DataLoader, no worker processes, no per-image Python. The same code runs on
+CPU (tests, laptops) and CUDA (bf16 autocast, channels_last, cuDNN
+autotuning).
+
+Reproducibility: weights are initialised from ``cfg.values.seed`` (inside
+``torch.random.fork_rng``, so the caller's global RNG is untouched), and
+shuffling and augmentation draw from one CPU ``torch.Generator`` seeded from
+it. On the CPU the same config twice gives bitwise-identical metrics, and an
+interrupted run resumed from its ``resume_dir`` ends exactly like an
+uninterrupted one.
+
+Errors: a non-finite training or validation loss is not an exception but a
+result (status 'diverged', with epoch and batch in ``stop_reason``): a grid
+with one too-large learning rate must go on. Everything else raises: a bug
+should be seen, not recorded as a metric. ``KeyboardInterrupt`` propagates
+after the last finished epoch's resume state was saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnpipe.device import configure_backend, is_cuda, resolve_device, thread_limit
+from cnnpipe.engine.augment import augment, norm_constants, normalize
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.early_stopping import EarlyStopping
+from cnnpipe.engine.optim import build_optimizer, build_scheduler, current_lr
+from cnnpipe.engine.records import EpochRecord, RunResult
+from cnnpipe.engine.resume import load_resume_state, save_resume_state
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.metrics import topk_accuracy
+from cnnpipe.models.build import build_model
+from cnnpipe.params import RunConfig, resolve_augment
+
+OnEpoch = Callable[[EpochRecord, nn.Module], None]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def use_channels_last(model: nn.Module, device: str) -> bool:
+    """channels_last (NHWC) for every conv net, on CUDA and on the CPU.
+
+    Measured on a 2-core AVX2 CPU (oneDNN), batch 100-128, fwd+bwd+Adam: the
+    BatchNorm VGG preset trains ~1.3-1.6x faster in NHWC and even the 6/12
+    channel tutorial net ~1.2-1.5x (see benchmarks/README.md).
+    """
+    del device  # same answer on both: kept in the signature for when they differ
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    return any(p.ndim == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               for p in model.parameters())
+
+
+def _autocast(device: str) -> contextlib.AbstractContextManager[Any]:
+    if is_cuda(device):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _stat_modules(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+    """Modules owning parameters directly, by module path (``0``, ``4.conv1``)."""
+    out = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if own and name:
+            out.append((name, own))
+    return out
+
+
+class LayerStats:
+    """Per-module weight norms and epoch-mean gradient norms, without per-step host syncs."""
+
+    def __init__(self, model: nn.Module, device: str) -> None:
+        self.modules = _stat_modules(model)
+        self.params = [p for _, ps in self.modules for p in ps]
+        owner = [i for i, (_, ps) in enumerate(self.modules) for _ in ps]
+        self.owner = torch.tensor(owner, dtype=torch.long, device=device)
+        self.grad_sum = torch.zeros(len(self.modules), device=device)
+        self.steps = 0
+
+    def _module_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
+        sq = torch.zeros(len(self.modules), device=norms.device).index_add_(0, self.owner, norms.square())
+        return sq.sqrt()
+
+    def after_backward(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.grad_sum += self._module_norms(grads)
+        self.steps += 1
+
+    def collect(self) -> dict[str, float]:
+        with torch.no_grad():
+            weights = self._module_norms([p.detach() for p in self.params]).tolist()
+        grads = (self.grad_sum / max(1, self.steps)).tolist()
+        out: dict[str, float] = {}
+        for (name, _), w, g in zip(self.modules, weights, grads):
+            out[f"weight_norm/{name}"] = float(w)
+            out[f"grad_norm/{name}"] = float(g)
+        self.grad_sum.zero_()
+        self.steps = 0
+        return out
+
+
+def _progress_enabled(progress: bool) -> bool:
+    return bool(progress) and sys.stderr.isatty() and os.environ.get("CNNPIPE_PROGRESS", "1") != "0"
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def evaluate_logits(
+    model: nn.Module,
+    images_uint8: torch.Tensor,
+    *,
+    mean: list[float] | tuple[float, ...],
+    std: list[float] | tuple[float, ...],
+    batch_size: int = 1000,
+    device: str = "cpu",
+) -> torch.Tensor:
+    """Float32 logits (N x classes, on the CPU) for uint8 N x C x H x W images.
+
+    Eval mode and no autograd; the model's train/eval mode is restored after.
+    ``device`` is where the forward passes run (the model is expected there).
+    """
+    device = resolve_device(device)
+    scale, shift = norm_constants(mean, std, device)
+    was_training = model.training
+    model.eval()
+    channels_last = _is_channels_last(model)
+    outputs = []
+    try:
+        for start in range(0, images_uint8.shape[0], batch_size):
+            x = images_uint8[start:start + batch_size].to(device, non_blocking=True)
+            x = normalize(x, scale, shift)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                logits = model(x)
+            outputs.append(logits.float())
+    finally:
+        model.train(was_training)
+    if not outputs:
+        return torch.zeros(0, 0)
+    return torch.cat(outputs).cpu()
+
+
+def _val_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
+    if labels.numel() == 0:
+        return math.nan, 0.0, 0.0
+    loss = float(F.cross_entropy(logits, labels))
+    ks = (1, min(5, logits.shape[1]))
+    acc = topk_accuracy(logits, labels, ks)
+    return loss, acc[1], acc[ks[1]]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _batch_plan(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) per batch; a final batch of one image is dropped (BatchNorm cannot train on it)."""
+    plan = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if len(plan) > 1 and plan[-1][1] - plan[-1][0] == 1:
+        plan.pop()
+    return plan
+
+
+def train_run(
+    cfg: RunConfig,
+    data: TrainData,
+    *,
+    device: str = "cpu",
+    num_threads: int | None = None,
+    on_epoch: OnEpoch | None = None,
+    resume_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    layer_stats: bool = False,
+) -> RunResult:
+    """Train one run and return its history and best model (see the module docstring).
+
+    ``device``: 'cpu', 'cuda', 'cuda:N' or 'auto'. ``num_threads`` caps torch's
+    CPU threads for this call (restored after). ``on_epoch(record, model)`` is
+    called after every epoch with the live model (in train mode, on the device).
+    ``resume_dir``: a folder for this run's per-epoch resume state; a state for
+    the same ``run_id`` and data found there is continued from. ``progress``:
+    a tqdm bar per epoch when stderr is a terminal. ``layer_stats``: per-module
+    weight/gradient norms in each ``EpochRecord``.
+    """
+    dev = resolve_device(device)
+    configure_backend(dev)
+    fork_devices = [torch.device(dev).index or 0] if is_cuda(dev) else []
+    with thread_limit(num_threads), torch.random.fork_rng(devices=fork_devices):
+        return _train(cfg, data, dev, on_epoch, resume_dir, progress, layer_stats)
+
+
+@dataclass
+class _Epoch:
+    """Result of one pass over the training split."""
+
+    loss: float
+    top1: float
+    lr: float
+    seconds: float
+    images: int
+    diverged: str | None
+
+
+def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, generator: torch.Generator, train_x: torch.Tensor, train_y: torch.Tensor,
+                 plan: list[tuple[int, int]], scale: torch.Tensor, shift: torch.Tensor, channels_last: bool,
+                 dev: str, stats: LayerStats | None, show: bool) -> _Epoch:
+    v = cfg.values
+    aug_mode = resolve_augment(v.augment, cfg.dataset)
+    start = time.perf_counter()
+    model.train()
+    n = int(train_y.shape[0])
+    if v.shuffle:
+        order = torch.randperm(n, generator=generator).to(dev, non_blocking=True)
+    else:
+        order = torch.arange(n, device=dev)
+    losses = torch.zeros(len(plan), device=dev)
+    correct = torch.zeros((), dtype=torch.long, device=dev)
+    check_every = 32 if is_cuda(dev) else 1  # a host sync per step is free on the CPU, not on a GPU
+    checked = 0
+    step_lr = current_lr(optimizer)
+    seen = 0
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan), desc=f"{cfg.name} epoch {epoch}/{v.epochs}", leave=False, unit="batch", dynamic_ncols=True)
+    try:
+        for b, (lo, hi) in enumerate(plan):
+            idx = order[lo:hi]
+            x = train_x[idx]
+            y = train_y[idx]
+            if aug_mode != "none":
+                x = augment(x, aug_mode, generator)
+            x = normalize(x, scale, shift)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(dev):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=v.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if stats is not None:
+                stats.after_backward()
+            step_lr = current_lr(optimizer)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses[b] = loss.detach()
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += hi - lo
+            if (b + 1) % check_every == 0 or b + 1 == len(plan):
+                bad = ~torch.isfinite(losses[checked:b + 1])
+                if bool(bad.any()):
+                    first = checked + int(bad.nonzero()[0, 0])
+                    what = "nan" if math.isnan(float(losses[first])) else "inf"
+                    reason = f"diverged: loss is {what} at epoch {epoch} batch {first + 1}"
+                    return _Epoch(math.nan, 0.0, step_lr, time.perf_counter() - start, seen, reason)
+                checked = b + 1
+            if bar is not None:
+                bar.update(1)
+                if b % 25 == 0:
+                    bar.set_postfix(loss=f"{float(losses[:b + 1].mean()):.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    mean_loss = float(losses.mean())
+    top1 = float(correct) / max(1, seen)
+    return _Epoch(mean_loss, top1, step_lr, time.perf_counter() - start, seen, None)
+
+
+def _cpu_model(model: nn.Module) -> nn.Module:
+    """The returned model: CPU, standard (contiguous) layout, eval mode."""
+    model = model.to("cpu").to(memory_format=torch.contiguous_format)
+    return model.eval()
+
+
+def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
+           resume_dir: str | os.PathLike[str] | None, progress: bool, want_stats: bool) -> RunResult:
+    v = cfg.values
+    started = time.perf_counter()
+    torch.manual_seed(v.seed)
+    model = build_model(list(cfg.layers), data.image_shape, data.num_classes, where=f"model {v.model}").to(dev)
+    channels_last = use_channels_last(model, dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    train_x = data.train.images.to(dev, non_blocking=True)
+    train_y = data.train.labels.to(dev, non_blocking=True)
+    val_x = data.val.images.to(dev, non_blocking=True)
+    n = int(train_y.shape[0])
+    if n == 0 or len(data.val) == 0:
+        which = "training" if n == 0 else "validation"
+        raise CnnpipeError(f"the {which} split is empty, so nothing can be trained or selected; re-run the prepare stage (check data.val_fraction)")
+    plan = _batch_plan(n, v.batch_size)
+    scale, shift = norm_constants(data.mean, data.std, dev)
+
+    optimizer = build_optimizer(model, v)
+    scheduler = build_scheduler(optimizer, v, v.epochs * len(plan))
+    generator = torch.Generator().manual_seed(v.seed)
+    stopper = EarlyStopping(v.monitor, v.patience, v.min_delta)
+    stats = LayerStats(model, dev) if want_stats else None
+    history: list[EpochRecord] = []
+    prior_seconds = 0.0
+    train_images = 0
+    train_seconds = 0.0
+    stop_reason: str | None = None
+
+    state = load_resume_state(resume_dir, cfg.run_id, data.fingerprint) if resume_dir is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if is_cuda(dev) and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device=torch.device(dev))
+        stopper.load_state_dict(state["early"], dev)
+        history = [EpochRecord.from_dict(r) for r in state["history"]]
+        prior_seconds = float(state["seconds"])
+        train_images = int(state["train_images"])
+        train_seconds = float(state["train_seconds"])
+        stop_reason = state["stop_reason"]
+
+    show = _progress_enabled(progress)
+    status = "finished"
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    for epoch in range(len(history) + 1, v.epochs + 1):
+        if stop_reason is not None:
+            break
+        try:
+            ep = _train_epoch(epoch=epoch, cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler,
+                              generator=generator, train_x=train_x, train_y=train_y, plan=plan, scale=scale,
+                              shift=shift, channels_last=channels_last, dev=dev, stats=stats, show=show)
+        except Exception as err:
+            if oom is not None and isinstance(err, oom):
+                raise CnnpipeError(f"out of GPU memory training {cfg.name} (batch_size {v.batch_size}, model {v.model}); lower batch_size or use a smaller model") from None
+            raise
+        train_images += ep.images
+        train_seconds += ep.seconds
+        if ep.diverged:
+            status, stop_reason = "diverged", ep.diverged
+            break
+        eval_start = time.perf_counter()
+        logits = evaluate_logits(model, val_x, mean=data.mean, std=data.std, batch_size=max(v.batch_size, 1000), device=dev)
+        val_loss, val_top1, val_top5 = _val_metrics(logits, data.val.labels)
+        if not math.isfinite(val_loss):
+            status = "diverged"
+            stop_reason = f"diverged: validation loss is {'nan' if math.isnan(val_loss) else 'inf'} at epoch {epoch}"
+            break
+        record = EpochRecord(
+            epoch=epoch, train_loss=ep.loss, train_top1=ep.top1, val_loss=val_loss, val_top1=val_top1,
+            val_top5=val_top5, lr=ep.lr, epoch_seconds=ep.seconds + time.perf_counter() - eval_start,
+            images_per_s=ep.images / ep.seconds if ep.seconds > 0 else 0.0,
+            layer_stats=stats.collect() if stats is not None else {},
+        )
+        history.append(record)
+        stopper.update(val_loss if v.monitor == "val_loss" else val_top1, epoch, model)
+        if stopper.should_stop and epoch < v.epochs:
+            stop_reason = "early_stopping"
+        if resume_dir is not None:
+            save_resume_state(resume_dir, {
+                "run_id": cfg.run_id, "data_fingerprint": data.fingerprint, "epoch": epoch,
+                "model": {k: t.detach().cpu() for k, t in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(torch.device(dev)) if is_cuda(dev) else None,
+                "early": stopper.state_dict(), "history": [r.to_dict() for r in history],
+                "seconds": prior_seconds + time.perf_counter() - started,
+                "train_images": train_images, "train_seconds": train_seconds, "stop_reason": stop_reason,
+            })
+        if on_epoch is not None:
+            on_epoch(record, model)
+
+    if status == "finished" and stop_reason is None:
+        stop_reason = "max_epochs"
+    stopper.restore(model)
+    best = next((r for r in history if r.epoch == stopper.best_epoch), None)
+    return RunResult(
+        run_id=cfg.run_id,
+        status=status,
+        stop_reason=stop_reason or "max_epochs",
+        best_epoch=stopper.best_epoch,
+        best=best,
+        history=history,
+        epochs_run=len(history),
+        seconds=prior_seconds + time.perf_counter() - started,
+        images_per_s=train_images / train_seconds if train_seconds > 0 else 0.0,
+        model=_cpu_model(model) if stopper.best_state is not None else None,
+        device=dev,
+    )

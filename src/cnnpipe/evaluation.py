@@ -1,0 +1,202 @@
+"""Score the selected checkpoint: test metrics, per-class table, confusion, mistakes.
+
+Glue between ``cnnpipe.checkpoint`` (the model), ``cnnpipe.data.prepared``
+(the splits) and ``cnnpipe.metrics`` (the numbers). The train and validation
+splits are scored too, so the report shows over-fitting next to the test
+score. The test set is touched here for the first time: nothing upstream
+(selection, early stopping) ever saw it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cnnpipe.errors import CheckpointError
+from cnnpipe.fsutil import atomic_path, atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from cnnpipe.metrics import ClassScores, Mistakes
+
+METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class.csv"
+CONFUSION_FILE = "confusion.csv"
+MISTAKES_FILE = "mistakes.csv"
+PER_CLASS_COLUMNS = ("class", "support", "accuracy", "precision", "recall", "f1", "train_accuracy")
+MISTAKES_COLUMNS = ("index", "actual", "predicted", "confidence")
+SIDECAR_IDS = ("run_id", "run_name", "mlflow_run_id", "mlflow_parent_run_id", "mlflow_experiment_id")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything the evaluate stage writes, in memory."""
+
+    classes: list[str]
+    metrics: dict[str, Any]  # metrics.json: floats, then ids (strings or None)
+    test_scores: "ClassScores"
+    train_accuracy: "torch.Tensor"  # per class, train split
+    confusion: "torch.Tensor"  # test, rows actual / columns predicted
+    test_labels: "torch.Tensor"
+    test_predicted: "torch.Tensor"
+    mistakes: "Mistakes"
+
+    @property
+    def numeric_metrics(self) -> dict[str, float]:
+        """The float metrics only (what MLflow logs)."""
+        return {k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def per_class_rows(self) -> list[dict[str, Any]]:
+        s = self.test_scores
+        return [
+            {
+                "class": name,
+                "support": int(s.support[i]),
+                "accuracy": float(s.accuracy[i]),
+                "precision": float(s.precision[i]),
+                "recall": float(s.recall[i]),
+                "f1": float(s.f1[i]),
+                "train_accuracy": float(self.train_accuracy[i]),
+            }
+            for i, name in enumerate(self.classes)
+        ]
+
+
+def check_compatible(sidecar: dict[str, Any], stats: Any, checkpoint_dir: Path, prepared_dir: Path) -> None:
+    """Refuse to score a model on data it was not trained for (stale ``models/best``)."""
+    classes = list(sidecar.get("classes") or [])
+    in_shape = [int(v) for v in sidecar.get("in_shape") or []]
+    if classes != list(stats.classes) or in_shape != [int(v) for v in stats.image_shape]:
+        raise CheckpointError(
+            f"{checkpoint_dir} was trained on {sidecar.get('dataset')!r} ({len(classes)} classes, shape {in_shape}) "
+            f"but {prepared_dir} holds {stats.dataset!r} ({stats.num_classes} classes, shape {list(stats.image_shape)}); "
+            "re-run training (dvc repro train)"
+        )
+    fingerprint = sidecar.get("data_fingerprint")
+    if fingerprint and fingerprint != stats.fingerprint:
+        raise CheckpointError(
+            f"{checkpoint_dir} was trained on prepared data {fingerprint} but {prepared_dir} is {stats.fingerprint}; "
+            "re-run training (dvc repro train) so the model matches the data"
+        )
+
+
+def evaluate_checkpoint(
+    checkpoint_dir: str | os.PathLike[str],
+    prepared_dir: str | os.PathLike[str],
+    *,
+    top_k: list[int] | tuple[int, ...] = (1, 5),
+    batch_size: int = 1000,
+    mistakes: int = 25,
+    device: str = "auto",
+) -> Evaluation:
+    """Load the checkpoint (safetensors only) and score it on the train, val and test splits."""
+    import torch
+
+    from cnnpipe.checkpoint import load_checkpoint
+    from cnnpipe.data.prepared import load_split, load_stats
+    from cnnpipe.device import resolve_device
+    from cnnpipe.engine import evaluate_logits
+    from cnnpipe.metrics import class_scores, confusion_matrix, mean_loss, most_confident_mistakes, topk_accuracy
+
+    checkpoint_dir, prepared_dir = Path(checkpoint_dir), Path(prepared_dir)
+    stats = load_stats(prepared_dir)
+    checkpoint = load_checkpoint(checkpoint_dir)
+    sidecar = dict(checkpoint.sidecar)
+    check_compatible(sidecar, stats, checkpoint_dir, prepared_dir)
+    classes = list(stats.classes)
+    num_classes = len(classes)
+    top_k = sorted(set(int(k) for k in top_k))
+    mean = sidecar.get("mean") or stats.mean
+    std = sidecar.get("std") or stats.std
+    dev = resolve_device(device)
+    model = checkpoint.model.to(dev)
+
+    def score(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        data = load_split(prepared_dir, split)
+        with torch.no_grad():
+            logits = evaluate_logits(model, data.images, mean=mean, std=std, batch_size=batch_size, device=dev)
+        if logits.numel() == 0:
+            logits = torch.zeros(0, num_classes)
+        return logits, data.labels
+
+    metrics: dict[str, Any] = {}
+    test_logits, test_labels = score("test")
+    metrics["test_loss"] = mean_loss(test_logits, test_labels)
+    for k, value in topk_accuracy(test_logits, test_labels, top_k).items():
+        metrics[f"test_top{k}"] = value
+    test_predicted = test_logits.argmax(dim=1) if len(test_labels) else test_labels.clone()
+    confusion = confusion_matrix(test_predicted, test_labels, num_classes)
+    scores = class_scores(confusion)
+    metrics.update(scores.macro())
+
+    train_accuracy = torch.zeros(num_classes, dtype=torch.float64)
+    for split in ("train", "val"):
+        logits, labels = score(split)
+        metrics[f"{split}_loss"] = mean_loss(logits, labels)
+        metrics[f"{split}_top1"] = topk_accuracy(logits, labels, (1,))[1]
+        if split == "train":
+            predicted = logits.argmax(dim=1) if len(labels) else labels.clone()
+            train_accuracy = class_scores(confusion_matrix(predicted, labels, num_classes)).accuracy
+        del logits, labels
+
+    # 6 decimals: float32 noise (0.8173999786) would only clutter `dvc metrics diff`
+    metrics = {key: round(value, 6) for key, value in metrics.items()}
+    metrics["test_images"] = int(len(test_labels))
+    for key in SIDECAR_IDS:
+        metrics[key] = sidecar.get(key)
+    return Evaluation(
+        classes=classes,
+        metrics=metrics,
+        test_scores=scores,
+        train_accuracy=train_accuracy,
+        confusion=confusion,
+        test_labels=test_labels,
+        test_predicted=test_predicted,
+        mistakes=most_confident_mistakes(test_logits, test_labels, mistakes),
+    )
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> Path:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=list(columns))
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+    return path
+
+
+def write_reports(evaluation: Evaluation, reports_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write metrics.json, per_class.csv, confusion.csv and mistakes.csv atomically."""
+    out = Path(reports_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = evaluation.classes
+    paths = {
+        METRICS_FILE: out / METRICS_FILE,
+        PER_CLASS_FILE: out / PER_CLASS_FILE,
+        CONFUSION_FILE: out / CONFUSION_FILE,
+        MISTAKES_FILE: out / MISTAKES_FILE,
+    }
+    atomic_write_json(paths[METRICS_FILE], evaluation.metrics)
+    _write_csv(paths[PER_CLASS_FILE], evaluation.per_class_rows(), PER_CLASS_COLUMNS)
+    confusion_rows = [
+        {"actual": names[a], "predicted": names[p]}
+        for a, p in zip(evaluation.test_labels.tolist(), evaluation.test_predicted.tolist())
+    ]
+    _write_csv(paths[CONFUSION_FILE], confusion_rows, ("actual", "predicted"))
+    m = evaluation.mistakes
+    mistake_rows = [
+        {"index": i, "actual": names[a], "predicted": names[p], "confidence": c}
+        for i, a, p, c in zip(m.index.tolist(), m.actual.tolist(), m.predicted.tolist(), m.confidence.tolist())
+    ]
+    _write_csv(paths[MISTAKES_FILE], mistake_rows, MISTAKES_COLUMNS)
+    return paths
+
+
+def summary_line(evaluation: Evaluation) -> str:
+    m = evaluation.metrics
+    tops = ", ".join(f"top-{key[len('test_top'):]} {m[key]:.2%}" for key in m if key.startswith("test_top"))
+    return (f"evaluate: test {tops}, loss {m['test_loss']:.4f}, macro F1 {m['macro_f1']:.2%} "
+            f"({m['test_images']} images); train top-1 {m['train_top1']:.2%}, val top-1 {m['val_top1']:.2%}")

@@ -1,0 +1,413 @@
+"""Where a grid's runs execute: this process, a local process pool, or Ray.
+
+Every backend does one thing: call ``fn(*item)`` for each item and yield the
+results as runs complete. With ``on_event``, ``fn`` also gets ``emit=``: a
+callable that carries small progress events (a run started, an epoch ended)
+back to the parent, which hands them to ``on_event`` in its own thread.
+
+Why events and not workers logging to MLflow themselves: the parent is then
+the ONLY process that writes to the tracking store. A sqlite store never sees
+concurrent writers, a Ray worker on another machine needs no access to it,
+and workers never import mlflow (~3 s each). Ctrl-C is handled once, in the
+parent: workers ignore SIGINT, the parent stops them and marks runs KILLED.
+
+Workers get their data from a ``DataSource``, not a pickle of the tensors:
+``PreparedSource`` re-reads the prepared folder (safetensors, a fraction of a
+second) once per worker process; ``RaySource`` falls back to a copy in Ray's
+object store when the folder does not exist on that node (a cluster).
+
+Nothing here imports torch or ray at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue as queue_mod
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from cnnpipe.errors import CnnpipeError, DataError
+
+if TYPE_CHECKING:
+    from cnnpipe.engine import TrainData
+    from cnnpipe.params import GridParams
+
+Event = tuple[Any, ...]
+Emit = Callable[[Event], None]
+POLL_S = 0.1
+RAY_MISSING = "grid.backend is ray but ray is not installed; pip install 'cnnpipe[ray]'"
+
+
+class WorkerDied(CnnpipeError):
+    """A worker process vanished (killed by the OS, usually out of memory)."""
+
+
+# --------------------------------------------------------------------------- data for workers
+
+
+_LOADED: dict[tuple[str, str], "TrainData"] = {}  # per process: a worker trains many runs on one load
+
+
+def _load_prepared(folder: Path, fingerprint: str) -> "TrainData":
+    from cnnpipe.engine import TrainData
+
+    key = (str(folder), fingerprint)
+    if key not in _LOADED:
+        data = TrainData.load(folder, splits=("train", "val"))
+        if data.fingerprint != fingerprint:
+            raise DataError(f"{folder} changed while the grid was running (fingerprint {data.fingerprint}, "
+                            f"expected {fingerprint}); re-run the train stage")
+        _LOADED.clear()
+        _LOADED[key] = data
+    return _LOADED[key]
+
+
+@dataclass(frozen=True)
+class PreparedSource:
+    """The prepared folder a worker reloads (hash-verified) instead of receiving pickled tensors."""
+
+    folder: Path
+    fingerprint: str
+
+    def load(self) -> "TrainData":
+        return _load_prepared(self.folder, self.fingerprint)
+
+
+@dataclass(frozen=True)
+class InlineSource:
+    """The data itself, pickled (for a ``TrainData`` that has no folder, e.g. built in a test)."""
+
+    data: "TrainData"
+
+    def load(self) -> "TrainData":
+        return self.data
+
+
+@dataclass(frozen=True)
+class RaySource:
+    """The folder when this node has it (same fingerprint), else Ray's object-store copy."""
+
+    folder: Path
+    fingerprint: str
+    refs: list[Any] = field(default_factory=list)  # [ObjectRef] in a list: Ray does not resolve it eagerly
+
+    def load(self) -> "TrainData":
+        from cnnpipe.data.prepared import load_stats
+
+        with contextlib.suppress(Exception):
+            if load_stats(self.folder).fingerprint == self.fingerprint:
+                return _load_prepared(self.folder, self.fingerprint)
+        import ray
+
+        return ray.get(self.refs[0])
+
+
+class DataSource(Protocol):
+    def load(self) -> "TrainData": ...
+
+
+# --------------------------------------------------------------------------- the executors
+
+
+class Executor(Protocol):
+    """Runs ``fn(*item)`` (plus ``emit=`` when ``on_event`` is given); yields results as runs complete."""
+
+    workers: int
+    parallel: bool
+    description: str
+
+    def data_source(self, data: "TrainData", folder: Path | None) -> DataSource | None: ...
+
+    def map(self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]],
+            on_event: Callable[[Event], None] | None = None) -> Iterator[Any]: ...
+
+
+class SequentialExecutor:
+    """One run after another in this process (also the choice on a GPU: it is the bottleneck)."""
+
+    workers = 1
+    parallel = False
+    description = "one run at a time in this process"
+
+    def data_source(self, data: "TrainData", folder: Path | None) -> DataSource | None:
+        return None  # runs see the parent's TrainData directly
+
+    def map(self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]],
+            on_event: Callable[[Event], None] | None = None) -> Iterator[Any]:
+        for item in items:
+            yield fn(*item, emit=on_event) if on_event is not None else fn(*item)
+
+
+# ---- local process pool
+
+_EMIT_QUEUE: Any = None  # set in each pool worker by _init_worker
+
+
+def pin_threads(threads: int) -> None:
+    """Give torch ``threads`` intra-op threads and one inter-op thread (workers share the cores)."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only allowed before the first parallel region
+        torch.set_num_interop_threads(1)
+
+
+def _init_worker(threads: int, events: Any) -> None:
+    """Pool worker start: Ctrl-C is the parent's business; pin threads; keep the event queue."""
+    global _EMIT_QUEUE
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pin_threads(threads)
+    _EMIT_QUEUE = events
+
+
+def _pool_call(fn: Callable[..., Any], item: tuple[Any, ...], with_emit: bool) -> Any:
+    if with_emit:
+        return fn(*item, emit=_EMIT_QUEUE.put)
+    return fn(*item)
+
+
+def _drain(events: Any, on_event: Callable[[Event], None] | None, get: Callable[[], Any] | None = None) -> None:
+    """Hand every queued event to ``on_event`` (in this, the parent's, thread)."""
+    if events is None or on_event is None:
+        return
+    get = get or events.get_nowait
+    while True:
+        try:
+            event = get()
+        except (queue_mod.Empty, EOFError, OSError, ValueError):
+            return
+        on_event(event)
+
+
+class ProcessExecutor:
+    """Runs in ``workers`` spawned processes of this machine, each pinned to ``threads`` torch threads."""
+
+    parallel = True
+
+    def __init__(self, workers: int, threads: int) -> None:
+        self.workers = workers
+        self.threads = threads
+        self.description = f"{workers} worker processes x {threads} torch thread(s)"
+
+    def data_source(self, data: "TrainData", folder: Path | None) -> DataSource:
+        return PreparedSource(Path(folder).resolve(), data.fingerprint) if folder is not None else InlineSource(data)
+
+    def map(self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]],
+            on_event: Callable[[Event], None] | None = None) -> Iterator[Any]:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        items = list(items)
+        if not items:
+            return
+        mp = multiprocessing.get_context("spawn")  # fork + torch threads/CUDA is unsafe
+        events = mp.Queue() if on_event is not None else None
+        pool = ProcessPoolExecutor(max_workers=min(self.workers, len(items)), mp_context=mp,
+                                   initializer=_init_worker, initargs=(self.threads, events))
+        finished = False
+        try:
+            pending = {pool.submit(_pool_call, fn, item, on_event is not None) for item in items}
+            while pending:
+                done, pending = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
+                _drain(events, on_event)
+                for future in done:
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:
+                        raise WorkerDied("a grid worker process died (killed by the OS, often out of memory); "
+                                         "lower grid.workers or set grid.workers: 1") from None
+                    yield result
+            finished = True
+        finally:
+            if not finished:
+                _stop_pool(pool)
+                with contextlib.suppress(Exception):
+                    _drain(events, on_event)  # runs that started before the stop still get recorded
+            pool.shutdown(wait=True, cancel_futures=True)
+            if events is not None:
+                events.close()
+                events.cancel_join_thread()
+
+
+def _stop_pool(pool: Any) -> None:
+    """Cancel queued runs and terminate the running ones (workers ignore SIGINT)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.terminate()
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(timeout=5)
+
+
+# ---- Ray
+
+
+def ray_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
+def _ray_call(fn: Callable[..., Any], item: tuple[Any, ...], events: Any, threads: int) -> Any:
+    """A Ray task: same thread pinning and events as a pool worker."""
+    pin_threads(threads)
+    if events is not None:
+        return fn(*item, emit=events.put)
+    return fn(*item)
+
+
+class RayExecutor:
+    """Runs each grid point as a Ray task on ``ray.init(address)``, or on a local Ray it starts and stops.
+
+    ``workers`` caps the runs at once (``auto``: as many as the CPUs allow);
+    each task asks Ray for ``threads`` CPUs (and one GPU when training on CUDA).
+    """
+
+    parallel = True
+
+    def __init__(self, address: str | None, workers: int | str, runs: int, *, gpu: bool = False) -> None:
+        self.address = address
+        self.requested = workers
+        self.runs = runs
+        self.gpu = gpu
+        self.workers = 1
+        self.threads = 1
+        self._started = False
+        where = f"Ray cluster {address}" if address else "a local Ray"
+        self.description = f"Ray tasks on {where}"
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            if self.address:
+                ray.init(address=self.address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+                self._started = True
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        per_node = max([int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")] or [cpus])
+        self.workers, self.threads = plan_parallelism(self.requested, self.runs, max(1, cpus))
+        self.threads = max(1, min(self.threads, per_node))
+        self.description = (f"Ray tasks on {'cluster ' + self.address if self.address else 'a local Ray'} "
+                            f"({cpus} CPUs): up to {self.workers} at once x {self.threads} CPU(s)")
+
+    def stop(self) -> None:
+        if self._started:
+            import ray
+
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            self._started = False
+
+    def data_source(self, data: "TrainData", folder: Path | None) -> DataSource:
+        import ray
+
+        self.start()
+        return RaySource(Path(folder).resolve() if folder is not None else Path("/nonexistent"),
+                         data.fingerprint, [ray.put(data)])
+
+    def map(self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]],
+            on_event: Callable[[Event], None] | None = None) -> Iterator[Any]:
+        import ray
+        from ray.exceptions import RayTaskError
+
+        items = list(items)
+        if not items:
+            return
+        self.start()
+        events = None
+        if on_event is not None:
+            from ray.util.queue import Queue
+
+            events = Queue(actor_options={"num_cpus": 0})
+        task = ray.remote(_ray_call).options(num_cpus=self.threads, num_gpus=1 if self.gpu else 0, max_retries=0)
+        # Submit no more than `workers` at once, so `workers` really caps the runs in flight.
+        todo = list(items)
+        pending: list[Any] = []
+        finished = False
+
+        def submit() -> None:
+            while todo and len(pending) < self.workers:
+                pending.append(task.remote(fn, todo.pop(0), events, self.threads))
+
+        try:
+            submit()
+            while pending:
+                ready, rest = ray.wait(pending, num_returns=1, timeout=POLL_S)
+                pending[:] = rest
+                if events is not None:
+                    _drain(events, on_event, get=lambda: events.get_nowait())
+                for ref in ready:
+                    try:
+                        result = ray.get(ref)
+                    except RayTaskError as err:
+                        cause = getattr(err, "cause", None)
+                        if isinstance(cause, BaseException):
+                            raise cause from None
+                        raise
+                    yield result
+                submit()
+            finished = True
+        finally:
+            if not finished:
+                for ref in pending:
+                    with contextlib.suppress(Exception):
+                        ray.cancel(ref, force=True)
+                if events is not None:
+                    with contextlib.suppress(Exception):
+                        _drain(events, on_event, get=lambda: events.get_nowait())
+            if events is not None:
+                with contextlib.suppress(Exception):
+                    events.shutdown()
+            self.stop()
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def plan_parallelism(requested: int | str, runs: int, cores: int) -> tuple[int, int]:
+    """``(runs at once, torch threads per run)``: ``auto`` = one run per core, cores shared evenly."""
+    want = min(runs, cores) if requested == "auto" else int(requested)
+    workers = max(1, min(want, runs))
+    return workers, max(1, cores // workers)
+
+
+def cpu_cores() -> int:
+    from cnnpipe.device import default_threads
+
+    return default_threads()
+
+
+def make_executor(settings: "GridParams", runs: int, *, device: str = "cpu", cores: int | None = None) -> Executor:
+    """The executor ``grid.backend`` / ``grid.workers`` ask for.
+
+    local: ``auto`` is one process per core (at most one per run), each with
+    ``cores // workers`` torch threads; on a GPU ``auto`` is 1 (runs would
+    only queue for the same device). One worker means no pool at all.
+    ray: checked here (without importing ray), so a missing extra is one
+    line before any data is loaded.
+    """
+    if settings.backend == "ray":
+        if not ray_installed():
+            raise CnnpipeError(RAY_MISSING)
+        return RayExecutor(settings.ray_address, settings.workers, runs, gpu=device.startswith("cuda"))
+    cores = cores or cpu_cores()
+    requested = settings.workers
+    if requested == "auto" and device.startswith("cuda"):
+        requested = 1
+    workers, threads = plan_parallelism(requested, runs, cores)
+    if workers <= 1:
+        return SequentialExecutor()
+    return ProcessExecutor(workers, threads)

@@ -1,0 +1,389 @@
+"""Report figures: one function per PNG, ``fn(data..., path) -> Path``.
+
+Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot: no
+global state, no GUI backend, no display needed; saving renders with Agg)
+and written atomically at a fixed DPI, so a figure's pixel size is
+``figsize * DPI`` and tests can check it.
+Inputs are the plain tables the train and evaluate stages write
+(``history.csv``, ``grid.csv``, ``per_class.csv``, ...), read with pandas.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+from cnnpipe.fsutil import atomic_path
+
+DPI = 100
+TRAIN_COLOR = "#1f77b4"
+VAL_COLOR = "#d62728"
+TEST_COLOR = "#ff7f0e"
+BEST_COLOR = "#555555"
+SELECTED_COLOR = "#2ca02c"
+OTHER_COLOR = "#9bb7d4"
+METRIC_LABELS = {"val_top1": "validation top-1 accuracy", "val_top5": "validation top-5 accuracy"}
+
+
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, facecolor="white")
+    return target
+
+
+def _epoch_axis(ax, last_epoch: int) -> None:
+    """Whole epochs only, with half an epoch of margin (a 1-epoch run is one centred point)."""
+    ax.set_xlim(0.5, max(int(last_epoch), 1) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("epoch")
+    ax.grid(True, alpha=0.3)
+
+
+def _percent_axis(ax, min_span: float = 0.02) -> None:
+    """Accuracy axis in %, decimals chosen from the range, and never zoomed below ``min_span``.
+
+    Without the floor a top-5 curve wobbling between 99.6% and 99.7% fills the
+    panel and looks like a collapse.
+    """
+    low, high = ax.get_ylim()
+    if high - low < min_span:
+        middle = (low + high) / 2
+        low, high = middle - min_span / 2, middle + min_span / 2
+    pad = 0.03 * (high - low)  # room for a marker sitting exactly at 0% or 100%
+    if high > 1.0 + pad:  # accuracies stop at 100%: shift the window down instead of showing 104%
+        low, high = low - (high - 1.0 - pad), 1.0 + pad
+    if low < -pad:
+        low, high = -pad, min(1.0 + pad, high - low - pad)
+    ax.set_ylim(low, high)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
+
+
+def _marker(n_points: int) -> str | None:
+    """Dots when there are few epochs, so a 1-epoch run is still visible."""
+    return "o" if n_points <= 12 else None
+
+
+def _mark_best(ax, epoch: int | None, label: bool) -> None:
+    if epoch is not None:
+        ax.axvline(epoch, color=BEST_COLOR, linestyle=":", linewidth=1.5, label=f"best epoch ({epoch})" if label else None)
+
+
+# --------------------------------------------------------------------------- learning curves
+
+CURVE_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...], str, bool], ...] = (
+    ("Loss", (("train_loss", "train", TRAIN_COLOR), ("val_loss", "validation", VAL_COLOR)), "cross-entropy loss", False),
+    ("Top-1 accuracy", (("train_top1", "train", TRAIN_COLOR), ("val_top1", "validation", VAL_COLOR)), "top-1 accuracy", True),
+    ("Validation top-5 accuracy", (("val_top5", "validation", VAL_COLOR),), "top-5 accuracy", True),
+)
+
+
+def learning_curves(
+    history: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    best_epoch: int | None = None,
+    title: str = "Learning curves",
+    stop_reason: str | None = None,
+) -> Path:
+    """Train vs validation loss and top-1, validation top-5, for one run; best epoch marked.
+
+    ``history`` has one row per epoch (``history.csv`` / ``curves.csv`` columns).
+    """
+    history = history.sort_values("epoch")
+    fig = Figure(figsize=(15, 4.8), layout="constrained")
+    axes = fig.subplots(1, 3)
+    marker = _marker(len(history))
+    for ax, (panel_title, series, ylabel, percent) in zip(axes, CURVE_PANELS):
+        for column, label, color in series:
+            if column in history:
+                ax.plot(history["epoch"], history[column], color=color, marker=marker, markersize=4, label=label)
+        if best_epoch is not None:
+            _mark_best(ax, best_epoch, label=True)
+            row = history[history["epoch"] == best_epoch]
+            val_column = series[-1][0]
+            if not row.empty and val_column in row:
+                ax.plot(best_epoch, float(row[val_column].iloc[0]), marker="*", markersize=14, color=VAL_COLOR,
+                        markeredgecolor="black", linestyle="none", zorder=5)
+        ax.set_title(panel_title)
+        ax.set_ylabel(ylabel)
+        _epoch_axis(ax, int(history["epoch"].max()) if len(history) else 1)
+        if percent:
+            _percent_axis(ax)
+        ax.legend(loc="best", fontsize=9)
+    subtitle = _stop_text(best_epoch, len(history), stop_reason)
+    fig.suptitle(f"{title}\n{subtitle}" if subtitle else title, fontsize=13)
+    return _save(fig, path)
+
+
+def _stop_text(best_epoch: int | None, epochs_run: int, stop_reason: str | None) -> str:
+    parts = []
+    if best_epoch is not None:
+        parts.append(f"best epoch {best_epoch} of {epochs_run} (star: weights kept)")
+    if stop_reason == "early_stopping":
+        parts.append(f"early stopping after epoch {epochs_run}")
+    elif stop_reason and stop_reason != "max_epochs":
+        parts.append(stop_reason.split(":")[0])
+    return "; ".join(parts)
+
+
+def _run_colors(n: int) -> list:
+    import matplotlib as mpl
+
+    if n <= 10:
+        cmap = mpl.colormaps["tab10"]
+        return [cmap(i) for i in range(n)]
+    if n <= 20:
+        cmap = mpl.colormaps["tab20"]
+        return [cmap(i) for i in range(n)]
+    cmap = mpl.colormaps["viridis"]
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def grid_curves(
+    history: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    grid: pd.DataFrame | None = None,
+    selected_run_id: str | None = None,
+) -> Path:
+    """Every grid run's curves overlaid: one colour per run, train dashed, validation solid.
+
+    ``history`` holds every run (``history.csv``); ``grid`` (``grid.csv``), when given,
+    fixes the run order and marks each run's best epoch with a dot.
+    """
+    run_ids = list(dict.fromkeys(grid["run_id"] if grid is not None else history["run_id"]))
+    run_ids = [r for r in run_ids if r in set(history["run_id"])] or list(dict.fromkeys(history["run_id"]))
+    names = dict(zip(history["run_id"], history["run_name"]))
+    best = {}
+    if grid is not None and "best_epoch" in grid:
+        best = {r: int(e) for r, e in zip(grid["run_id"], grid["best_epoch"]) if pd.notna(e)}
+    status = dict(zip(grid["run_id"], grid["status"].astype(str))) if grid is not None and "status" in grid else {}
+    colors = dict(zip(run_ids, _run_colors(len(run_ids))))
+    legend_rows = math.ceil(len(run_ids) / 3) + 1
+    fig = Figure(figsize=(15, 4.8 + 0.25 * legend_rows), layout="constrained")
+    axes = fig.subplots(1, 3)
+    for ax, (panel_title, series, ylabel, percent) in zip(axes, CURVE_PANELS):
+        for run_id in run_ids:
+            run = history[history["run_id"] == run_id].sort_values("epoch")
+            selected = run_id == selected_run_id
+            width = 2.6 if selected else 1.4
+            marker = _marker(len(run))
+            for column, label, _ in series:
+                if column not in run:
+                    continue
+                style = "--" if label == "train" else "-"
+                ax.plot(run["epoch"], run[column], color=colors[run_id], linestyle=style, linewidth=width,
+                        marker=marker, markersize=3, alpha=0.95 if selected else 0.8)
+            val_column = series[-1][0]
+            epoch = best.get(run_id)
+            row = run[run["epoch"] == epoch] if epoch is not None else run.iloc[0:0]
+            if not row.empty and val_column in row:
+                ax.plot(epoch, float(row[val_column].iloc[0]), marker="o", markersize=7, color=colors[run_id],
+                        markeredgecolor="black", linestyle="none", zorder=5)
+        clipped = not percent and _clip_diverged(
+            ax, history, [r for r in run_ids if status.get(r, "finished") == "finished"], [c for c, _, _ in series])
+        ax.set_title(f"{panel_title} (diverged runs clipped)" if clipped else panel_title)
+        ax.set_ylabel(ylabel)
+        _epoch_axis(ax, int(history["epoch"].max()) if len(history) else 1)
+        if percent:
+            _percent_axis(ax)
+
+    def label(run_id: str) -> str:
+        extra = "  (selected)" if run_id == selected_run_id else ""
+        if status.get(run_id, "finished") != "finished":
+            extra += f"  ({status[run_id]})"
+        return f"{names.get(run_id, run_id)}{extra}"
+
+    handles = [Line2D([], [], color=colors[r], linewidth=2.6 if r == selected_run_id else 1.6, label=label(r))
+               for r in run_ids]
+    styles = [
+        Line2D([], [], color="black", linestyle="--", label="train"),
+        Line2D([], [], color="black", linestyle="-", label="validation"),
+        Line2D([], [], color="grey", marker="o", markeredgecolor="black", linestyle="none", label="best epoch"),
+    ]
+    axes[0].legend(handles=styles, loc="upper right", fontsize=9)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), fontsize=9,
+               frameon=False, title="runs (colour)", title_fontsize=9)
+    fig.suptitle(f"All grid runs ({len(run_ids)})", fontsize=13)
+    return _save(fig, path)
+
+
+def _clip_diverged(ax, history: pd.DataFrame, finished: list[str], columns: list[str]) -> bool:
+    """Keep a diverging run's exploding loss from flattening every other curve; True if clipped."""
+    ok = history[history["run_id"].isin(finished)][[c for c in columns if c in history]].to_numpy(dtype=float)
+    every = history[[c for c in columns if c in history]].to_numpy(dtype=float)
+    ok, every = ok[np.isfinite(ok)], every[np.isfinite(every)]
+    if ok.size and every.size and every.max() > 1.5 * ok.max():
+        span = max(float(ok.max() - ok.min()), 1e-6)
+        ax.set_ylim(float(ok.min()) - 0.05 * span, float(ok.max()) + 0.15 * span)
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------- per class / confusion
+
+
+def per_class_bars(per_class: pd.DataFrame, path: str | os.PathLike[str], *, title: str = "Per-class accuracy") -> Path:
+    """Horizontal bars per class: train vs test accuracy (columns ``train_accuracy`` and ``accuracy``)."""
+    classes = list(per_class["class"].astype(str))
+    n = len(classes)
+    fig = Figure(figsize=(9, 1.6 + 0.5 * n), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(n)
+    height = 0.38
+    train = per_class["train_accuracy"].to_numpy(dtype=float) if "train_accuracy" in per_class else None
+    test = per_class["accuracy"].to_numpy(dtype=float)
+    if train is not None:
+        ax.barh(y - height / 2, train, height, color=TRAIN_COLOR, label="train")
+    bars = ax.barh(y + (height / 2 if train is not None else 0), test, height, color=TEST_COLOR, label="test")
+    for bar, value in zip(bars, test):
+        ax.text(min(bar.get_width(), 1.0) + 0.01, bar.get_y() + bar.get_height() / 2, f"{value:.1%}",
+                va="center", fontsize=8)
+    ax.set_yticks(y, classes)
+    ax.invert_yaxis()  # first class on top
+    ax.set_xlim(0, 1.12)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_xticks(np.linspace(0, 1, 6))
+    ax.set_xlabel("accuracy (share of the class's images predicted correctly)")
+    ax.set_ylabel("class")
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=9, frameon=False)  # outside: never hides a bar label
+    return _save(fig, path)
+
+
+def confusion_heatmap(
+    confusion: np.ndarray,
+    classes: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "Confusion matrix (test)",
+) -> Path:
+    """Rows (true class) normalised to 1 for the colour; every cell annotated with its count."""
+    counts = np.asarray(confusion, dtype=np.int64)
+    n = len(classes)
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
+    side = max(5.0, 2.8 + 0.65 * n)
+    fig = Figure(figsize=(side + 1.3, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    colorbar = fig.colorbar(image, ax=ax, shrink=0.8, format=PercentFormatter(1.0, decimals=0))
+    colorbar.set_label("share of the true class")
+    fontsize = 9 if n <= 12 else max(5, 9 - (n - 12) // 4)
+    for i in range(n):
+        for j in range(n):
+            if counts[i, j] == 0:
+                continue
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=fontsize,
+                    color="white" if share[i, j] > 0.55 else "black")
+    ax.set_xticks(range(n), list(classes), rotation=40, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), list(classes))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{title}\ncolour: share of each true class; numbers: image counts (blank = 0)", fontsize=11)
+    return _save(fig, path)
+
+
+def confusion_from_pairs(actual: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """Counts matrix from ``confusion.csv`` rows (class names), in ``classes`` order."""
+    index = {name: i for i, name in enumerate(classes)}
+    rows = np.array([index[a] for a in actual], dtype=np.int64)
+    cols = np.array([index[p] for p in predicted], dtype=np.int64)
+    n = len(classes)
+    return np.bincount(rows * n + cols, minlength=n * n).reshape(n, n)
+
+
+# --------------------------------------------------------------------------- mistakes
+
+
+def mistakes_grid(
+    images: np.ndarray,
+    actual: Sequence[str],
+    predicted: Sequence[str],
+    confidence: Sequence[float],
+    path: str | os.PathLike[str],
+    *,
+    ncols: int = 5,
+    title: str = "Most confident mistakes (test)",
+) -> Path:
+    """Misclassified images (uint8 N x C x H x W) titled with true and predicted class."""
+    images = np.asarray(images)
+    n = len(images)
+    ncols = max(1, min(ncols, n)) if n else 1
+    nrows = max(1, math.ceil(n / ncols))
+    fig = Figure(figsize=(2.3 * ncols + 0.4, 2.55 * nrows + 0.7), layout="constrained")
+    if n == 0:
+        ax = fig.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no mistakes on the test set", ha="center", va="center", fontsize=11)
+        fig.suptitle(title, fontsize=13)
+        return _save(fig, path)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, true_name, pred_name, conf in zip(axes, images, actual, predicted, confidence):
+        if image.shape[0] == 1:
+            ax.imshow(image[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        else:
+            ax.imshow(np.transpose(image[:3], (1, 2, 0)), interpolation="nearest")
+        ax.set_title(f"true: {true_name}\npred: {pred_name} ({_confidence(conf)})", fontsize=9, color="#b00020")
+    fig.suptitle(f"{title}: true class, predicted class (confidence)", fontsize=13)
+    return _save(fig, path)
+
+
+def _confidence(value: float) -> str:
+    """``99.4%``; never a rounded-up ``100%`` for a prediction that was wrong."""
+    return ">99.9%" if value >= 0.9995 else f"{value:.1%}"
+
+
+# --------------------------------------------------------------------------- grid comparison
+
+
+def grid_comparison(
+    grid: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    metric: str = "val_top1",
+    selected_run_id: str | None = None,
+) -> Path:
+    """Every grid run's validation top-1 (at its best epoch), best on top, as labelled bars.
+
+    Failed or diverged runs without a value are listed last with their status.
+    """
+    table = grid.copy()
+    table["_value"] = pd.to_numeric(table[metric], errors="coerce")
+    table = table.sort_values("_value", ascending=False, na_position="last", kind="stable")
+    n = len(table)
+    fig = Figure(figsize=(10, 1.6 + 0.42 * n), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(n)
+    values = table["_value"].fillna(0.0).to_numpy()
+    colors = [SELECTED_COLOR if r == selected_run_id else OTHER_COLOR for r in table["run_id"]]
+    ax.barh(y, values, color=colors, edgecolor="#333333", linewidth=0.5)
+    statuses = table["status"] if "status" in table else pd.Series(["finished"] * n, index=table.index)
+    for yi, value, raw, status in zip(y, values, table["_value"], statuses):
+        text = f"{value:.2%}" if pd.notna(raw) else str(status)
+        if pd.notna(raw) and status not in ("finished", None) and str(status) != "nan":
+            text += f" ({status})"
+        ax.text(value + 0.005, yi, text, va="center", fontsize=9)
+    labels = [f"{name}  (selected)" if r == selected_run_id else str(name)
+              for name, r in zip(table["run_name"], table["run_id"])]
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()  # best on top
+    ax.set_xlim(0, 1.12)  # from zero: bar lengths stay honest; labels give the exact values
+    ax.set_xticks(np.linspace(0, 1, 6))
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_xlabel(f"{METRIC_LABELS.get(metric, metric)} at each run's best epoch")
+    ax.set_title(f"Grid runs ranked by {METRIC_LABELS.get(metric, metric)} ({n} runs; green: selected)")
+    ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,249 @@
+"""The train stage's report files, built from the grid's records with pandas.
+
+Column lists are module constants: they are the contract with the evaluate
+and plots stages and with ``dvc plots`` (``reports/curves.csv``), and the
+tests check them by name. Every file is written atomically; JSON never holds
+``NaN`` (it becomes ``null``), CSV leaves it empty.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cnnpipe.fsutil import atomic_dir, atomic_path, atomic_write_json
+from cnnpipe.params import TRAINING_KEYS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cnnpipe.engine import TrainData
+    from cnnpipe.grid import RunRecord
+    from cnnpipe.tracking import NullTracker
+
+METRIC_KEYS = ("val_loss", "val_top1", "val_top5")
+EPOCH_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds", "images_per_s")
+HISTORY_COLUMNS = ("run_id", "run_name", *EPOCH_COLUMNS)
+GRID_COLUMNS = (
+    "run_id", "run_name", *TRAINING_KEYS, "status", "stop_reason", "best_epoch", "epochs_run",
+    *METRIC_KEYS, "seconds", "images_per_s", "mlflow_run_id", "cached",
+)
+TRAIN_JSON_KEYS = (
+    "select_by", "run_id", "run_name", "best_epoch", *METRIC_KEYS, "epochs_run", "seconds",
+    "runs_total", "runs_failed", "mlflow_parent_run_id", "mlflow_run_id", "mlflow_experiment_id",
+)
+REPORT_FILES = ("grid.csv", "grid.json", "history.csv", "curves.csv", "train.json")
+SUMMARY_FILE = "summary.txt"  # the model summary, beside the checkpoint in models/best/
+
+
+def clean(value: Any) -> Any:
+    """JSON-safe scalar: NaN/inf -> None, numpy scalars -> Python."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def history_frame(records: Sequence["RunRecord"]) -> "pd.DataFrame":
+    """One row per run per completed epoch, in grid order."""
+    import pandas as pd
+
+    rows = [
+        {"run_id": rec.cfg.run_id, "run_name": rec.cfg.name, **{key: getattr(epoch, key) for key in EPOCH_COLUMNS}}
+        for rec in records
+        for epoch in rec.result.history
+    ]
+    return pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
+
+
+def grid_row(rec: "RunRecord") -> dict[str, Any]:
+    result = rec.result
+    best = result.best
+    return {
+        "run_id": rec.cfg.run_id,
+        "run_name": rec.cfg.name,
+        **rec.cfg.flat(),
+        "status": result.status,
+        "stop_reason": result.stop_reason,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        **{key: (getattr(best, key) if best is not None else None) for key in METRIC_KEYS},
+        "seconds": round(float(result.seconds), 3),
+        "images_per_s": round(float(result.images_per_s), 1),
+        "mlflow_run_id": rec.mlflow_run_id,
+        "cached": bool(getattr(rec, "cached", False)),  # reused from the run cache, not trained this time
+    }
+
+
+def grid_frame(records: Sequence["RunRecord"]) -> "pd.DataFrame":
+    import pandas as pd
+
+    frame = pd.DataFrame([grid_row(rec) for rec in records], columns=list(GRID_COLUMNS))
+    return frame.astype({"best_epoch": "Int64", "epochs_run": "Int64"})
+
+
+def train_summary(best: "RunRecord", records: Sequence["RunRecord"], *, select_by: str,
+                  mlflow_parent_run_id: str | None, mlflow_experiment_id: str | None) -> dict[str, Any]:
+    """``reports/train.json``: the selected run's validation metrics and every id to find it again."""
+    result = best.result
+    summary = {
+        "select_by": select_by,
+        "run_id": best.cfg.run_id,
+        "run_name": best.cfg.name,
+        "best_epoch": result.best_epoch,
+        **{key: getattr(result.best, key) for key in METRIC_KEYS},
+        "epochs_run": result.epochs_run,
+        "seconds": round(float(result.seconds), 3),
+        "runs_total": len(records),
+        "runs_failed": sum(1 for rec in records if not rec.ok),
+        "mlflow_parent_run_id": mlflow_parent_run_id,
+        "mlflow_run_id": best.mlflow_run_id,
+        "mlflow_experiment_id": mlflow_experiment_id,
+    }
+    return {key: clean(summary[key]) for key in TRAIN_JSON_KEYS}
+
+
+def write_csv(path: str | os.PathLike[str], frame: "pd.DataFrame") -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def frame_records(frame: "pd.DataFrame") -> list[dict[str, Any]]:
+    """Rows as JSON-safe dicts (NaN and pandas NA -> None)."""
+    import pandas as pd
+
+    out = []
+    for row in frame.to_dict(orient="records"):
+        out.append({key: (None if (value is pd.NA or value is None) else clean(value)) for key, value in row.items()})
+    return out
+
+
+def write_reports(reports_dir: str | os.PathLike[str], records: Sequence["RunRecord"], best: "RunRecord", *,
+                  select_by: str, mlflow_parent_run_id: str | None = None,
+                  mlflow_experiment_id: str | None = None) -> dict[str, Path]:
+    """Write grid.csv, grid.json, history.csv, curves.csv and train.json; return their paths."""
+    out = Path(reports_dir)
+    grid = grid_frame(records)
+    history = history_frame(records)
+    curves = history[history["run_id"] == best.cfg.run_id].reset_index(drop=True)
+    paths = {name: out / name for name in REPORT_FILES}
+    write_csv(paths["grid.csv"], grid)
+    atomic_write_json(paths["grid.json"], frame_records(grid))
+    write_csv(paths["history.csv"], history)
+    write_csv(paths["curves.csv"], curves)
+    summary = train_summary(best, records, select_by=select_by, mlflow_parent_run_id=mlflow_parent_run_id,
+                            mlflow_experiment_id=mlflow_experiment_id)
+    atomic_write_json(paths["train.json"], summary)
+    return paths
+
+
+def history_csv_text(rec: "RunRecord") -> str:
+    """One run's history as CSV text (logged to its MLflow child run)."""
+    return history_frame([rec]).to_csv(index=False)
+
+
+def summary_table(records: Sequence["RunRecord"], best: "RunRecord", select_by: str) -> str:
+    """The fixed-width table the stage prints at the end (selected run marked ``*``)."""
+    header = f"{'':1} {'run':<36} {'status':<9} {'epoch':>5} {'val_loss':>9} {'val_top1':>9} {'seconds':>8}"
+    lines = [header]
+    for rec in records:
+        r = rec.result
+        mark = "*" if rec is best else ""
+        name = rec.cfg.name if len(rec.cfg.name) <= 36 else rec.cfg.name[:33] + "..."
+        loss = f"{r.best.val_loss:.4f}" if r.best else "-"
+        top1 = f"{r.best.val_top1:.4f}" if r.best else "-"
+        epoch = str(r.best_epoch) if r.best_epoch else "-"
+        status = "reused" if getattr(rec, "cached", False) else r.status
+        lines.append(f"{mark:1} {name:<36} {status:<9} {epoch:>5} {loss:>9} {top1:>9} {r.seconds:>8.1f}")
+    lines.append(f"* selected by {select_by}: {best.cfg.name} (run {best.cfg.run_id})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- models/best
+
+
+@dataclass(frozen=True)
+class Published:
+    best_dir: Path
+    reports: dict[str, Path]
+    model_version: str | None  # "<registered model>/<version>" when registered
+
+    def describe(self) -> str:
+        where = f"; registered as {self.model_version}" if self.model_version else ""
+        return f"wrote {self.best_dir}/ and {', '.join(str(p) for p in self.reports.values())}{where}"
+
+
+def checkpoint_sidecar(best: "RunRecord", data: "TrainData", tracker: "NullTracker") -> dict[str, Any]:
+    """What ``models/best/model.json`` records beyond the weights: enough to rebuild and trace the model."""
+    result = best.result
+    return {
+        "model": best.cfg.values.model,
+        "layers": list(best.cfg.layers),
+        "in_shape": list(data.image_shape),
+        "num_classes": data.num_classes,
+        "classes": list(data.classes),
+        "dataset": data.dataset or best.cfg.dataset,
+        "data_fingerprint": data.fingerprint,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "params": best.cfg.flat(),
+        "run_id": best.cfg.run_id,
+        "run_name": best.cfg.name,
+        "best_epoch": result.best_epoch,
+        "metrics": {key: clean(getattr(result.best, key)) for key in METRIC_KEYS},
+        "mlflow_run_id": best.mlflow_run_id,
+        "mlflow_parent_run_id": tracker.parent_run_id,
+        "mlflow_experiment_id": tracker.experiment_id,
+    }
+
+
+def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData", tracker: "NullTracker", *,
+            select_by: str, best_dir: str | os.PathLike[str], reports_dir: str | os.PathLike[str]) -> Published:
+    """Write the selected checkpoint and the reports, and close the loop in MLflow.
+
+    ``models/best`` is assembled in a temp folder and swapped in only after the
+    checkpoint, the MLflow model version and every report were written: if
+    anything fails, the previous ``models/best`` stays exactly as it was.
+    """
+    from cnnpipe.checkpoint import save_checkpoint
+    from cnnpipe.grid import model_summary
+
+    best_dir = Path(best_dir)
+    summary = model_summary(best.cfg, data)
+    with atomic_dir(best_dir) as staging:
+        save_checkpoint(staging, best.result.model, checkpoint_sidecar(best, data, tracker))
+        (staging / SUMMARY_FILE).write_text(summary + "\n", encoding="utf-8")
+        version = tracker.log_model(
+            best.mlflow_run_id, staging,
+            description=f"{best.cfg.name} (run {best.cfg.run_id}), best {select_by} at epoch {best.result.best_epoch}",
+            tags={"run_id": best.cfg.run_id, "dataset": data.dataset, "data_fingerprint": data.fingerprint},
+        )
+        paths = write_reports(reports_dir, records, best, select_by=select_by,
+                              mlflow_parent_run_id=tracker.parent_run_id, mlflow_experiment_id=tracker.experiment_id)
+        if tracker.enabled:
+            log_parent_summary(tracker, records, best, version, paths)
+    return Published(best_dir, paths, version)
+
+
+def log_parent_summary(tracker: "NullTracker", records: Sequence["RunRecord"], best: "RunRecord",
+                       version: str | None, paths: dict[str, Path]) -> None:
+    """Best child's params and metrics on the parent (``best_`` prefix), its ids, and the grid table."""
+    result = best.result
+    metrics = {f"best_{key}": getattr(result.best, key) for key in METRIC_KEYS}
+    metrics.update({"best_epoch": float(result.best_epoch or 0), "runs_total": float(len(records)),
+                    "runs_failed": float(sum(1 for rec in records if not rec.ok))})
+    tags = {"best_run_id": best.cfg.run_id, "best_run_name": best.cfg.name, "best_mlflow_run_id": best.mlflow_run_id or ""}
+    if version:
+        tags["registered_model_version"] = version
+    tracker.log_parent(
+        params={f"best_{key}": value for key, value in best.cfg.flat().items()},
+        metrics=metrics,
+        tags=tags,
+        files=[paths["grid.csv"], paths["train.json"]],
+        table=grid_frame(records),
+    )

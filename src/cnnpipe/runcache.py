@@ -1,0 +1,165 @@
+"""Per-run result cache: an incremental grid retrains only what changed.
+
+A finished run is stored under a key that hashes everything that can change
+its result: the run's full config (training values, resolved layers,
+dataset), the prepared data's fingerprint, the code that trains (a digest of
+the training modules' source), the torch version and the device. Change any
+of them and the key changes, so a cached result is never stale; nothing is
+ever looked up by run name alone.
+
+Entries live at ``<project root>/.cnnpipe-cache/runs/<key>/`` (anchored at
+``$DVC_ROOT`` so queued experiments share it): ``result.json`` (the run's
+record and history), ``model.safetensors`` (the best weights) and, when
+layer statistics were logged, ``layer_histograms.png``, written atomically as
+one folder.
+
+Policy (``open_grid_cache``): ``grid.cache: false`` turns the cache off (no
+lookups, nothing stored). ``python stages/train.py --no-cache`` or
+``CNNPIPE_NO_CACHE=1`` retrains every run but still stores the fresh
+results, so a suspect entry is replaced rather than kept. Only *finished*
+runs are stored; diverged and failed runs always train again. The thread
+count is not part of the key: on a CPU, runs trained with a different number
+of torch threads can differ in the last bits, which a reuse ignores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cnnpipe.fsutil import atomic_dir
+from cnnpipe.paths import project_root
+
+if TYPE_CHECKING:
+    import torch
+
+    from cnnpipe.params import GridParams, RunConfig
+
+CACHE_DIRNAME = ".cnnpipe-cache"
+# Modules whose source decides what a run trains to; editing any invalidates the cache.
+TRAINING_MODULES = (
+    "engine", "models/build", "models/spec", "params", "metrics", "device", "augment",
+)
+FORMAT = "cnnpipe-runcache/1"
+HISTOGRAMS = "layer_histograms.png"
+NO_CACHE_ENV = "CNNPIPE_NO_CACHE"
+
+
+@dataclass(frozen=True)
+class CachedRun:
+    key: str
+    record: dict[str, Any]  # what the grid recorded for the run (status, history, metrics, ids)
+    state_dict: dict[str, "torch.Tensor"]
+    path: Path
+
+
+def default_cache_dir() -> Path:
+    override = os.environ.get("CNNPIPE_CACHE_DIR")
+    return Path(override) if override else project_root() / CACHE_DIRNAME / "runs"
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Digest of the training code (package source) plus the torch version."""
+    import torch
+
+    return code_digest(Path(__file__).resolve().parent, torch.__version__)
+
+
+def code_digest(package: Path, torch_version: str) -> str:
+    """Hash the source of ``TRAINING_MODULES`` under ``package`` (other modules do not count)."""
+    digest = hashlib.sha256(f"torch={torch_version}".encode())
+    for name in TRAINING_MODULES:
+        candidates = [package / f"{name}.py", package / name]
+        for candidate in candidates:
+            files = sorted(candidate.rglob("*.py")) if candidate.is_dir() else [candidate] if candidate.is_file() else []
+            for path in files:
+                digest.update(path.relative_to(package).as_posix().encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(cfg: "RunConfig", data_fingerprint: str, device: str, code: str | None = None) -> str:
+    payload = {
+        "format": FORMAT,
+        "values": cfg.values.model_dump(mode="json"),
+        "layers": list(cfg.layers),
+        "dataset": cfg.dataset,
+        "data": data_fingerprint,
+        "code": code or code_version(),
+        "device": device.split(":")[0],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class RunCache:
+    """Get and put finished runs by key. Corrupt entries are ignored, never trusted."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir()
+
+    def get(self, key: str) -> CachedRun | None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        entry = self.root / key
+        try:
+            record = json.loads((entry / "result.json").read_text(encoding="utf-8"))
+            if record.get("cache_format") != FORMAT or record.get("cache_key") != key:
+                return None
+            state = load_file(str(entry / "model.safetensors"))
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError):
+            return None
+        return CachedRun(key=key, record=record, state_dict=state, path=entry)
+
+    def put(self, key: str, record: dict[str, Any], state_dict: Mapping[str, "torch.Tensor"],
+            files: Mapping[str, bytes] | None = None) -> Path:
+        """Store one run (``files``: extra artifacts by plain file name, e.g. its histogram figure)."""
+        from safetensors.torch import save_file
+
+        entry = self.root / key
+        with atomic_dir(entry) as tmp:
+            tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+            save_file(tensors, str(tmp / "model.safetensors"))
+            for name, blob in (files or {}).items():
+                if Path(name).name != name or name in ("result.json", "model.safetensors"):
+                    raise ValueError(f"not a plain extra file name: {name!r}")
+                (tmp / name).write_bytes(blob)
+            body = {**record, "cache_format": FORMAT, "cache_key": key}
+            (tmp / "result.json").write_text(json.dumps(body, indent=2, default=str) + "\n", encoding="utf-8")
+        return entry
+
+
+@dataclass
+class GridCache:
+    """The train stage's use of a ``RunCache``: look up before training (when ``reuse``), store after."""
+
+    cache: RunCache
+    reuse: bool = True
+
+    def lookup(self, cfg: "RunConfig", *, fingerprint: str, device: str) -> CachedRun | None:
+        if not self.reuse:
+            return None
+        return self.cache.get(cache_key(cfg, fingerprint, device))
+
+    def store(self, cfg: "RunConfig", record: dict[str, Any], state_dict: Mapping[str, "torch.Tensor"], *,
+              fingerprint: str, device: str, files: Mapping[str, bytes] | None = None) -> Path:
+        return self.cache.put(cache_key(cfg, fingerprint, device), record, state_dict, files=files)
+
+
+def env_no_cache() -> bool:
+    return os.environ.get(NO_CACHE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def open_grid_cache(settings: "GridParams", *, no_cache: bool = False,
+                    root: str | os.PathLike[str] | None = None) -> GridCache | None:
+    """None when ``grid.cache`` is false; a store-only cache for ``--no-cache`` / ``CNNPIPE_NO_CACHE=1``."""
+    if not settings.cache:
+        return None
+    return GridCache(RunCache(root), reuse=not (no_cache or env_no_cache()))

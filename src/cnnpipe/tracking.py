@@ -1,0 +1,583 @@
+"""Every MLflow call cnnpipe makes lives here.
+
+One train execution is one *parent* run; each grid point is a nested *child*
+run (``mlflow.parentRunId``). Only ``MlflowClient`` is used (never the fluent
+``mlflow.start_run`` stack), so a tracker is a few plain strings that a
+parallel worker can rebuild, and nothing depends on a global "active run".
+
+mlflow is imported lazily inside functions: it costs ~3 s, and with
+``mlflow.enabled: false`` (``NullTracker``) it is never imported at all.
+
+The store is anchored at the project root (``$DVC_ROOT`` in a queued
+experiment), never at the cwd, so a queued experiment's runs land in the same
+``mlflow.db`` as everyone else's instead of a temp copy that is deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import math
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cnnpipe import __version__
+from cnnpipe.errors import TrackingError
+from cnnpipe.paths import project_root, work_dir
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+
+    from cnnpipe.params import MlflowParams
+
+DB_NAME = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+ENV_URI = "MLFLOW_TRACKING_URI"
+REACH_TIMEOUT_S = 3.0
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+ROLE = "cnnpipe.role"
+LOCK_RETRIES = 4
+
+
+# --------------------------------------------------------------------------- where the store is
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """A resolved store: the URI, where new experiments put artifacts, and who chose it."""
+
+    uri: str
+    artifact_location: str | None  # None: the server decides (http stores)
+    origin: str  # "MLFLOW_TRACKING_URI", "mlflow.tracking_uri in params.yaml" or "default"
+
+    @property
+    def is_remote(self) -> bool:
+        return self.uri.startswith(("http://", "https://"))
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.uri
+
+
+def resolve_target(tracking_uri: str | None = None, *, root: Path | None = None) -> TrackingTarget:
+    """``$MLFLOW_TRACKING_URI`` > ``tracking_uri`` (params) > ``sqlite:///<root>/mlflow.db``.
+
+    A relative sqlite path is anchored at the project root, and local stores
+    keep artifacts in ``mlartifacts/`` beside the database, so nothing ever
+    lands in a queued experiment's temp copy.
+    """
+    base = (root or project_root()).resolve()
+    env = os.environ.get(ENV_URI, "").strip()
+    if env:
+        uri, origin = env, ENV_URI
+    elif tracking_uri:
+        uri, origin = tracking_uri.strip(), "mlflow.tracking_uri in params.yaml"
+    else:
+        uri, origin = f"sqlite:///{base / DB_NAME}", "default"
+    if uri.startswith(("http://", "https://", "databricks")):
+        return TrackingTarget(uri.rstrip("/"), None, origin)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        db = db if db.is_absolute() else base / db
+        return TrackingTarget(f"sqlite:///{db}", str(db.parent / ARTIFACTS_DIR), origin)
+    if "://" not in uri and not uri.startswith("file:"):  # a bare folder path (MLflow's file store)
+        folder = Path(uri)
+        uri = str(folder if folder.is_absolute() else base / folder)
+    return TrackingTarget(uri, str(base / ARTIFACTS_DIR), origin)
+
+
+def resolve_store(settings: "MlflowParams", *, root: Path | None = None) -> TrackingTarget:
+    """The store ``params.mlflow`` (and ``$MLFLOW_TRACKING_URI``) point at, for ``cnnpipe ui`` and friends."""
+    return resolve_target(settings.tracking_uri, root=root)
+
+
+def check_reachable(target: TrackingTarget, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Fail fast, before any training, if the store cannot be used.
+
+    http(s): a short GET of ``/health`` (any HTTP answer counts as reachable;
+    only a refused/timed-out connection fails). sqlite: its folder must exist
+    or be creatable.
+    """
+    fix = f"fix {target.origin}, or set mlflow.enabled: false in params.yaml"
+    if target.is_remote:
+        try:
+            with urllib.request.urlopen(f"{target.uri}/health", timeout=timeout):
+                return
+        except urllib.error.HTTPError:
+            return  # the server answered; auth or routing problems surface on the first write
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(
+                f"MLflow tracking server {target.uri} is unreachable ({reason}); start it "
+                f"(mlflow server --host 127.0.0.1 --port PORT), {fix}"
+            ) from None
+    if target.uri.startswith("sqlite:///"):
+        folder = Path(target.uri[len("sqlite:///"):]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingError(f"cannot create the MLflow store folder {folder} ({err.strerror}); {fix}") from None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _one_line(err: BaseException | str, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _git_commit(cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and len(commit) == 40 else None
+
+
+def context_tags() -> dict[str, str]:
+    """Tags shared by the parent and every child: code version, DVC context, process."""
+    tags = {
+        "cnnpipe.version": __version__,
+        "cnnpipe.pid": str(os.getpid()),
+        "cnnpipe.host": socket.gethostname(),
+        "mlflow.source.name": "stages/train.py",
+        "mlflow.source.type": "LOCAL",
+    }
+    with contextlib.suppress(Exception):
+        tags["mlflow.user"] = getpass.getuser()
+    commit = _git_commit(work_dir())
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    for env, key in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.exp_baseline_rev"), ("DVC_STAGE", "dvc.stage")):
+        value = os.environ.get(env)
+        if value:
+            tags[key] = value
+    return tags
+
+
+def parent_run_name() -> str:
+    """``$DVC_EXP_NAME`` when DVC runs an experiment, else ``train-<UTC timestamp>``."""
+    return os.environ.get("DVC_EXP_NAME") or "train-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text[:MAX_PARAM_CHARS]
+
+
+def _finite_or_nan(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return number
+
+
+# --------------------------------------------------------------------------- trackers
+
+
+class NullTracker:
+    """Tracking switched off (``mlflow.enabled: false``): every call is a no-op.
+
+    The grid and the stage call the same methods either way, so "tracking off"
+    is one object, not an ``if`` in every function.
+    """
+
+    enabled = False
+    uri: str | None = None
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+
+    def start_child(self, name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
+        return None
+
+    def log_epoch(self, run_id: str | None, step: int, metrics: Mapping[str, float]) -> None:
+        return None
+
+    def end_child(self, run_id: str | None, *, status: str, reason: str = "", metrics: Mapping[str, float] | None = None,
+                  tags: Mapping[str, str] | None = None, texts: Mapping[str, str] | None = None,
+                  files: list[Path] | None = None, figures: Mapping[str, "Figure"] | None = None) -> None:
+        return None
+
+    def log_model(self, run_id: str | None, local_dir: Path, *, description: str = "", tags: Mapping[str, str] | None = None) -> str | None:
+        return None
+
+    def log_parent(self, *, params: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None,
+                   tags: Mapping[str, str] | None = None, files: list[Path] | None = None,
+                   table: "pd.DataFrame | None" = None) -> None:
+        return None
+
+    def end_parent(self, status: str = "FINISHED", reason: str = "") -> None:
+        return None
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["NullTracker"]:
+        yield self
+
+
+@dataclass
+class MlflowTracker(NullTracker):
+    """A live parent run in an MLflow store, plus helpers for its children.
+
+    Plain strings only (uri, experiment and parent ids): the client is made on
+    first use, so a future process/Ray worker can rebuild it from a pickle.
+    """
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    registered_model: str | None = None
+    base_tags: dict[str, str] = field(default_factory=dict)
+    _client: Any = field(default=None, repr=False, compare=False)
+    _parent_open: bool = field(default=True, repr=False, compare=False)
+    enabled = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self) -> "MlflowClient":
+        if self._client is None:
+            self._client = _make_client(self.uri)
+        return self._client
+
+    # ----------------------------------------------------------- low level
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one MLflow call; retry a locked sqlite briefly; fail with one line."""
+        from mlflow.exceptions import MlflowException
+
+        delay = 0.25
+        for attempt in range(LOCK_RETRIES + 1):
+            try:
+                return fn(*args, **kwargs)
+            except MlflowException as err:
+                if "locked" in str(err).lower() and attempt < LOCK_RETRIES:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                raise TrackingError(f"MLflow {what} failed at {self.uri}: {_one_line(err.message)}; check the store or set mlflow.enabled: false") from None
+            except OSError as err:
+                raise TrackingError(f"MLflow {what} failed at {self.uri}: {_one_line(err)}; check the store or set mlflow.enabled: false") from None
+        raise AssertionError("unreachable")
+
+    def _batch(self, run_id: str, *, metrics: Mapping[str, float] | None = None, params: Mapping[str, Any] | None = None,
+               tags: Mapping[str, str] | None = None, step: int = 0) -> None:
+        """Metrics, params and tags in ONE round-trip (the client chunks past MLflow's limits)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        entities = {
+            "metrics": [Metric(key, _finite_or_nan(value), now, step) for key, value in (metrics or {}).items()],
+            "params": [Param(key, _param_value(value)) for key, value in (params or {}).items()],
+            "tags": [RunTag(key, str(value)) for key, value in (tags or {}).items()],
+        }
+        if any(entities.values()):
+            self._call("log_batch", self.client.log_batch, run_id, **entities)
+
+    def _terminate(self, run_id: str, status: str) -> None:
+        self._call("set_terminated", self.client.set_terminated, run_id, status)
+
+    # ----------------------------------------------------------- children
+
+    def start_child(self, name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        """A nested run for one grid point; its params go in with the same call batch."""
+        run_tags = {**self.base_tags, "cnnpipe.pid": str(os.getpid()), **tags,
+                    "mlflow.parentRunId": self.parent_run_id, ROLE: "child"}
+        run = self._call("create_run", self.client.create_run, self.experiment_id, run_name=name, tags=run_tags)
+        run_id = run.info.run_id
+        self._batch(run_id, params=params)
+        return run_id
+
+    def log_epoch(self, run_id: str | None, step: int, metrics: Mapping[str, float]) -> None:
+        if run_id:
+            self._batch(run_id, metrics=metrics, step=step)
+
+    def end_child(self, run_id: str | None, *, status: str, reason: str = "", metrics: Mapping[str, float] | None = None,
+                  tags: Mapping[str, str] | None = None, texts: Mapping[str, str] | None = None,
+                  files: list[Path] | None = None, figures: Mapping[str, "Figure"] | None = None) -> None:
+        """Final metrics, artifacts and the terminal status (FINISHED / FAILED / KILLED)."""
+        if not run_id:
+            return
+        all_tags = dict(tags or {})
+        if reason and status != "FINISHED":
+            all_tags["failure_reason"] = _one_line(reason, 5000)
+        self._batch(run_id, metrics=metrics, tags=all_tags)
+        for name, text in (texts or {}).items():
+            self._call("log_text", self.client.log_text, run_id, text, name)
+        for path in files or []:
+            if Path(path).is_file():
+                self._call("log_artifact", self.client.log_artifact, run_id, str(path))
+        for name, figure in (figures or {}).items():
+            self._call("log_figure", self.client.log_figure, run_id, figure, name)
+        self._terminate(run_id, status)
+
+    def log_model(self, run_id: str | None, local_dir: Path, *, description: str = "", tags: Mapping[str, str] | None = None) -> str | None:
+        """Log a checkpoint folder under ``model/`` and register it as a new model version.
+
+        The version's source is the artifact URI of that ``model/`` folder (safetensors
+        + JSON sidecar: nothing pickled). Returns ``"<name>/<version>"`` or None.
+        """
+        from mlflow.exceptions import MlflowException
+
+        if not run_id:
+            return None
+        self._call("log_artifacts", self.client.log_artifacts, run_id, str(local_dir), "model")
+        if not self.registered_model:
+            return None
+        name = self.registered_model
+        try:
+            self.client.create_registered_model(name, description="CNN classifiers trained by cnnpipe (safetensors + model.json)")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise TrackingError(f"MLflow could not create registered model {name!r}: {_one_line(err.message)}; set mlflow.registered_model: null to skip registering") from None
+        run = self._call("get_run", self.client.get_run, run_id)
+        source = run.info.artifact_uri.rstrip("/") + "/model"
+        version = self._call(
+            "create_model_version", self.client.create_model_version, name, source, run_id,
+            tags=dict(tags or {}), description=description or None, await_creation_for=0,
+        )
+        return f"{name}/{version.version}"
+
+    # ----------------------------------------------------------- parent
+
+    def log_parent(self, *, params: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None,
+                   tags: Mapping[str, str] | None = None, files: list[Path] | None = None,
+                   table: "pd.DataFrame | None" = None) -> None:
+        self._batch(self.parent_run_id, params=params, metrics=metrics, tags=tags)
+        for path in files or []:
+            if Path(path).is_file():
+                self._call("log_artifact", self.client.log_artifact, self.parent_run_id, str(path))
+        if table is not None:
+            self._call("log_table", self.client.log_table, self.parent_run_id, table, "grid_table.json")
+
+    def end_parent(self, status: str = "FINISHED", reason: str = "") -> None:
+        if not self._parent_open:
+            return
+        if reason and status != "FINISHED":
+            self._batch(self.parent_run_id, tags={"failure_reason": _one_line(reason, 5000)})
+        self._terminate(self.parent_run_id, status)
+        self._parent_open = False
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["MlflowTracker"]:
+        """Close the parent run however the body ends: FINISHED, FAILED, or KILLED on Ctrl-C."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                self.end_parent("KILLED", "interrupted (Ctrl-C)")
+            raise
+        except BaseException as err:
+            with contextlib.suppress(Exception):
+                self.end_parent("FAILED", f"{type(err).__name__}: {err}")
+            raise
+        else:
+            self.end_parent("FINISHED")
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _make_client(uri: str) -> "MlflowClient":
+    import logging
+
+    # Table creation on a new sqlite store logs INFO lines through alembic; keep stage output clean.
+    for name in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(client: "MlflowClient", name: str, artifact_location: str | None) -> str:
+    """The experiment's id, creating it (with our artifact root) when new; restores a deleted one."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as err:  # created concurrently by another queue worker
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise TrackingError(f"MLflow could not create experiment {name!r}: {_one_line(err.message)}") from None
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def kill_stale_runs(client: "MlflowClient", experiment_id: str, host: str | None = None) -> list[str]:
+    """Mark RUNNING runs whose process on this host is gone as KILLED; return their ids.
+
+    A crashed or ``kill -9``-ed train leaves its runs RUNNING forever; runs of
+    other hosts, or of live processes (a parallel queue worker), are left alone.
+    """
+    host = host or socket.gethostname()
+    stale: list[str] = []
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    for run in runs:
+        tags = run.data.tags
+        pid = tags.get("cnnpipe.pid", "")
+        if tags.get("cnnpipe.host") != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "failure_reason", f"stale: process {pid} on {host} is gone")
+        client.set_terminated(run.info.run_id, "KILLED")
+        stale.append(run.info.run_id)
+    return stale
+
+
+def preflight(settings: "MlflowParams", *, root: Path | None = None) -> TrackingTarget | None:
+    """Resolve and check the store without importing mlflow (None when tracking is off).
+
+    The stage calls this before loading data, so an unreachable server is one
+    ``TrackingError`` line before anything slow happens.
+    """
+    if not settings.enabled:
+        return None
+    target = resolve_target(settings.tracking_uri, root=root)
+    check_reachable(target)
+    return target
+
+
+def open_tracker(settings: "MlflowParams", *, target: TrackingTarget | None = None, params: Mapping[str, Any] | None = None,
+                 tags: Mapping[str, str] | None = None, root: Path | None = None) -> NullTracker:
+    """Start this execution's parent run (kills stale runs of dead processes first).
+
+    Returns a ``NullTracker`` (and imports nothing) when tracking is disabled.
+    ``target`` comes from ``preflight``; without it the store is resolved and
+    checked here.
+    """
+    if not settings.enabled:
+        return NullTracker()
+    if target is None:
+        target = preflight(settings, root=root)
+        assert target is not None
+    from mlflow.exceptions import MlflowException
+
+    base = context_tags()
+    try:
+        client = _make_client(target.uri)
+        experiment_id = ensure_experiment(client, settings.experiment, target.artifact_location)
+        stale = kill_stale_runs(client, experiment_id)
+        run = client.create_run(
+            experiment_id, run_name=parent_run_name(), tags={**base, **(tags or {}), ROLE: "parent"}
+        )
+    except MlflowException as err:
+        raise TrackingError(f"MLflow store {target.uri} rejected the parent run: {_one_line(err.message)}; fix {target.origin} or set mlflow.enabled: false") from None
+    except Exception as err:  # sqlalchemy/network errors surface as plain exceptions
+        raise TrackingError(f"MLflow store {target.uri} is unusable ({type(err).__name__}: {_one_line(err)}); fix {target.origin} or set mlflow.enabled: false") from None
+    tracker = MlflowTracker(
+        uri=target.uri,
+        experiment_id=experiment_id,
+        parent_run_id=run.info.run_id,
+        registered_model=settings.registered_model,
+        base_tags=base,
+        _client=client,
+    )
+    if stale:
+        print(f"mlflow: marked {len(stale)} stale RUNNING run(s) of dead processes as KILLED", flush=True)
+    if params:
+        tracker._batch(tracker.parent_run_id, params=params)
+    return tracker
+
+
+# --------------------------------------------------------------------------- later stages (evaluate, plots)
+
+
+def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child_run_id: str | None = None,
+                   metrics: Mapping[str, float] | None = None, files: list[Path] | None = None,
+                   artifact_path: str = "evaluation", root: Path | None = None) -> bool:
+    """Add ``metrics`` to the best child and the parent run train created, ``files`` to the parent.
+
+    The evaluate and plots stages reopen those runs by id (from the checkpoint
+    sidecar / ``train.json``). A run missing from the store (the database was
+    reset since training) is a warning, not a failure: returns False.
+    """
+    if not settings.enabled or not parent_run_id:
+        return False
+    target = preflight(settings, root=root)
+    assert target is not None
+    from mlflow.exceptions import MlflowException
+
+    tracker = MlflowTracker(uri=target.uri, experiment_id="", parent_run_id=parent_run_id)
+    run_ids = [run_id for run_id in (child_run_id, parent_run_id) if run_id]
+    for run_id in run_ids:
+        try:
+            tracker.client.get_run(run_id)
+        except MlflowException:
+            print(f"mlflow: run {run_id} is not in {target.uri}; not logged (re-run training to recreate it: "
+                  "dvc repro -f train)", flush=True)
+            return False
+    for run_id in run_ids:
+        tracker._batch(run_id, metrics=metrics)
+    for path in files or []:
+        if Path(path).is_file():
+            tracker._call("log_artifact", tracker.client.log_artifact, parent_run_id, str(path), artifact_path)
+    return True
+
+
+# --------------------------------------------------------------------------- later stages
+
+
+def log_evaluation(settings: "MlflowParams", *, parent_run_id: str, child_run_id: str | None = None,
+                   metrics: Mapping[str, float] | None = None, files: list[Path] | None = None,
+                   artifact_path: str = "evaluation", root: Path | None = None) -> bool:
+    """Add a later stage's results to the runs ``train`` created (ids from train.json / the sidecar).
+
+    ``metrics`` go to the best child and the parent (one ``log_batch`` each),
+    ``files`` to the parent under ``artifact_path``. Returns False, with one
+    note, when tracking is off or the runs are not in this store (e.g. the
+    checkpoint was trained against another store); an unreachable store is a
+    ``TrackingError`` like in ``train``.
+    """
+    if not settings.enabled or not parent_run_id:
+        return False
+    target = preflight(settings, root=root)
+    assert target is not None
+    from mlflow.exceptions import MlflowException
+
+    tracker = MlflowTracker(uri=target.uri, experiment_id="", parent_run_id=parent_run_id, _parent_open=False)
+    run_ids = [run for run in (child_run_id, parent_run_id) if run]
+    try:
+        for run_id in run_ids:
+            tracker.client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise TrackingError(f"MLflow store {target.uri} failed: {_one_line(err.message)}; fix {target.origin} or set mlflow.enabled: false") from None
+        print(f"mlflow: run {run_id} is not in {target.uri} (trained against another store?); results not logged", flush=True)
+        return False
+    for run_id in run_ids:
+        tracker._batch(run_id, metrics=metrics)
+    for path in files or []:
+        if Path(path).is_file():
+            tracker._call("log_artifact", tracker.client.log_artifact, parent_run_id, str(path), artifact_path)
+    return True

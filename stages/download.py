@@ -1,0 +1,42 @@
+"""Stage `download`: put the dataset's verified raw files in data/raw/<dataset>/.
+
+Sources, in order: data.mirrors, OS-packaged copies (e.g. Debian's
+/usr/share/datasets), upstream. See cnnpipe.data.download for the rules.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from cnnpipe.errors import run_entry_point
+
+
+def main() -> int:
+    from cnnpipe.params import load_params
+
+    params = load_params()  # validates the whole file before anything is written
+    from cnnpipe.data.download import download_dataset
+    from cnnpipe.data.registry import get_dataset
+    from cnnpipe.paths import project_root
+
+    data = params.data
+    spec = get_dataset(data.dataset)
+    dest = Path("data/raw") / spec.name
+    start = time.perf_counter()
+    fetched = download_dataset(
+        spec,
+        dest,
+        mirrors=data.mirrors,
+        checksums=data.checksums,
+        timeout=data.download.timeout,
+        retries=data.download.retries,
+        base_dir=project_root(),  # relative mirrors are relative to the project, even in a queued experiment
+    )
+    size = sum((dest / f.name).stat().st_size for f in fetched)
+    print(f"download: {spec.name}: {len(fetched)} files, {size / 1e6:.1f} MB in {dest} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_entry_point(main)

@@ -1,0 +1,62 @@
+"""DVC stage ``evaluate``: score ``models/best`` on the held-out test set.
+
+Reads ``models/best/`` (safetensors checkpoint + sidecar), ``data/prepared/``
+and the ``eval``/``mlflow`` params; writes ``reports/metrics.json`` (DVC
+metrics), ``reports/per_class.csv``, ``reports/confusion.csv`` (one row per
+test image, for DVC's confusion template) and ``reports/mistakes.csv``.
+Test metrics are added (``test_`` prefix) to the MLflow runs train created:
+the best child and its parent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cnnpipe.errors import run_entry_point
+
+CHECKPOINT = Path("models/best")
+PREPARED = Path("data/prepared")
+REPORTS = Path("reports")
+
+
+def main() -> int:
+    from cnnpipe.evaluation import evaluate_checkpoint, summary_line, write_reports
+    from cnnpipe.params import load_params
+
+    params = load_params()
+    evaluation = evaluate_checkpoint(
+        CHECKPOINT,
+        PREPARED,
+        top_k=params.eval.top_k,
+        batch_size=params.eval.batch_size,
+        mistakes=params.eval.mistakes,
+    )
+    paths = write_reports(evaluation, REPORTS)
+    print(summary_line(evaluation), flush=True)
+
+    ids = evaluation.metrics
+    if params.mlflow.enabled:
+        if not ids.get("mlflow_parent_run_id"):
+            print("mlflow: models/best has no MLflow run ids (trained with mlflow.enabled: false); not logged")
+        else:
+            from cnnpipe import tracking
+
+            test_metrics = {
+                (key if key.startswith("test_") else f"test_{key}"): value
+                for key, value in evaluation.numeric_metrics.items()
+                if key.startswith(("test_", "macro_")) and key != "test_images"
+            }
+            logged = tracking.log_evaluation(
+                params.mlflow,
+                parent_run_id=ids["mlflow_parent_run_id"],
+                child_run_id=ids.get("mlflow_run_id"),
+                metrics=test_metrics,
+                files=[paths["metrics.json"], paths["per_class.csv"], paths["mistakes.csv"]],
+            )
+            if logged:
+                print(f"mlflow: test metrics logged to run {ids.get('mlflow_run_id')} and parent {ids['mlflow_parent_run_id']}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_entry_point(main)

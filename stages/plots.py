@@ -1,0 +1,97 @@
+"""DVC stage ``plots``: report figures and ``reports/README.md``.
+
+Reads the train outputs (``train.json``, ``grid.csv``, ``history.csv``), the
+evaluate outputs (``metrics.json``, ``per_class.csv``, ``confusion.csv``,
+``mistakes.csv``) and the prepared test images (for the mistakes grid);
+writes ``reports/figures/*.png`` (the folder is replaced whole) and
+``reports/README.md``, and logs both to the MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cnnpipe.errors import DataError, run_entry_point
+
+PREPARED = Path("data/prepared")
+REPORTS = Path("reports")
+FIGURES = REPORTS / "figures"
+README = REPORTS / "README.md"
+INPUTS = ("train.json", "grid.csv", "history.csv", "metrics.json", "per_class.csv", "confusion.csv", "mistakes.csv")
+
+
+def _read_inputs() -> dict:
+    import pandas as pd
+
+    missing = [name for name in INPUTS if not (REPORTS / name).is_file()]
+    if missing:
+        raise DataError(f"reports/{missing[0]} is missing; run the earlier stages first (dvc repro)")
+    out = {name: json.loads((REPORTS / name).read_text(encoding="utf-8")) for name in INPUTS if name.endswith(".json")}
+    for name in INPUTS:
+        if name.endswith(".csv"):
+            out[name] = pd.read_csv(REPORTS / name, keep_default_na=True)
+    return out
+
+
+def main() -> int:
+    from cnnpipe import plots
+    from cnnpipe.data.prepared import load_split, load_stats
+    from cnnpipe.fsutil import atomic_dir
+    from cnnpipe.params import TRAINING_KEYS, load_params
+    from cnnpipe.report import write_readme
+
+    params = load_params()
+    data = _read_inputs()
+    train, grid, history = data["train.json"], data["grid.csv"], data["history.csv"]
+    selected = train.get("run_id")
+    run_name = train.get("run_name", selected)
+    classes = load_stats(PREPARED).classes
+    row = grid[grid["run_id"] == selected]
+    stop_reason = row["stop_reason"].iloc[0] if not row.empty and "stop_reason" in row else None
+    stop_reason = str(stop_reason) if isinstance(stop_reason, str) else None  # NaN when blank
+    mistakes = data["mistakes.csv"]
+    confusion = data["confusion.csv"]
+
+    names = {
+        "Learning curves (selected run)": "learning_curves.png",
+        "All grid runs": "grid_curves.png",
+        "Grid comparison": "grid_comparison.png",
+        "Per-class accuracy": "per_class_accuracy.png",
+        "Confusion matrix": "confusion_matrix.png",
+        "Most confident mistakes": "mistakes.png",
+    }
+    with atomic_dir(FIGURES) as tmp:
+        plots.learning_curves(history[history["run_id"] == selected], tmp / names["Learning curves (selected run)"],
+                              best_epoch=train.get("best_epoch"), title=f"Selected run: {run_name}",
+                              stop_reason=stop_reason)
+        plots.grid_curves(history, tmp / names["All grid runs"], grid=grid, selected_run_id=selected)
+        plots.grid_comparison(grid, tmp / names["Grid comparison"], selected_run_id=selected)
+        plots.per_class_bars(data["per_class.csv"], tmp / names["Per-class accuracy"],
+                             title="Per-class accuracy: train vs test")
+        counts = plots.confusion_from_pairs(confusion["actual"].astype(str), confusion["predicted"].astype(str), classes)
+        plots.confusion_heatmap(counts, classes, tmp / names["Confusion matrix"])
+        test = load_split(PREPARED, "test")
+        index = mistakes["index"].to_numpy(dtype=int)
+        plots.mistakes_grid(test.images.numpy()[index], mistakes["actual"].astype(str).tolist(),
+                            mistakes["predicted"].astype(str).tolist(), mistakes["confidence"].tolist(),
+                            tmp / names["Most confident mistakes"])
+    figures = {caption: FIGURES / name for caption, name in names.items()}
+    write_readme(README, train=train, grid=grid, metrics=data["metrics.json"], per_class=data["per_class.csv"],
+                 figures=figures, training_keys=TRAINING_KEYS)
+    print(f"plots: wrote {len(figures)} figures in {FIGURES}/ and {README}", flush=True)
+
+    if params.mlflow.enabled and train.get("mlflow_parent_run_id"):
+        from cnnpipe import tracking
+
+        parent = train["mlflow_parent_run_id"]
+        # same layout as on disk, so the README's relative figure links work in the MLflow UI too
+        if (tracking.log_evaluation(params.mlflow, parent_run_id=parent, files=list(figures.values()),
+                                    artifact_path="report/figures")
+                and tracking.log_evaluation(params.mlflow, parent_run_id=parent, files=[README], artifact_path="report")):
+            print(f"mlflow: figures and README logged to parent run {parent} (artifacts: report/)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_entry_point(main)

@@ -1,0 +1,82 @@
+"""DVC stage ``train``: train the hyperparameter grid, keep the best run.
+
+Reads ``params.yaml`` and ``data/prepared/``; writes ``models/best/`` (the
+selected run's checkpoint) and ``reports/{grid,history,curves}.csv``,
+``reports/grid.json``, ``reports/train.json``. Every run is tracked in MLflow
+(one parent run, one child per grid point) unless ``mlflow.enabled: false``.
+Runs execute in parallel worker processes or on Ray per ``grid:``, and a
+run whose config, data and code are unchanged is reused from the run cache
+(``.cnnpipe-cache/`` at the project root) instead of trained again.
+Paths are cwd-relative (a queued experiment runs in a temp copy); the MLflow
+store and the run cache are anchored at the project root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cnnpipe.errors import run_entry_point
+
+PREPARED = Path("data/prepared")
+BEST_DIR = Path("models/best")
+REPORTS = Path("reports")
+SAMPLES = REPORTS / "samples.png"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="stages/train.py",
+        description="Train every grid point of params.yaml, log them to MLflow, write models/best/ and reports/. "
+                    "Normally run by `dvc repro`.",
+    )
+    parser.add_argument("--no-cache", action="store_true",
+                        help="retrain every run instead of reusing cached ones (fresh results are still cached; "
+                             "same as CNNPIPE_NO_CACHE=1; grid.cache: false turns the cache off)")
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    from cnnpipe import grid, results, runcache, tracking
+    from cnnpipe.params import expand_grid, load_params
+
+    params = load_params()
+    configs = expand_grid(params)
+    target = tracking.preflight(params.mlflow)  # one-line TrackingError before any training
+
+    from cnnpipe.device import describe, resolve_device
+    from cnnpipe.engine import TrainData
+
+    device = resolve_device(params.device)
+    executor = grid.make_executor(params.grid, len(configs), report=None, device=device)  # ray missing: fail now
+    data = TrainData.load(PREPARED, splits=("train", "val"))
+    grid.check_dataset(data, params)
+    print(f"train: {len(configs)} run(s) on {describe(device)}, {data.dataset} "
+          f"({len(data.train)} train / {len(data.val)} val images), select_by {params.select_by}", flush=True)
+    if executor.parallel and not isinstance(executor, grid.executors.RayExecutor):
+        print(f"grid: {executor.description}", flush=True)
+
+    cache = runcache.open_grid_cache(params.grid, no_cache=args.no_cache)
+    tracker = tracking.open_tracker(params.mlflow, target=target, params=grid.grid_definition(params),
+                                    tags=grid.parent_tags(params, data, device))
+    with tracker.running():
+        ctx = grid.TrainContext(data=data, tracker=tracker, device=device,
+                                layer_stats=params.mlflow.enabled and params.mlflow.log_layer_stats,
+                                progress=sys.stderr.isatty(), samples=SAMPLES if SAMPLES.is_file() else None,
+                                prepared_dir=PREPARED.resolve())
+        records = grid.train_grid(configs, ctx, executor=executor, select_by=params.select_by, cache=cache,
+                                  report=lambda line: print(line, flush=True))
+        best = grid.select_best(records, params.select_by)
+        published = results.publish(records, best, data, tracker, select_by=params.select_by,
+                                    best_dir=BEST_DIR, reports_dir=REPORTS)
+
+    print(results.summary_table(records, best, params.select_by))
+    print(published.describe(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    run_entry_point(lambda: main(arguments))

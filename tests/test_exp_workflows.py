@@ -1,0 +1,264 @@
+"""DVC experiment workflows end to end, with the real ``dvc`` CLI and a real MLflow store.
+
+One temp git + DVC repo (this project's pipeline, tiny params, raw IDX files
+served on 127.0.0.1) is built and reproduced once for the module; the tests
+then act on it **in file order**, the way a newcomer would: repro again,
+push/clone/pull, ``dvc exp run -S``, an eval-only experiment, the params
+lists, a queued sweep, and finally the DVC <-> MLflow links of everything
+that ran.
+
+Run-cache note (checked in ``test_queued_sweep_...``): the train, evaluate
+and plots stages declare ``cache: false`` outputs that are neither metrics
+nor plots, and DVC 3 then never saves them to its run cache. An experiment
+that repeats earlier training params therefore re-trains and gets its own
+MLflow runs; only a stage whose ``dvc.lock`` entry already matches is
+skipped, and its reports keep the MLflow ids of the run that made them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fixtures_raw import make_idx_raw, serve
+from project_builder import DVC, TINY, commit_all, pipeline_project, run, run_ok
+
+pytestmark = pytest.mark.slow
+
+BASE_LR = 0.01
+SWEEP = (0.01, 0.001)  # 0.01 repeats the baseline's training params on purpose
+ALL_STAGES = ("download", "prepare", "train", "evaluate", "plots")
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def skipped(output: str) -> set[str]:
+    return set(re.findall(r"Stage '(\w+)' didn't change, skipping", output))
+
+
+@dataclass
+class ExpRepo:
+    path: Path
+    baseline_rev: str
+    baseline_best: dict[str, str]
+    baseline_prepared: dict[str, str]
+    repro_output: str
+    # experiment name -> what it changed; filled by the tests as they run
+    experiments: dict[str, str] = field(default_factory=dict)
+
+    def dvc(self, *args: str, timeout: float = 600) -> str:
+        done = run_ok([DVC, *args], self.path, timeout=timeout)
+        return done.stdout + done.stderr
+
+    def exp_show(self) -> dict[str, dict[str, Any]]:
+        """``dvc exp show --json`` as {experiment name (or 'baseline'/'workspace'): {'params', 'train', 'metrics'}}."""
+        rows: dict[str, dict[str, Any]] = {}
+
+        def flat(data: dict[str, Any]) -> dict[str, Any]:
+            metrics = data.get("metrics") or {}
+            return {"params": data["params"]["params.yaml"]["data"],
+                    "train": metrics.get("reports/train.json", {}).get("data", {}),
+                    "metrics": metrics.get("reports/metrics.json", {}).get("data", {})}
+
+        for entry in json.loads(self.dvc("exp", "show", "--json")):
+            if entry["rev"] == "workspace":
+                rows["workspace"] = flat(entry["data"])
+                continue
+            if entry["rev"] == self.baseline_rev:
+                rows["baseline"] = flat(entry["data"])
+            for exp in entry.get("experiments") or []:
+                rows[exp["name"]] = flat(exp["revs"][0]["data"])
+        return rows
+
+    def mlflow(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=f"sqlite:///{self.path / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExpRepo]:
+    """This project's pipeline, reproduced once and committed as the experiments' baseline."""
+    base = tmp_path_factory.mktemp("exp-workflows")
+    raw = make_idx_raw(base / "www", n_train=200, n_test=60)
+    with contextlib.contextmanager(serve)(raw.folder) as server:
+        project = pipeline_project(
+            base / "repo", server.url, raw.checksums, commit=True, extra=("scripts",),
+            params={"model": "tiny", "models": {"tiny": TINY}, "lr": BASE_LR, "batch_size": 50},
+        )
+        repro = run_ok([DVC, "repro"], project, timeout=600)
+        rev = commit_all(project, "baseline: dvc repro")
+        state = ExpRepo(project, rev, tree_digest(project / "models" / "best"),
+                        tree_digest(project / "data" / "prepared"), repro.stdout)
+        try:
+            yield state
+        finally:
+            run([DVC, "queue", "stop"], project, timeout=120)  # idle queue workers, if any are left
+
+
+def test_repro_runs_every_stage_once_then_is_a_noop(repo: ExpRepo) -> None:
+    assert ran(repo.repro_output) == set(ALL_STAGES)
+    again = repo.dvc("repro")
+    assert "Data and pipelines are up to date." in again
+    assert ran(again) == set() and skipped(again) == set(ALL_STAGES)
+
+
+def test_push_then_a_fresh_clone_pulls_models_best_byte_identical(repo: ExpRepo) -> None:
+    # Runs before any experiment: the workspace is still the committed baseline.
+    remote = repo.path.parent / "cnnpipe-dvc-remote"
+    setup = run_ok(["bash", "scripts/setup.sh", "remote"], repo.path)
+    assert f"setup: default DVC remote 'localstore' -> {remote}" in setup.stdout
+    pushed = repo.dvc("push")
+    assert re.search(r"\d+ files? pushed", pushed), pushed
+    assert any(remote.rglob("*")), "the remote folder is still empty"
+
+    clone = repo.path.parent / "clone"
+    run_ok(["git", "clone", "-q", str(repo.path), str(clone)], repo.path.parent)
+    assert not (clone / "models" / "best").exists()  # DVC-tracked: not in git
+    # The remote is configured per clone (.dvc/config.local); a clone beside the repo gets the same default.
+    setup = run_ok(["bash", "scripts/setup.sh", "remote"], clone)
+    assert f"-> {remote}" in setup.stdout
+    run_ok([DVC, "pull"], clone, timeout=600)
+    assert tree_digest(clone / "models" / "best") == repo.baseline_best
+    assert tree_digest(clone / "data" / "prepared") == repo.baseline_prepared
+    status = run_ok([DVC, "status"], clone)
+    assert "Data and pipelines are up to date." in status.stdout  # nothing to retrain after a pull
+
+
+def test_exp_run_set_lr_retrains_but_reuses_the_data_stages(repo: ExpRepo) -> None:
+    out = repo.dvc("exp", "run", "-S", "lr=0.003")
+    name = re.search(r"Reproducing experiment '([\w-]+)'", out).group(1)
+    repo.experiments[name] = "lr=0.003"
+    assert skipped(out) == {"download", "prepare"}
+    assert ran(out) == {"train", "evaluate", "plots"}
+
+    rows = repo.exp_show()
+    exp, baseline = rows[name], rows["baseline"]
+    assert exp["params"]["lr"] == 0.003 and baseline["params"]["lr"] == BASE_LR
+    for row in (exp, baseline):
+        assert 0.0 <= row["train"]["val_top1"] <= 1.0 and row["train"]["val_loss"] > 0
+        assert 0.0 <= row["metrics"]["test_top1"] <= row["metrics"]["test_top5"] <= 1.0
+    assert exp["train"]["run_id"] != baseline["train"]["run_id"]
+    assert exp["train"]["mlflow_parent_run_id"] != baseline["train"]["mlflow_parent_run_id"]
+    csv_header = repo.dvc("exp", "show", "--csv").splitlines()[0].split(",")
+    assert {"lr", "test_top1", "reports/train.json:val_top1"} <= set(csv_header)
+
+
+def test_eval_only_param_reruns_evaluate_and_plots_not_train(repo: ExpRepo) -> None:
+    before = json.loads((repo.path / "reports" / "train.json").read_text())
+    out = repo.dvc("exp", "run", "-S", "eval.top_k=[1,3]")
+    name = re.search(r"Reproducing experiment '([\w-]+)'", out).group(1)
+    repo.experiments[name] = "eval.top_k=[1,3]"
+    assert skipped(out) == {"download", "prepare", "train"}
+    assert ran(out) == {"evaluate", "plots"}
+
+    metrics = json.loads((repo.path / "reports" / "metrics.json").read_text())
+    assert "test_top3" in metrics and "test_top5" not in metrics
+    # The model was trained by the previous experiment: its MLflow runs receive this evaluation.
+    assert metrics["mlflow_parent_run_id"] == before["mlflow_parent_run_id"]
+    child = repo.mlflow().get_run(before["mlflow_run_id"])
+    assert child.data.metrics["test_top3"] == pytest.approx(metrics["test_top3"])
+
+
+def test_params_lists_in_dvc_yaml_are_exact(repo: ExpRepo) -> None:
+    """``dvc status`` after editing params: each change dirties exactly the stages that read it."""
+    path = repo.path / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    params["data"]["download"]["timeout"] = 20
+    params["data"]["val_fraction"] = 0.2
+    params["select_by"] = "val_top1"
+    params["eval"]["mistakes"] = 3
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(repo.dvc("status", "--json"))
+    finally:
+        path.write_text(original)
+    changed = {stage: set(entries[0]["changed deps"]["params.yaml"]) for stage, entries in status.items()}
+    assert changed == {"download": {"data.download"}, "prepare": {"data.val_fraction"},
+                       "train": {"select_by"}, "evaluate": {"eval"}}
+    assert "Data and pipelines are up to date." in repo.dvc("status")
+
+
+def test_queued_sweep_logs_every_experiment_to_the_root_store(repo: ExpRepo) -> None:
+    queued = repo.dvc("exp", "run", "--queue", "-S", "lr=" + ",".join(map(str, SWEEP)))
+    names = re.findall(r"Queued experiment '([\w-]+)' for future execution", queued)
+    assert len(names) == len(SWEEP), queued
+    out = repo.dvc("exp", "run", "--run-all", "-j", "2", timeout=900)
+    status = repo.dvc("queue", "status")
+    for name in names:
+        assert re.search(rf"\b{name}\s+.*\bSuccess\b", status), status
+    # Both re-trained, including lr=0.01 which repeats the baseline's training params:
+    # the run cache never restores train (its cache: false outs), so nothing is silently skipped.
+    assert out.count("Running stage 'train'") == len(SWEEP), out
+    assert "is cached - skipping run" not in out
+
+    rows = repo.exp_show()
+    by_lr = {rows[name]["params"]["lr"]: name for name in names}
+    assert set(by_lr) == set(SWEEP)
+    repo.experiments.update({name: f"lr={lr} (queued)" for lr, name in by_lr.items()})
+    again = rows[by_lr[BASE_LR]]["train"]
+    assert again["mlflow_parent_run_id"] != rows["baseline"]["train"]["mlflow_parent_run_id"]
+
+    client = repo.mlflow()
+    for name in names:
+        parent = client.get_run(rows[name]["train"]["mlflow_parent_run_id"])
+        assert parent.info.run_name == name and parent.data.tags["dvc.exp_name"] == name
+        assert parent.info.artifact_uri.startswith(str(repo.path / "mlartifacts"))
+    temp = repo.path / ".dvc" / "tmp" / "exps"
+    strays = [p for p in temp.rglob("*") if p.name in ("mlflow.db", "mlruns", "mlartifacts", ".cnnpipe-cache")]
+    assert strays == []
+
+
+def test_dvc_and_mlflow_link_both_ways(repo: ExpRepo) -> None:
+    assert len(repo.experiments) == 4, "runs after the experiment tests above (file order)"
+    rows = repo.exp_show()
+    client = repo.mlflow()
+    trained_by: dict[str, str] = {}  # MLflow parent run id -> experiment that trained it
+    for name in repo.experiments:
+        train, metrics, params = rows[name]["train"], rows[name]["metrics"], rows[name]["params"]
+        # DVC -> MLflow: both reports carry the ids of the runs that made the model.
+        ids = ("mlflow_parent_run_id", "mlflow_run_id", "mlflow_experiment_id")
+        assert all(train[key] for key in ids) and {k: metrics[k] for k in ids} == {k: train[k] for k in ids}
+        parent = client.get_run(train["mlflow_parent_run_id"])
+        child = client.get_run(train["mlflow_run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.experiment_id == parent.info.experiment_id == train["mlflow_experiment_id"]
+        assert float(child.data.params["lr"]) == params["lr"]
+        assert child.data.metrics["test_top1"] == pytest.approx(metrics["test_top1"])
+        # MLflow -> DVC: the parent is named and tagged after the experiment that trained it.
+        tags = parent.data.tags
+        assert tags["dvc.exp_name"] == parent.info.run_name
+        assert tags["dvc.exp_baseline_rev"] == repo.baseline_rev == tags["mlflow.source.git.commit"]
+        assert tags["cnnpipe.role"] == "parent" and tags["dvc.stage"] == "train"
+        trained_by.setdefault(parent.info.run_id, parent.info.run_name)
+    # Every experiment that changed a training param has its own parent; the eval-only one points
+    # at the parent of the experiment whose model it evaluated.
+    own = {name for name in repo.experiments if rows[name]["train"]["mlflow_parent_run_id"] in trained_by
+           and trained_by[rows[name]["train"]["mlflow_parent_run_id"]] == name}
+    assert {name for name, what in repo.experiments.items() if not what.startswith("eval.")} == own
+
+    parents = client.search_runs([rows["baseline"]["train"]["mlflow_experiment_id"]],
+                                 filter_string="tags.`cnnpipe.role` = 'parent'")
+    exp_parents = [p for p in parents if "dvc.exp_name" in p.data.tags]
+    assert sorted(p.info.run_name for p in exp_parents) == sorted(own)
+    # The plain `dvc repro` baseline is not an experiment: no dvc.exp_* tags, but the git commit.
+    (plain,) = [p for p in parents if "dvc.exp_name" not in p.data.tags]
+    assert plain.info.run_id == rows["baseline"]["train"]["mlflow_parent_run_id"]
+    assert plain.info.run_name.startswith("train-") and plain.data.tags["mlflow.source.git.commit"]

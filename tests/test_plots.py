@@ -1,0 +1,268 @@
+"""Report figures, README and the plots stage, from small synthetic tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cnnpipe import plots
+from cnnpipe.report import markdown_table, render_readme, write_readme
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+RUNS = [("r0", "lr=0.01,batch_size=100", 6, 4, "early_stopping"), ("r1", "lr=0.01,batch_size=1000", 8, 8, "max_epochs"),
+        ("r2", "lr=0.001,batch_size=100", 8, 7, "max_epochs"), ("r3", "lr=0.001,batch_size=1000", 2, None, "diverged: loss is nan at epoch 2 batch 3")]
+
+
+def make_history() -> pd.DataFrame:
+    rows = []
+    for i, (run_id, name, epochs, _, _) in enumerate(RUNS):
+        for e in range(1, epochs + 1):
+            rows.append({"run_id": run_id, "run_name": name, "epoch": e, "train_loss": 1 / e + 0.05 * i,
+                         "train_top1": 1 - 0.4 / e, "val_loss": 1.1 / e + 0.02 * e, "val_top1": 0.9 - 0.35 / e - 0.02 * i,
+                         "val_top5": 0.99 - 0.1 / e, "lr": 0.01, "epoch_seconds": 2.0, "images_per_s": 900.0})
+    return pd.DataFrame(rows)
+
+
+def make_grid() -> pd.DataFrame:
+    rows = []
+    for i, (run_id, name, epochs, best, stop) in enumerate(RUNS):
+        failed = best is None
+        rows.append({"run_id": run_id, "run_name": name, "model": "fashion_tutorial", "lr": 0.01 if i < 2 else 0.001,
+                     "batch_size": 100 if i % 2 == 0 else 1000, "status": "diverged" if failed else "finished",
+                     "stop_reason": stop, "best_epoch": best, "epochs_run": epochs,
+                     "val_loss": None if failed else 0.3 + 0.02 * i, "val_top1": None if failed else 0.88 - 0.02 * i,
+                     "val_top5": None if failed else 0.99, "seconds": 12.5, "images_per_s": 900.0, "mlflow_run_id": None})
+    return pd.DataFrame(rows)
+
+
+def make_per_class() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    acc = rng.uniform(0.6, 0.99, len(CLASSES))
+    return pd.DataFrame({"class": CLASSES, "support": 100, "accuracy": acc, "precision": acc, "recall": acc,
+                         "f1": acc, "train_accuracy": np.minimum(acc + 0.05, 1.0)})
+
+
+def make_confusion() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    counts = rng.integers(0, 20, (10, 10))
+    np.fill_diagonal(counts, 800)
+    counts[2] = 0  # a class with no test images: its row stays 0, not NaN
+    return counts
+
+
+def assert_png(path: Path, size: tuple[float, float]) -> None:
+    """A non-empty, non-blank PNG of ``size`` (figure inches x DPI, +-1 px rounding)."""
+    assert path.is_file() and path.stat().st_size > 1000
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        width, height = image.size
+        assert abs(width - size[0] * plots.DPI) <= 1 and abs(height - size[1] * plots.DPI) <= 1, image.size
+        low, high = image.convert("L").getextrema()
+        assert low < 100 and high > 200  # something was drawn on the white background
+
+
+def test_learning_curves(tmp_path: Path) -> None:
+    history = make_history()
+    path = plots.learning_curves(history[history.run_id == "r0"], tmp_path / "lc.png", best_epoch=4,
+                                 title="Selected run", stop_reason="early_stopping")
+    assert path == tmp_path / "lc.png"
+    assert_png(path, (15, 4.8))
+
+
+def test_learning_curves_single_epoch(tmp_path: Path) -> None:
+    history = make_history()
+    one = history[(history.run_id == "r1") & (history.epoch == 1)]
+    assert_png(plots.learning_curves(one, tmp_path / "one.png", best_epoch=1), (15, 4.8))
+
+
+def test_grid_curves(tmp_path: Path) -> None:
+    path = plots.grid_curves(make_history(), tmp_path / "grid_curves.png", grid=make_grid(), selected_run_id="r0")
+    legend_rows = math.ceil(len(RUNS) / 3) + 1
+    assert_png(path, (15, 4.8 + 0.25 * legend_rows))
+
+
+def test_grid_comparison_with_a_diverged_run(tmp_path: Path) -> None:
+    path = plots.grid_comparison(make_grid(), tmp_path / "cmp.png", selected_run_id="r0")
+    assert_png(path, (10, 1.6 + 0.42 * len(RUNS)))
+
+
+def test_per_class_bars(tmp_path: Path) -> None:
+    assert_png(plots.per_class_bars(make_per_class(), tmp_path / "pc.png"), (9, 1.6 + 0.5 * len(CLASSES)))
+
+
+def test_confusion_heatmap(tmp_path: Path) -> None:
+    side = 2.8 + 0.65 * len(CLASSES)
+    assert_png(plots.confusion_heatmap(make_confusion(), CLASSES, tmp_path / "cm.png"), (side + 1.3, side))
+
+
+def test_confusion_from_pairs_counts_in_class_order() -> None:
+    counts = plots.confusion_from_pairs(["Bag", "Bag", "Coat"], ["Bag", "Coat", "Coat"], ["Coat", "Bag"])
+    assert counts.tolist() == [[1, 0], [1, 1]]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_mistakes_grid(tmp_path: Path, channels: int) -> None:
+    from synthetic import make_images
+
+    images, labels = make_images(7, (channels, 16, 16), 10, seed=3)
+    path = plots.mistakes_grid(images, [CLASSES[i] for i in labels], [CLASSES[(i + 1) % 10] for i in labels],
+                               [0.99] * 7, tmp_path / "m.png", ncols=5)
+    assert_png(path, (2.3 * 5 + 0.4, 2.55 * 2 + 0.7))
+
+
+def test_mistakes_grid_without_mistakes(tmp_path: Path) -> None:
+    path = plots.mistakes_grid(np.zeros((0, 1, 8, 8), np.uint8), [], [], [], tmp_path / "none.png")
+    assert_png(path, (2.3 + 0.4, 2.55 + 0.7))
+
+
+def test_figure_write_is_atomic_and_overwrites(tmp_path: Path) -> None:
+    target = tmp_path / "cmp.png"
+    target.write_bytes(b"old")
+    plots.grid_comparison(make_grid(), target)
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["cmp.png"]  # no temp file left behind
+
+
+# --------------------------------------------------------------------------- README
+
+
+TRAIN_JSON = {"select_by": "val_loss", "run_id": "r0", "run_name": "lr=0.01,batch_size=100", "best_epoch": 4,
+              "val_loss": 0.3, "val_top1": 0.88, "val_top5": 0.99, "epochs_run": 6, "seconds": 50.0, "runs_total": 4,
+              "runs_failed": 1, "mlflow_parent_run_id": "p123", "mlflow_run_id": "c456", "mlflow_experiment_id": "1"}
+METRICS_JSON = {"test_loss": 0.3312, "test_top1": 0.8765, "test_top5": 0.9912, "macro_precision": 0.87,
+                "macro_recall": 0.8765, "macro_f1": 0.874, "train_loss": 0.2, "train_top1": 0.93, "val_loss": 0.3,
+                "val_top1": 0.88, "test_images": 1000, "run_id": "r0", "mlflow_run_id": "c456"}
+
+
+def test_readme_has_tables_and_relative_image_links(tmp_path: Path) -> None:
+    figures = {"Learning curves (selected run)": tmp_path / "figures" / "learning_curves.png",
+               "Confusion matrix": tmp_path / "figures" / "confusion_matrix.png"}
+    path = write_readme(tmp_path / "README.md", train=TRAIN_JSON, grid=make_grid(), metrics=METRICS_JSON,
+                        per_class=make_per_class(), figures=figures, training_keys=("model", "lr", "batch_size"))
+    text = path.read_text()
+    assert "## Selected run" in text and "**lr=0.01,batch_size=100**" in text
+    assert "lowest `val_loss`" in text and "4 grid run(s), 1 failed" in text
+    assert "| param | value |" in text and "| lr | 0.01 |" in text and "| batch_size | 100 |" in text
+    assert "| metric | train | validation | test |" in text
+    assert "| loss | 0.2000 | 0.3000 | 0.3312 |" in text
+    assert "| top-1 accuracy | 93.00% | 88.00% | 87.65% |" in text
+    assert "| top-5 accuracy |  |  | 99.12% |" in text
+    assert "| macro f1 |  |  | 87.40% |" in text and "1000 images" in text
+    assert "| class | support | accuracy | precision | recall | f1 | train_accuracy |" in text
+    assert "| T-shirt/top | 100 |" in text
+    # every grid run is in the table, the selected one marked; the diverged one too
+    for _, name, *_ in RUNS:
+        assert name in text
+    assert "**lr=0.01,batch_size=100** (selected)" in text and "| diverged |" in text
+    assert "![Learning curves (selected run)](figures/learning_curves.png)" in text
+    assert "![Confusion matrix](figures/confusion_matrix.png)" in text
+    assert "MLflow: experiment `1`, parent run `p123`, best child run `c456`." in text
+    assert str(tmp_path) not in text  # links are relative
+
+
+def test_markdown_table_escapes_pipes_and_blanks_missing() -> None:
+    table = markdown_table([{"a": "x|y", "b": None, "val_top1": 0.5}], ["a", "b", "val_top1"])
+    assert table.splitlines() == ["| a | b | val_top1 |", "|---|---|---|", "| x\\|y |  | 50.00% |"]
+
+
+def test_readme_orders_grid_by_selection_metric(tmp_path: Path) -> None:
+    train = {**TRAIN_JSON, "select_by": "val_top1"}
+    text = render_readme(train=train, grid=make_grid(), metrics=METRICS_JSON, per_class=make_per_class(),
+                         figures={}, readme_dir=tmp_path)
+    grid_section = text.split("## All grid runs", 1)[1]
+    order = [grid_section.index(name) for _, name, *_ in RUNS]
+    assert order == sorted(order)  # r0 (0.88) > r1 > r2, diverged last
+    assert "highest `val_top1`" in text and "## Figures" not in text
+
+
+# --------------------------------------------------------------------------- the stage script
+
+
+@pytest.mark.slow
+def test_plots_stage_writes_figures_and_readme(tmp_path: Path) -> None:
+    from synthetic import make_prepared
+
+    make_prepared(tmp_path / "data" / "prepared", n_train=40, n_val=20, n_test=30)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    classes = [f"class{i}" for i in range(10)]
+    history, grid = make_history(), make_grid()
+    history.to_csv(reports / "history.csv", index=False)
+    grid.to_csv(reports / "grid.csv", index=False)
+    (reports / "train.json").write_text(json.dumps({**TRAIN_JSON, "mlflow_parent_run_id": None}))
+    (reports / "metrics.json").write_text(json.dumps(METRICS_JSON))
+    per_class = make_per_class().assign(**{"class": classes})
+    per_class.to_csv(reports / "per_class.csv", index=False)
+    rng = np.random.default_rng(0)
+    actual = rng.integers(0, 10, 30)
+    predicted = np.where(rng.random(30) < 0.7, actual, rng.integers(0, 10, 30))
+    pd.DataFrame({"actual": [classes[i] for i in actual], "predicted": [classes[i] for i in predicted]}).to_csv(
+        reports / "confusion.csv", index=False)
+    wrong = np.flatnonzero(actual != predicted)[:4]
+    pd.DataFrame({"index": wrong, "actual": [classes[i] for i in actual[wrong]],
+                  "predicted": [classes[i] for i in predicted[wrong]], "confidence": 0.9}).to_csv(
+        reports / "mistakes.csv", index=False)
+    (reports / "figures").mkdir()
+    (reports / "figures" / "stale.png").write_bytes(b"old")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("enabled: true", "enabled: false"))
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / "plots.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in (reports / "figures").iterdir())
+    assert names == ["confusion_matrix.png", "grid_comparison.png", "grid_curves.png", "learning_curves.png",
+                     "mistakes.png", "per_class_accuracy.png"]  # the stale file is gone (folder replaced whole)
+    for name in names:
+        with Image.open(reports / "figures" / name) as image:
+            assert image.size[0] > 300 and image.size[1] > 200
+    readme = (reports / "README.md").read_text()
+    for name in names:
+        assert f"](figures/{name})" in readme
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_plots_stage_missing_input_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / "plots.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: reports/train.json is missing; run the earlier stages first (dvc repro)"
+
+
+# --------------------------------------------------------------------------- offline DVC plots template
+
+
+def test_offline_template_is_current_and_loads_nothing_remote() -> None:
+    import configparser
+    import re
+
+    done = subprocess.run([sys.executable, str(ROOT / "dvc_plots" / "build_template.py"), "--check"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr  # template.html == vendor/*.js inlined
+    page = (ROOT / "dvc_plots" / "template.html").read_text(encoding="utf-8")
+    assert page.count("{plot_divs}") == 1
+    assert "{scripts}" not in page  # DVC would put its CDN <script src> tags there
+    assert re.findall(r"<script\b[^>]*\bsrc\s*=", page, re.IGNORECASE) == []
+    for library in ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js"):
+        assert f"vendor/{library} sha256=" in page
+
+    # The project default: DVC resolves a relative plots.html_template against .dvc/.
+    config = configparser.ConfigParser()
+    config.read(ROOT / ".dvc" / "config")
+    template = config.get("plots", "html_template")
+    assert (ROOT / ".dvc" / template).resolve() == (ROOT / "dvc_plots" / "template.html").resolve()

@@ -1,0 +1,81 @@
+"""The per-run cache: hits only when nothing that affects training changed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from cnnpipe.params import expand_grid, parse_params
+from cnnpipe.runcache import RunCache, cache_key, code_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(**changes):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text()) | {"lr": 0.01, "batch_size": 100} | changes
+    return expand_grid(parse_params(raw))[0]
+
+
+def test_put_then_get_round_trips_record_and_weights(tmp_path):
+    cache = RunCache(tmp_path)
+    state = {"0.weight": torch.arange(6.0).reshape(2, 3), "0.bias": torch.zeros(2)}
+    key = cache_key(config(), "fp1", "cpu", code="c1")
+    assert cache.get(key) is None
+    cache.put(key, {"status": "finished", "best_epoch": 3}, state)
+    hit = cache.get(key)
+    assert hit is not None and hit.record["best_epoch"] == 3
+    assert torch.equal(hit.state_dict["0.weight"], state["0.weight"])
+
+
+def test_key_changes_with_everything_that_affects_training():
+    base = cache_key(config(), "fp1", "cpu", code="c1")
+    assert cache_key(config(), "fp1", "cpu", code="c1") == base
+    variants = [
+        cache_key(config(lr=0.02), "fp1", "cpu", code="c1"),
+        cache_key(config(seed=1), "fp1", "cpu", code="c1"),
+        cache_key(config(augment="flip"), "fp1", "cpu", code="c1"),
+        cache_key(config(model="small_bn"), "fp1", "cpu", code="c1"),
+        cache_key(config(), "fp2", "cpu", code="c1"),
+        cache_key(config(), "fp1", "cuda:0", code="c1"),
+        cache_key(config(), "fp1", "cpu", code="c2"),
+    ]
+    assert base not in variants and len(set(variants)) == len(variants)
+
+
+def test_editing_a_layer_spec_changes_the_key():
+    raw_models = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]
+    wider = {"small_bn": [dict(layer) if isinstance(layer, dict) else layer for layer in raw_models["small_bn"]]}
+    wider["small_bn"][0] = {"conv": 24, "kernel": 3, "padding": 1}
+    a = cache_key(config(model="small_bn"), "fp", "cpu", code="c")
+    b = cache_key(config(model="small_bn", models=wider), "fp", "cpu", code="c")
+    assert a != b
+
+
+def test_code_digest_tracks_training_modules_only(tmp_path):
+    package = tmp_path / "cnnpipe"
+    shutil.copytree(ROOT / "src" / "cnnpipe", package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_digest(package, "2.x")
+    (package / "cli.py").write_text((package / "cli.py").read_text() + "\n# a comment in a non-training module\n")
+    assert code_digest(package, "2.x") == before
+    spec = package / "models" / "spec.py"
+    spec.write_text(spec.read_text() + "\n# changed\n")
+    assert code_digest(package, "2.x") != before
+    assert code_digest(package, "3.x") != code_digest(package, "2.x")
+
+
+def test_corrupt_or_foreign_entries_are_misses_not_errors(tmp_path):
+    cache = RunCache(tmp_path)
+    key = cache_key(config(), "fp", "cpu", code="c")
+    entry = cache.put(key, {"status": "finished"}, {"w": torch.ones(2)})
+    (entry / "model.safetensors").write_bytes(b"\x80\x04not safetensors")
+    assert cache.get(key) is None
+    entry = cache.put(key, {"status": "finished"}, {"w": torch.ones(2)})
+    (entry / "result.json").write_text("{truncated")
+    assert cache.get(key) is None
+    other = cache.put("someotherkey", {"status": "finished"}, {"w": torch.ones(2)})
+    shutil.rmtree(entry)
+    shutil.copytree(other, entry)  # an entry filed under the wrong key
+    assert cache.get(key) is None

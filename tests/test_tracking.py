@@ -1,0 +1,302 @@
+"""cnnpipe.tracking against a real MLflow sqlite store under tmp_path.
+
+The first run on a new store costs ~4 s (table creation), so the tests that
+only need *a* store share one per module (``store``); each test makes its own
+experiment to stay independent. The only stand-in is a loopback HTTP server
+(the network edge) for the reachability check.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from cnnpipe.errors import TrackingError
+from cnnpipe.params import MlflowParams
+from cnnpipe.tracking import (
+    NullTracker,
+    check_reachable,
+    log_evaluation,
+    open_tracker,
+    parent_run_name,
+    preflight,
+    resolve_store,
+    resolve_target,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One sqlite store for the module (its tables are created once)."""
+    root = tmp_path_factory.mktemp("mlstore")
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").search_experiments()
+    return root
+
+
+def settings(store: Path, experiment: str, **extra) -> MlflowParams:
+    return MlflowParams(tracking_uri=f"sqlite:///{store / 'mlflow.db'}", experiment=experiment, **extra)
+
+
+def client_for(store: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- where the store is
+
+
+def test_default_store_is_anchored_at_dvc_root_not_cwd(tmp_path, monkeypatch):
+    root, elsewhere = tmp_path / "root", tmp_path / "exp-copy"
+    root.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.chdir(elsewhere)
+    target = resolve_target(None)
+    assert target.uri == f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    assert target.artifact_location == str(root.resolve() / "mlartifacts")
+    assert target.origin == "default"
+
+
+def test_relative_sqlite_uri_is_anchored_at_the_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir("/")
+    target = resolve_target("sqlite:///stores/runs.db")
+    assert target.uri == f"sqlite:///{tmp_path.resolve() / 'stores' / 'runs.db'}"
+    assert target.artifact_location == str(tmp_path.resolve() / "stores" / "mlartifacts")
+
+
+def test_bare_relative_store_folder_is_anchored_at_the_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir("/")
+    assert resolve_target("mlruns").uri == str(tmp_path.resolve() / "mlruns")
+
+
+def test_env_uri_wins_over_params(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999/")
+    target = resolve_target("sqlite:////tmp/other.db", root=tmp_path)
+    assert target.uri == "http://127.0.0.1:5999"
+    assert target.origin == "MLFLOW_TRACKING_URI"
+    assert target.artifact_location is None
+
+
+def test_unreachable_server_is_one_line_tracking_error():
+    settings_ = MlflowParams(tracking_uri=f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(TrackingError) as info:
+        preflight(settings_)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "unreachable" in message and "mlflow.tracking_uri in params.yaml" in message
+    assert "mlflow.enabled: false" in message
+
+
+def test_reachable_server_passes_preflight_even_without_health_route():
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        target = resolve_target(f"http://127.0.0.1:{server.server_port}")
+        check_reachable(target)  # a 404 still proves the server is there
+    finally:
+        server.shutdown()
+
+
+def test_disabled_tracking_never_imports_mlflow(tmp_path):
+    code = (
+        "import sys\n"
+        "from cnnpipe.params import MlflowParams\n"
+        "from cnnpipe import grid, results, tracking, layerstats\n"
+        "t = tracking.open_tracker(MlflowParams(enabled=False))\n"
+        "assert type(t) is tracking.NullTracker and tracking.preflight(MlflowParams(enabled=False)) is None\n"
+        "print('mlflow' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_null_tracker_is_a_no_op():
+    tracker = NullTracker()
+    assert tracker.start_child("x", params={}, tags={}) is None
+    with tracker.running():
+        tracker.log_epoch(None, 1, {"val_loss": 1.0})
+    assert tracker.log_model(None, Path(".")) is None
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_parent_run_is_named_after_the_dvc_experiment(store, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-lucky-fox")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    monkeypatch.setenv("DVC_STAGE", "train")
+    tracker = open_tracker(settings(store, "naming"), params={"lr": [0.1, 0.01]}, tags={"dataset": "mnist"})
+    with tracker.running():
+        pass
+    run = client_for(store).get_run(tracker.parent_run_id)
+    assert run.info.run_name == "exp-lucky-fox"
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["cnnpipe.role"] == "parent"
+    assert tags["dvc.exp_name"] == "exp-lucky-fox" and tags["dvc.exp_baseline_rev"] == "a" * 40
+    assert tags["dvc.stage"] == "train" and tags["dataset"] == "mnist"
+    assert tags["cnnpipe.pid"] == str(os.getpid())
+    assert run.data.params["lr"] == "[0.1, 0.01]"
+
+
+def test_parent_run_name_defaults_to_utc_timestamp():
+    assert parent_run_name().startswith("train-20") and parent_run_name().endswith("Z")
+
+
+def test_stale_running_runs_of_dead_processes_are_killed(store):
+    client = client_for(store)
+    tracker = open_tracker(settings(store, "stale"))  # creates the experiment
+    tracker.end_parent()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    exp = tracker.experiment_id
+    stale = client.create_run(exp, tags={"cnnpipe.pid": str(dead.pid), "cnnpipe.host": host}).info.run_id
+    alive = client.create_run(exp, tags={"cnnpipe.pid": str(os.getpid()), "cnnpipe.host": host}).info.run_id
+    foreign = client.create_run(exp, tags={"cnnpipe.pid": str(dead.pid), "cnnpipe.host": host + "-other"}).info.run_id
+
+    again = open_tracker(settings(store, "stale"))
+    again.end_parent()
+    assert client.get_run(stale).info.status == "KILLED"
+    assert "is gone" in client.get_run(stale).data.tags["failure_reason"]
+    assert client.get_run(alive).info.status == "RUNNING"
+    assert client.get_run(foreign).info.status == "RUNNING"
+
+
+def test_children_nest_log_per_epoch_batches_and_end_with_status(store):
+    client = client_for(store)
+    tracker = open_tracker(settings(store, "children"))
+    with tracker.running():
+        ok = tracker.start_child("lr=0.1", params={"lr": 0.1, "model": "tiny"}, tags={"cnnpipe.run_id": "abc"})
+        for epoch in (1, 2, 3):
+            tracker.log_epoch(ok, epoch, {"val_loss": 1.0 / epoch, "grad_norm/0": 0.5})
+        tracker.end_child(ok, status="FINISHED", metrics={"best_val_loss": 1 / 3}, texts={"model_summary.txt": "model tiny"})
+        bad = tracker.start_child("lr=1e6", params={"lr": 1e6}, tags={})
+        tracker.log_epoch(bad, 1, {"val_loss": float("nan")})
+        tracker.end_child(bad, status="FAILED", reason="diverged: loss is nan at epoch 1 batch 2")
+    history = client.get_metric_history(ok, "val_loss")
+    assert [(m.step, round(m.value, 4)) for m in sorted(history, key=lambda m: m.step)] == [(1, 1.0), (2, 0.5), (3, 0.3333)]
+    assert len(client.get_metric_history(ok, "grad_norm/0")) == 3
+    run = client.get_run(ok)
+    assert run.data.tags["mlflow.parentRunId"] == tracker.parent_run_id
+    assert run.data.tags["cnnpipe.role"] == "child" and run.info.status == "FINISHED"
+    assert run.data.params == {"lr": "0.1", "model": "tiny"}
+    assert [a.path for a in client.list_artifacts(ok)] == ["model_summary.txt"]
+    failed = client.get_run(bad)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["failure_reason"].startswith("diverged: loss is nan")
+    assert client.get_run(tracker.parent_run_id).info.status == "FINISHED"
+
+
+def test_interrupt_marks_parent_killed_and_propagates(store):
+    client = client_for(store)
+    tracker = open_tracker(settings(store, "interrupt"))
+    with pytest.raises(KeyboardInterrupt), tracker.running():
+        raise KeyboardInterrupt
+    assert client.get_run(tracker.parent_run_id).info.status == "KILLED"
+
+
+def test_an_error_marks_parent_failed_with_reason(store):
+    client = client_for(store)
+    tracker = open_tracker(settings(store, "error"))
+    with pytest.raises(RuntimeError), tracker.running():
+        raise RuntimeError("disk full")
+    run = client.get_run(tracker.parent_run_id)
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == "RuntimeError: disk full"
+
+
+def test_model_folder_is_logged_and_registered_without_pickle(store, tmp_path):
+    client = client_for(store)
+    tracker = open_tracker(settings(store, "registry", registered_model="tiny-classifier"))
+    ckpt = tmp_path / "best"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    (ckpt / "model.json").write_text("{}")
+    with tracker.running():
+        child = tracker.start_child("only", params={}, tags={})
+        first = tracker.log_model(child, ckpt, tags={"run_id": "abc"})
+        second = tracker.log_model(child, ckpt)
+        tracker.end_child(child, status="FINISHED")
+    assert first == "tiny-classifier/1" and second == "tiny-classifier/2"
+    version = client.get_model_version("tiny-classifier", "1")
+    assert version.run_id == child and version.source.endswith("/model") and version.tags == {"run_id": "abc"}
+    assert sorted(a.path for a in client.list_artifacts(child, "model")) == ["model/model.json", "model/model.safetensors"]
+
+
+def test_tracker_pickles_for_worker_processes(store):
+    tracker = open_tracker(settings(store, "pickle"))
+    clone = pickle.loads(pickle.dumps(tracker))
+    assert clone.parent_run_id == tracker.parent_run_id and clone._client is None
+    child = clone.start_child("from-a-worker", params={}, tags={})
+    clone.end_child(child, status="FINISHED")
+    tracker.end_parent()
+    assert client_for(store).get_run(child).data.tags["mlflow.parentRunId"] == tracker.parent_run_id
+
+
+# --------------------------------------------------------------------------- later stages
+
+
+def test_resolve_store_names_uri_and_artifact_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    store = resolve_store(MlflowParams())
+    assert store.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert store.artifact_location == str(tmp_path.resolve() / "mlartifacts")
+
+
+def test_log_evaluation_adds_metrics_to_child_and_parent_and_files_to_parent(store, tmp_path):
+    client = client_for(store)
+    tracker = open_tracker(settings(store, "evaluation"))
+    child = tracker.start_child("best", params={}, tags={})
+    tracker.end_child(child, status="FINISHED")
+    tracker.end_parent()
+    report = tmp_path / "metrics.json"
+    report.write_text("{}")
+    assert log_evaluation(settings(store, "evaluation"), parent_run_id=tracker.parent_run_id, child_run_id=child,
+                          metrics={"test_top1": 0.9}, files=[report], artifact_path="evaluation")
+    for run_id in (child, tracker.parent_run_id):
+        assert client.get_run(run_id).data.metrics["test_top1"] == 0.9
+    assert [a.path for a in client.list_artifacts(tracker.parent_run_id, "evaluation")] == ["evaluation/metrics.json"]
+    assert client.get_run(tracker.parent_run_id).info.status == "FINISHED"  # logging did not reopen it
+
+
+def test_log_evaluation_into_a_store_without_those_runs_is_a_note_not_an_error(store, capsys):
+    assert log_evaluation(settings(store, "evaluation"), parent_run_id="0" * 32, metrics={"test_top1": 1.0}) is False
+    assert "is not in" in capsys.readouterr().out
+    assert log_evaluation(MlflowParams(enabled=False), parent_run_id="x") is False
