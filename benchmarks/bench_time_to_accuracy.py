@@ -32,7 +32,7 @@ from cnnpipe.params import RunConfig, TrainingValues  # noqa: E402
 
 # Keep in sync with the comment above fashion_vgg in src/cnnpipe/models/presets.yaml.
 RECIPE = dict(model="fashion_vgg", optimizer="adamw", lr=0.005, weight_decay=0.05, batch_size=128,
-              schedule="onecycle", epochs=8, augment="crop_flip", label_smoothing=0.1, monitor="val_loss",
+              schedule="onecycle", epochs=8, augment="crop_flip", label_smoothing=0.0, monitor="val_loss",
               patience=8, seed=42)
 
 

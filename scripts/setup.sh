@@ -56,4 +56,12 @@ if [ -z "$current" ] || { [ "$current" = localstore ] && [ -n "${CNNPIPE_DVC_REM
   mkdir -p "$wanted"
   dvc remote add --local -f -d localstore "$wanted" >/dev/null
   echo "setup: default DVC remote 'localstore' -> $wanted (dvc push / dvc pull use it)"
+elif [ "$current" = localstore ] && [ -z "${CNNPIPE_DVC_REMOTE:-}" ]; then
+  # A team default committed in .dvc/config (dvc remote add -d myremote s3://...)
+  # is shadowed by our local one: step aside, once, and say so.
+  team="$(dvc config --project core.remote 2>/dev/null)" || team=""
+  if [ -n "$team" ] && [ "$team" != localstore ]; then
+    dvc remote default --unset --local >/dev/null
+    echo "setup: default DVC remote is now '$team' from .dvc/config (localstore stays available: dvc push -r localstore)"
+  fi
 fi

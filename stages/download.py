@@ -6,6 +6,7 @@ Sources, in order: data.mirrors, OS-packaged copies (e.g. Debian's
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -39,4 +40,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # --help answers before any heavy import; the stage itself takes no arguments (dvc repro runs it bare)
+    argparse.ArgumentParser(prog=f"stages/{Path(__file__).name}", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     run_entry_point(main)

@@ -10,6 +10,7 @@ the best child and its parent.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from cnnpipe.errors import run_entry_point
@@ -59,4 +60,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # --help answers before any heavy import; the stage itself takes no arguments (dvc repro runs it bare)
+    argparse.ArgumentParser(prog=f"stages/{Path(__file__).name}", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     run_entry_point(main)

@@ -9,6 +9,7 @@ writes ``reports/figures/*.png`` (the folder is replaced whole) and
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -94,4 +95,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # --help answers before any heavy import; the stage itself takes no arguments (dvc repro runs it bare)
+    argparse.ArgumentParser(prog=f"stages/{Path(__file__).name}", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     run_entry_point(main)

@@ -55,8 +55,6 @@ def main(args: argparse.Namespace) -> int:
     grid.check_dataset(data, params)
     print(f"train: {len(configs)} run(s) on {describe(device)}, {data.dataset} "
           f"({len(data.train)} train / {len(data.val)} val images), select_by {params.select_by}", flush=True)
-    if executor.parallel and not isinstance(executor, grid.executors.RayExecutor):
-        print(f"grid: {executor.description}", flush=True)
 
     cache = runcache.open_grid_cache(params.grid, no_cache=args.no_cache)
     tracker = tracking.open_tracker(params.mlflow, target=target, params=grid.grid_definition(params),

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,21 +12,10 @@ import pytest
 import yaml
 
 from fixtures_raw import IDX_NAMES, make_idx_raw, no_proxy, serve  # noqa: F401 - no_proxy is a fixture
+from project_builder import BIN, ROOT
+from project_builder import run as _run
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 DATA_STAGES = ("download", "prepare")
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
-    env.pop("CNNPIPE_DEBUG", None)
-    return env
-
-
-def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _project(folder: Path, data: dict[str, object]) -> Path:

@@ -1,76 +1,34 @@
 """The whole pipeline as a user runs it: ``dvc repro`` from raw files to the report, then ``dvc plots show``.
 
-A temp git + DVC repo holds this project's dvc.yaml, params.yaml (tiny grid),
-stages/, src/, dvc_plots/ and .dvc/config; the raw IDX files are served on
-127.0.0.1 (the only mock: the network edge). MLflow is on, with its default
-store inside the temp repo.
+A temp git + DVC repo (``project_builder.pipeline_project``) holds this
+project's dvc.yaml, params.yaml (tiny grid), stages/, src/, dvc_plots/ and
+.dvc/config; the raw IDX files are served on 127.0.0.1 (the only mock: the
+network edge). MLflow is on, with its default store inside the temp repo.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from fixtures_raw import make_idx_raw, no_proxy, serve  # noqa: F401 - no_proxy is a fixture
+from project_builder import BIN, pipeline_project, run
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 FIGURES = ["confusion_matrix.png", "grid_comparison.png", "grid_curves.png", "learning_curves.png", "mistakes.png",
            "per_class_accuracy.png"]
 SCRIPT_SRC = re.compile(r"<script\b[^>]*?\bsrc\s*=\s*[\"']?([^\"'\s>]+)", re.IGNORECASE)
-
-
-def _env(project: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DVC_", "MLFLOW_TRACKING_URI")) and k != "CNNPIPE_DEBUG"}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(project / "src"),
-               DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
-    return env
-
-
-def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=timeout)
-
-
-def _project(folder: Path, mirror: str, checksums: dict[str, str]) -> Path:
-    """This project's pipeline files in a fresh git + DVC repo, with tiny params."""
-    folder.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, folder / name)
-    ignore = shutil.ignore_patterns("__pycache__", "index.html", "static")
-    for name in ("stages", "dvc_plots", "src"):
-        shutil.copytree(ROOT / name, folder / name, ignore=ignore)
-    for args in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
-        done = _run(args, folder)
-        assert done.returncode == 0, done.stderr
-    shutil.copy(ROOT / ".dvc" / "config", folder / ".dvc" / "config")  # plots.html_template
-    shutil.copytree(ROOT / ".dvc" / "plots", folder / ".dvc" / "plots")  # custom plot templates
-
-    params = yaml.safe_load((folder / "params.yaml").read_text())
-    params.update({"model": "fashion_tutorial", "lr": [0.01, 0.003], "batch_size": 50, "epochs": 1, "patience": 1})
-    params["data"].update({"dataset": "mnist", "mirrors": [mirror], "checksums": checksums})
-    params["eval"].update({"batch_size": 100, "mistakes": 6})
-    params["mlflow"].update({"log_layer_stats": False, "registered_model": None})
-    params["grid"].update({"workers": 1, "cache": False})
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return folder
 
 
 @pytest.mark.slow
 def test_dvc_repro_end_to_end_then_offline_plots(tmp_path: Path, no_proxy: None) -> None:
     fixture = make_idx_raw(tmp_path / "www", n_train=200, n_test=60)
     with contextlib.contextmanager(serve)(fixture.folder) as server:
-        project = _project(tmp_path / "project", server.url, fixture.checksums)
-        repro = _run([str(BIN / "dvc"), "repro"], project, timeout=600)
+        project = pipeline_project(tmp_path / "project", server.url, fixture.checksums)
+        repro = run([str(BIN / "dvc"), "repro"], project, timeout=600)
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
     for stage in ("download", "prepare", "train", "evaluate", "plots"):
         assert f"Running stage '{stage}'" in repro.stdout
@@ -98,11 +56,11 @@ def test_dvc_repro_end_to_end_then_offline_plots(tmp_path: Path, no_proxy: None)
     assert {f"report/figures/{name}" for name in FIGURES} == logged
 
     # `dvc metrics show` sees the evaluate stage's metrics file.
-    shown = _run([str(BIN / "dvc"), "metrics", "show", "--json"], project)
+    shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], project)
     assert shown.returncode == 0 and "test_top1" in shown.stdout
 
     # Offline plots: the project template inlines vega; nothing is loaded from the network.
-    plots = _run([str(BIN / "dvc"), "plots", "show"], project)
+    plots = run([str(BIN / "dvc"), "plots", "show"], project)
     assert plots.returncode == 0, plots.stderr
     page = (project / "dvc_plots" / "index.html").read_text()
     assert "{plot_divs}" not in page
@@ -113,6 +71,6 @@ def test_dvc_repro_end_to_end_then_offline_plots(tmp_path: Path, no_proxy: None)
         assert f"vendor/{library} sha256=" in page
 
     # A second repro changes nothing and runs nothing.
-    again = _run([str(BIN / "dvc"), "repro"], project)
+    again = run([str(BIN / "dvc"), "repro"], project)
     assert again.returncode == 0
     assert "Running stage" not in again.stdout

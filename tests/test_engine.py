@@ -30,6 +30,10 @@ TINY = (
 )
 
 
+# One thread: tiny models gain nothing from more, and test machines are shared.
+QUIET: dict[str, Any] = {"progress": False, "num_threads": 1}
+
+
 def make_cfg(layers: tuple[Any, ...] = TINY, **values: Any) -> RunConfig:
     base: dict[str, Any] = {"model": "tiny", "epochs": 2, "batch_size": 64, "lr": 0.01, "augment": "none", "seed": 7}
     base.update(values)
@@ -64,7 +68,7 @@ def test_train_data_load(data: TrainData) -> None:
 
 
 def test_loss_falls_and_records_are_complete(data: TrainData) -> None:
-    result = train_run(make_cfg(epochs=3, layers=tuple(PRESETS["fashion_tutorial"]), lr=0.003), data, progress=False)
+    result = train_run(make_cfg(epochs=3, layers=tuple(PRESETS["fashion_tutorial"]), lr=0.003), data, **QUIET)
     assert result.status == "finished" and result.stop_reason == "max_epochs"
     assert result.epochs_run == 3 and [r.epoch for r in result.history] == [1, 2, 3]
     first, last = result.history[0], result.history[-1]
@@ -79,12 +83,12 @@ def test_loss_falls_and_records_are_complete(data: TrainData) -> None:
 
 def test_same_config_twice_is_bitwise_identical(data: TrainData) -> None:
     cfg = make_cfg(augment="crop_flip", schedule="onecycle", optimizer="adamw", weight_decay=0.01, label_smoothing=0.1)
-    a = train_run(cfg, data, progress=False)
-    b = train_run(cfg, data, progress=False)
+    a = train_run(cfg, data, **QUIET)
+    b = train_run(cfg, data, **QUIET)
     assert metrics_of(a.history) == metrics_of(b.history)
     assert same_weights(a.model.state_dict(), b.model.state_dict())
     c = train_run(make_cfg(augment="crop_flip", schedule="onecycle", optimizer="adamw", weight_decay=0.01,
-                           label_smoothing=0.1, seed=8), data, progress=False)
+                           label_smoothing=0.1, seed=8), data, **QUIET)
     assert metrics_of(c.history) != metrics_of(a.history)
 
 
@@ -105,7 +109,7 @@ def test_early_stopping_stops_and_restores_best_weights(data: TrainData) -> None
     def keep(record: EpochRecord, model: torch.nn.Module) -> None:
         snapshots[record.epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    result = train_run(cfg, data, on_epoch=keep, progress=False)
+    result = train_run(cfg, data, on_epoch=keep, **QUIET)
     assert result.status == "finished" and result.stop_reason == "early_stopping"
     assert result.epochs_run == 2 and result.best_epoch == 1 and result.best.epoch == 1
     assert same_weights(result.model.state_dict(), snapshots[1])
@@ -122,7 +126,7 @@ def test_early_stopping_on_val_top1_higher_is_better() -> None:
 
 def test_diverging_lr_is_a_status_not_an_exception(data: TrainData) -> None:
     cfg = make_cfg(layers=tuple(PRESETS["fashion_tutorial"]), optimizer="sgd", lr=1e12, momentum=0.0, epochs=3)
-    result = train_run(cfg, data, progress=False)
+    result = train_run(cfg, data, **QUIET)
     assert result.status == "diverged"
     assert result.stop_reason.startswith("diverged: loss is ") and " at epoch 1 batch " in result.stop_reason
     assert result.history == [] and result.model is None and result.best_epoch is None
@@ -130,18 +134,18 @@ def test_diverging_lr_is_a_status_not_an_exception(data: TrainData) -> None:
 
 def test_layer_stats_named_by_module_path(data: TrainData) -> None:
     layers = (TINY[0], "batchnorm", "relu", {"residual": 8, "stride": 2}, {"maxpool": 2}, "flatten", "linear")
-    result = train_run(make_cfg(epochs=1, layers=layers), data, progress=False, layer_stats=True)
+    result = train_run(make_cfg(epochs=1, layers=layers), data, **QUIET, layer_stats=True)
     stats = result.history[0].layer_stats
     for name in ("0", "1", "3.conv1", "3.bn2", "6"):
         assert stats[f"weight_norm/{name}"] > 0 and stats[f"grad_norm/{name}"] > 0
     assert all(math.isfinite(v) for v in stats.values())
-    assert train_run(make_cfg(epochs=1), data, progress=False).history[0].layer_stats == {}
+    assert train_run(make_cfg(epochs=1), data, **QUIET).history[0].layer_stats == {}
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_shuffle_flag(data: TrainData, shuffle: bool) -> None:
-    a = train_run(make_cfg(epochs=1, shuffle=shuffle), data, progress=False)
-    b = train_run(make_cfg(epochs=1, shuffle=shuffle, seed=8), data, progress=False)
+    a = train_run(make_cfg(epochs=1, shuffle=shuffle), data, **QUIET)
+    b = train_run(make_cfg(epochs=1, shuffle=shuffle, seed=8), data, **QUIET)
     # without shuffling, the seed still sets init and dropout, so metrics differ either way
     assert a.history[0].train_loss != b.history[0].train_loss
 
@@ -174,7 +178,7 @@ def test_schedules_change_lr_as_expected() -> None:
 
 
 def test_schedule_runs_per_step_in_history(data: TrainData) -> None:
-    result = train_run(make_cfg(epochs=3, schedule="cosine", lr=0.05), data, progress=False)
+    result = train_run(make_cfg(epochs=3, schedule="cosine", lr=0.05), data, **QUIET)
     lrs = [r.lr for r in result.history]
     assert lrs[0] < 0.05 and lrs[0] > lrs[1] > lrs[2] >= 0
 
@@ -252,24 +256,24 @@ class Interrupt(KeyboardInterrupt):
 @pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(data: TrainData, tmp_path: Path) -> None:
     cfg = make_cfg(epochs=3, augment="crop_flip", schedule="onecycle", optimizer="adam", patience=5)
-    straight = train_run(cfg, data, progress=False)
+    straight = train_run(cfg, data, **QUIET)
 
     def stop_after_first(record: EpochRecord, model: torch.nn.Module) -> None:
         if record.epoch == 1:
             raise Interrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, data, resume_dir=tmp_path / "state", on_epoch=stop_after_first, progress=False)
+        train_run(cfg, data, resume_dir=tmp_path / "state", on_epoch=stop_after_first, **QUIET)
     assert (tmp_path / "state" / "resume.pt").is_file()
     seen: list[int] = []
-    resumed = train_run(cfg, data, resume_dir=tmp_path / "state", progress=False,
+    resumed = train_run(cfg, data, resume_dir=tmp_path / "state", **QUIET,
                         on_epoch=lambda record, model: seen.append(record.epoch))
     assert seen == [2, 3]
     assert metrics_of(resumed.history) == metrics_of(straight.history)
     assert resumed.best_epoch == straight.best_epoch and resumed.stop_reason == straight.stop_reason
     assert same_weights(resumed.model.state_dict(), straight.model.state_dict())
     # A finished state is not re-trained; another run_id ignores it.
-    again = train_run(cfg, data, resume_dir=tmp_path / "state", progress=False)
+    again = train_run(cfg, data, resume_dir=tmp_path / "state", **QUIET)
     assert metrics_of(again.history) == metrics_of(straight.history) and again.epochs_run == 3
-    other = train_run(make_cfg(epochs=1), data, resume_dir=tmp_path / "state", progress=False)
+    other = train_run(make_cfg(epochs=1), data, resume_dir=tmp_path / "state", **QUIET)
     assert other.epochs_run == 1

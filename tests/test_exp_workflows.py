@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ import pytest
 import yaml
 
 from fixtures_raw import make_idx_raw, serve
-from project_builder import DVC, TINY, commit_all, pipeline_project, run, run_ok
+from project_builder import DVC, ROOT, TINY, commit_all, pipeline_project, run, run_ok
 
 pytestmark = pytest.mark.slow
 
@@ -262,3 +263,31 @@ def test_dvc_and_mlflow_link_both_ways(repo: ExpRepo) -> None:
     (plain,) = [p for p in parents if "dvc.exp_name" not in p.data.tags]
     assert plain.info.run_id == rows["baseline"]["train"]["mlflow_parent_run_id"]
     assert plain.info.run_name.startswith("train-") and plain.data.tags["mlflow.source.git.commit"]
+
+
+def test_setup_remote_default_override_and_team_remote(tmp_path: Path) -> None:
+    """``scripts/setup.sh remote``: ../cnnpipe-dvc-remote by default, CNNPIPE_DVC_REMOTE wins, a team default is kept."""
+    project = tmp_path / "repo"
+    (project / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "setup.sh", project / "scripts" / "setup.sh")
+    run_ok(["git", "init", "-q"], project)
+
+    def setup(**env: str) -> str:
+        return run_ok(["bash", "scripts/setup.sh", "remote"], project, env=env).stdout
+
+    def default_url() -> str:
+        name = run_ok([DVC, "remote", "default"], project).stdout.strip()
+        return run_ok([DVC, "remote", "list"], project).stdout.split(name, 1)[1].split()[0]
+
+    first = setup()
+    assert "setup: initialising DVC" in first
+    assert default_url() == str(tmp_path / "cnnpipe-dvc-remote") and (tmp_path / "cnnpipe-dvc-remote").is_dir()
+    assert setup() == ""  # idempotent and quiet
+    assert f"-> {tmp_path / 'other'}" in setup(CNNPIPE_DVC_REMOTE=str(tmp_path / "other"))
+    assert default_url() == str(tmp_path / "other")
+    # A team remote committed to .dvc/config: the local default no longer shadows it.
+    run_ok([DVC, "remote", "add", "-d", "team", "s3://team-bucket/cnnpipe"], project)
+    assert run_ok([DVC, "remote", "default"], project).stdout.strip() == "localstore"  # the trap
+    assert "default DVC remote is now 'team'" in setup()
+    assert run_ok([DVC, "remote", "default"], project).stdout.strip() == "team"
+    assert "team" not in (project / ".dvc" / "config.local").read_text()

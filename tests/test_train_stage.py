@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -23,37 +19,11 @@ import pytest
 import yaml
 
 from cnnpipe.results import GRID_COLUMNS, HISTORY_COLUMNS, TRAIN_JSON_KEYS
+from project_builder import make_project, run_stage, write_params
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [{"conv": 4, "kernel": 3}, "relu", {"maxpool": 2}, "flatten", "linear"]
-
-
-def write_params(work: Path, **changes) -> None:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw.update({"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01], "batch_size": 64, "epochs": 2})
-    raw.update(changes)
-    (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-def make_project(base: Path) -> tuple[Path, Path]:
-    from synthetic import make_prepared
-
-    work, root = base / "work", base / "root"
-    (work / "stages").mkdir(parents=True)
-    root.mkdir()
-    shutil.copy(ROOT / "stages" / "train.py", work / "stages" / "train.py")
-    make_prepared(work / "data" / "prepared", n_train=300, n_val=100, n_test=20)
-    write_params(work)
-    return work, root
-
-
-def run_stage(work: Path, root: Path, *extra_args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNPIPE_DEBUG", "DVC_EXP_NAME")}
-    full_env.update({"DVC_ROOT": str(root), "DVC_STAGE": "train", "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})})
-    return subprocess.run([sys.executable, *extra_args, "stages/train.py"], cwd=work, env=full_env,
-                          capture_output=True, text=True, timeout=600)
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

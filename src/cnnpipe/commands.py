@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_runs)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the project's tracking store")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    p.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1, this machine only)")
+    p.add_argument("--workers", type=int, default=1, help="server processes (default: 1, enough for one user)")
     p.set_defaults(func=_ui)
 
 
@@ -60,7 +60,12 @@ def collect_images(paths: list[str]) -> list[Path]:
 
 
 def load_image(path: Path, shape: tuple[int, int, int]) -> tuple[Any, list[str]]:
-    """Read ``path`` as a uint8 C x H x W array matching ``shape``; return notes on conversions."""
+    """Read ``path`` as a uint8 C x H x W array matching ``shape``; return notes on conversions.
+
+    Anything the model did not see in training (colour vs grayscale, another
+    size, 16-bit depth, transparency) is converted *and said*, so a surprising
+    prediction has a visible reason.
+    """
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
@@ -70,6 +75,10 @@ def load_image(path: Path, shape: tuple[int, int, int]) -> tuple[Any, list[str]]
         with Image.open(path) as img:
             img.load()
             mode = "L" if channels == 1 else "RGB"
+            if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit: rescale instead of clipping at 255
+                wide = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+                notes.append("scaled 16-bit to 8-bit")
             if img.mode != mode:
                 if not (img.mode in ("L", "P", "1") and mode == "L"):
                     notes.append(f"converted {img.mode} to {'grayscale' if mode == 'L' else 'RGB'}")
@@ -78,7 +87,7 @@ def load_image(path: Path, shape: tuple[int, int, int]) -> tuple[Any, list[str]]
                 notes.append(f"resized {img.size[0]}x{img.size[1]} to {width}x{height}")
                 img = img.resize((width, height), Image.Resampling.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
         raise CnnpipeError(f"{path}: not a readable image ({type(err).__name__}); give a PNG or JPEG file") from None
     if array.ndim == 2:
         array = array[None]
@@ -146,7 +155,8 @@ def _runs(args: argparse.Namespace) -> int:
     path = Path(args.reports) / "grid.csv"
     if not path.is_file():
         raise CnnpipeError(f"{path} not found; run the train stage first (dvc repro train)")
-    table = pd.read_csv(path)
+    # ids are hex strings: an all-digit one ("0123456789") must not become the number 123456789
+    table = pd.read_csv(path, dtype={"run_id": str, "run_name": str, "mlflow_run_id": str})
     train_json = Path(args.reports) / "train.json"
     selected = json.loads(train_json.read_text()).get("run_id") if train_json.is_file() else None
     table.insert(0, "best", ["*" if run == selected else "" for run in table["run_id"]])
@@ -155,7 +165,7 @@ def _runs(args: argparse.Namespace) -> int:
         keep = ["best", "run_id", "run_name", *axes, "status", "best_epoch", "epochs_run", "val_loss", "val_top1", "val_top5", "seconds"]
         table = table[[c for c in keep if c in table.columns]]
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
 
@@ -168,25 +178,53 @@ def _training_keys() -> tuple[str, ...]:
 # --------------------------------------------------------------------------- ui
 
 
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def ui_command(tracking_uri: str, artifact_root: str | None, host: str, port: int, workers: int) -> list[str]:
+    """The ``mlflow ui`` command line for a local store (this venv's mlflow)."""
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    if not Path(mlflow_bin).is_file():
+        mlflow_bin = shutil.which("mlflow") or mlflow_bin
+    command = [mlflow_bin, "ui", "--backend-store-uri", tracking_uri]
+    if artifact_root:
+        command += ["--default-artifact-root", artifact_root]
+    return command + ["--host", host, "--port", str(port), "--workers", str(workers)]
+
+
 def _ui(args: argparse.Namespace) -> int:
     from cnnpipe.params import load_params
     from cnnpipe.tracking import resolve_store
 
     params = load_params(args.params)
     store = resolve_store(params.mlflow)
-    if not store.tracking_uri.startswith("sqlite:"):
-        print(f"the tracking store is a server: open {store.tracking_uri} in a browser")
+    if store.is_remote:
+        print(f"MLflow runs are on the tracking server {store.tracking_uri} ({store.origin}): open it in a browser")
         return 0
-    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    command = [
-        mlflow_bin, "ui",
-        "--backend-store-uri", store.tracking_uri,
-        "--default-artifact-root", store.artifact_location or "",
-        "--host", args.host, "--port", str(args.port),
-    ]
-    print(f"MLflow UI on {store.tracking_uri}: http://{args.host}:{args.port}  (Ctrl-C to stop; first start takes ~25 s)", flush=True)
+    if store.tracking_uri.startswith("sqlite:///"):
+        db = Path(store.tracking_uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise CnnpipeError(f"no MLflow store at {db} yet; run the pipeline first (dvc repro), "
+                               "or set MLFLOW_TRACKING_URI to your tracking server")
+    if not _port_free(args.host, args.port):
+        raise CnnpipeError(f"port {args.port} on {args.host} is in use (another MLflow UI?); "
+                           f"open http://{args.host}:{args.port} or pass --port N")
+    command = ui_command(store.tracking_uri, store.artifact_location, args.host, args.port, args.workers)
+    print(f"MLflow UI for {store.tracking_uri}: http://{args.host}:{args.port}  "
+          "(Ctrl-C to stop; it answers after ~25 s)", flush=True)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # Become the server (exec, not a child): Ctrl-C, `kill PID` or a closed terminal
+    # then reach mlflow itself instead of orphaning it on the port.
     try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return 0
+        os.execve(command[0], command, env)
+    except OSError as err:
+        raise CnnpipeError(f"cannot start {command[0]} ({err.strerror}); reinstall mlflow (make setup)") from None
+    return 0  # not reached

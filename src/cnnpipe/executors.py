@@ -237,9 +237,13 @@ class ProcessExecutor:
 
 
 def _stop_pool(pool: Any) -> None:
-    """Cancel queued runs and terminate the running ones (workers ignore SIGINT)."""
-    pool.shutdown(wait=False, cancel_futures=True)
+    """Cancel queued runs and terminate the running ones (workers ignore SIGINT).
+
+    The worker list is read before ``shutdown``, which forgets it; Python
+    3.14's ``terminate_workers()`` does the same publicly.
+    """
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         with contextlib.suppress(Exception):
             process.terminate()

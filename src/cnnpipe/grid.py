@@ -505,14 +505,17 @@ class GridLog:
         if self.cache is not None and rec.ok and rec.result.model is not None:
             from cnnpipe.runcache import HISTOGRAMS
 
-            self.cache.store(rec.cfg, cache_entry(rec, self.tracker), rec.result.model.state_dict(),
-                             fingerprint=self.data.fingerprint, device=self.ctx.device,
-                             files={HISTOGRAMS: histograms} if histograms else None)
+            try:
+                self.cache.store(rec.cfg, cache_entry(rec, self.tracker), rec.result.model.state_dict(),
+                                 fingerprint=self.data.fingerprint, device=self.ctx.device,
+                                 files={HISTOGRAMS: histograms} if histograms else None)
+            except OSError as err:  # a full disk costs the next grid a retrain, not this grid its result
+                self._say(f"cache: could not store {rec.cfg.name} ({_one_line(str(err), 160)}); it will train again next time")
         self._close(rec)
         return rec
 
-    def reuse(self, index: int, cfg: RunConfig) -> RunRecord | None:
-        """A cached run, logged as a child tagged ``cnnpipe.reused``; None on a miss (train it)."""
+    def lookup(self, cfg: RunConfig) -> "tuple[CachedRun, RunResult] | None":
+        """The cached result for ``cfg`` (model rebuilt), or None: train it."""
         if self.cache is None:
             return None
         hit = self.cache.lookup(cfg, fingerprint=self.data.fingerprint, device=self.ctx.device)
@@ -522,6 +525,10 @@ class GridLog:
         if result is None:
             self._say(f"cache: entry {hit.key} for {cfg.name} is unusable; retraining it")
             return None
+        return hit, result
+
+    def reuse(self, index: int, cfg: RunConfig, hit: "CachedRun", result: "RunResult") -> RunRecord:
+        """Record a cached run, logged as a child tagged ``cnnpipe.reused`` with its full per-epoch history."""
         original = str(hit.record.get("mlflow_run_id") or "")
         tags = {"cnnpipe.reused": "true", "cnnpipe.reused_from": original, "cnnpipe.cache_key": hit.key}
         rec = RunRecord(index, cfg, result, mlflow_run_id=self._open(index, tags=tags, live=False), cached=True,
@@ -694,23 +701,26 @@ def train_grid(
     records: dict[int, RunRecord] = {}
     try:
         todo: list[tuple[int, RunConfig]] = []
+        hits = []
         for index, cfg in enumerate(configs, start=1):
-            rec = log.reuse(index, cfg)
-            if rec is not None:
-                records[index] = rec
+            found = log.lookup(cfg)
+            if found is not None:
+                hits.append((index, cfg, *found))
             else:
                 todo.append((index, cfg))
         if cache is not None and report is not None:
             if cache.reuse:
-                report(f"cache: {len(records)} of {len(configs)} run(s) reused, {len(todo)} to train")
+                report(f"cache: {len(hits)} of {len(configs)} run(s) reused, {len(todo)} to train")
             else:
-                report(f"cache: not reused (--no-cache or CNNPIPE_NO_CACHE); {len(todo)} run(s) to train")
+                report(f"cache: not reused (--no-cache or CNNPIPE_NO_CACHE=1); {len(todo)} run(s) to train")
+        for index, cfg, hit, result in hits:
+            records[index] = log.reuse(index, cfg, hit, result)
         if todo:
             work_ctx = ctx
             if executor.parallel:
                 work_ctx = ctx.for_workers(executor.data_source(ctx.get_data(), ctx.prepared_dir))
-                if report is not None and isinstance(executor, executors.RayExecutor):
-                    report(f"grid: {executor.description}")
+                if report is not None:
+                    report(f"grid: {len(todo)} run(s) on {executor.description}")
             work = functools.partial(run_one, work_ctx)
             with contextlib.closing(executor.map(work, todo, on_event=log.handle)) as outcomes:
                 for outcome in outcomes:

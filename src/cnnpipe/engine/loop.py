@@ -239,7 +239,8 @@ def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: tor
         order = torch.arange(n, device=dev)
     losses = torch.zeros(len(plan), device=dev)
     correct = torch.zeros((), dtype=torch.long, device=dev)
-    check_every = 32 if is_cuda(dev) else 1  # a host sync per step is free on the CPU, not on a GPU
+    on_cpu = not is_cuda(dev)
+    check_every = 32  # on a GPU, look for a non-finite loss every 32 steps: a host sync per step would stall it
     checked = 0
     step_lr = current_lr(optimizer)
     seen = 0
@@ -272,7 +273,12 @@ def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: tor
             losses[b] = loss.detach()
             correct += (logits.detach().argmax(1) == y).sum()
             seen += hi - lo
-            if (b + 1) % check_every == 0 or b + 1 == len(plan):
+            if on_cpu:  # the value is there already: one cheap read, no extra kernels
+                value = loss.item()
+                if not math.isfinite(value):
+                    reason = f"diverged: loss is {'nan' if math.isnan(value) else 'inf'} at epoch {epoch} batch {b + 1}"
+                    return _Epoch(math.nan, 0.0, step_lr, time.perf_counter() - start, seen, reason)
+            elif (b + 1) % check_every == 0 or b + 1 == len(plan):
                 bad = ~torch.isfinite(losses[checked:b + 1])
                 if bool(bad.any()):
                     first = checked + int(bad.nonzero()[0, 0])

@@ -1,0 +1,334 @@
+"""Parallel grids on one machine: spawned worker processes, one MLflow writer, Ctrl-C.
+
+The same 2x2 grid is trained once in this process and once by two spawned
+workers (both with one torch thread, so the arithmetic is the same); results
+and weights must be bitwise equal, and MLflow must hold one parent and four
+children with full per-epoch histories, all written by the parent process.
+Worker start-up (spawn + import torch) costs a few seconds, so the tests
+that start a pool are marked slow; the planning and plumbing tests are fast.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnpipe import executors, grid
+from cnnpipe.engine import TrainData
+from cnnpipe.engine import train_run as engine_train_run
+from cnnpipe.errors import CnnpipeError, DataError, ParamsError
+from cnnpipe.params import MlflowParams, expand_grid, parse_params
+from cnnpipe.tracking import open_tracker
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [{"conv": 4, "kernel": 3}, "relu", {"maxpool": 2}, "flatten", "linear"]
+EPOCH_METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")
+TIMING = ("epoch_seconds", "images_per_s")
+
+
+def make_params(**changes):
+    raw = {"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01], "batch_size": [32, 64], "epochs": 2,
+           "patience": 5, "data": {"dataset": "fashion-mnist"}} | changes
+    return parse_params(raw)
+
+
+def deterministic(record) -> dict:
+    """An epoch's metrics without the wall-clock ones."""
+    return {key: value for key, value in record.to_dict().items() if key not in TIMING}
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from synthetic import make_prepared
+
+    folder = tmp_path_factory.mktemp("prepared")
+    make_prepared(folder, n_train=300, n_val=100, n_test=20)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(prepared) -> TrainData:
+    return TrainData.load(prepared, splits=("train", "val"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mlstore")
+
+
+def settings(store: Path, experiment: str) -> MlflowParams:
+    return MlflowParams(tracking_uri=f"sqlite:///{store / 'mlflow.db'}", experiment=experiment)
+
+
+def client_for(store: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+
+
+def train(configs, data, prepared, store, experiment, executor, **ctx_kwargs):
+    tracker = open_tracker(settings(store, experiment))
+    lines: list[str] = []
+    with tracker.running():
+        ctx = grid.TrainContext(data=data, tracker=tracker, progress=False, num_threads=1, layer_stats=True,
+                                prepared_dir=prepared, **ctx_kwargs)
+        records = grid.train_grid(configs, ctx, executor=executor, report=lines.append)
+    return tracker, records, lines
+
+
+@pytest.fixture(scope="module")
+def both(data, prepared, store):
+    """The 2x2 grid trained sequentially and by two worker processes (one torch thread each)."""
+    configs = expand_grid(make_params())
+    sequential = train(configs, data, prepared, store, "sequential", executors.SequentialExecutor())
+    parallel = train(configs, data, prepared, store, "parallel", executors.ProcessExecutor(workers=2, threads=1))
+    return sequential, parallel
+
+
+# --------------------------------------------------------------------------- planning (fast)
+
+
+def test_auto_workers_is_one_per_core_at_most_one_per_run():
+    assert executors.plan_parallelism("auto", runs=4, cores=2) == (2, 1)
+    assert executors.plan_parallelism("auto", runs=4, cores=16) == (4, 4)
+    assert executors.plan_parallelism("auto", runs=1, cores=8) == (1, 8)
+    assert executors.plan_parallelism(3, runs=8, cores=2) == (3, 1)
+    assert executors.plan_parallelism(8, runs=2, cores=16) == (2, 8)
+
+
+def test_make_executor_picks_the_backend():
+    grid_params = make_params(grid={"workers": "auto"}).grid
+    assert isinstance(executors.make_executor(grid_params, 4, cores=1), executors.SequentialExecutor)
+    pool = executors.make_executor(grid_params, 4, cores=2)
+    assert isinstance(pool, executors.ProcessExecutor) and (pool.workers, pool.threads) == (2, 1)
+    # a GPU is the bottleneck: auto trains one run at a time there
+    assert isinstance(executors.make_executor(grid_params, 4, device="cuda", cores=16), executors.SequentialExecutor)
+    assert isinstance(executors.make_executor(make_params(grid={"workers": 1}).grid, 4, cores=16),
+                      executors.SequentialExecutor)
+
+
+def test_ray_backend_without_ray_is_one_line(monkeypatch):
+    monkeypatch.setattr(executors, "ray_installed", lambda: False)
+    with pytest.raises(CnnpipeError) as info:
+        executors.make_executor(make_params(grid={"backend": "ray"}).grid, 4)
+    assert str(info.value) == "grid.backend is ray but ray is not installed; pip install 'cnnpipe[ray]'"
+
+
+def test_a_run_error_crosses_processes_as_the_same_one_line_error():
+    err = grid.RunError(3, "ParamsError", "params.yaml: lr must be > 0", 2)
+    clone = pickle.loads(pickle.dumps(err))
+    rebuilt = clone.rebuild()
+    assert clone.index == 3 and type(rebuilt) is ParamsError
+    assert str(rebuilt) == "params.yaml: lr must be > 0" and rebuilt.exit_code == 2
+    assert type(grid.RunError(1, "NotAnError", "x").rebuild()) is CnnpipeError
+
+
+def test_outcome_packs_the_model_as_safetensors_and_rebuilds_it(data):
+    cfg = expand_grid(make_params(lr=0.01, batch_size=64, epochs=1))[0]
+    outcome = grid.run_one(grid.TrainContext(data=data, progress=False), 1, cfg)
+    packed = pickle.loads(pickle.dumps(outcome.packed()))
+    from safetensors.torch import load
+
+    assert packed.record.result.model is None and set(load(packed.weights)) == set(outcome.record.result.model.state_dict())
+    rebuilt = packed.unpacked(data).result.model
+    original = outcome.record.result.model.state_dict()
+    assert all(torch.equal(original[key], value) for key, value in rebuilt.state_dict().items())
+    assert not rebuilt.training
+
+
+def test_epoch_line_names_the_run():
+    cfg = expand_grid(make_params())[1]
+    from cnnpipe.engine import EpochRecord
+
+    record = EpochRecord(2, 0.41234, 0.8, 0.39211, 0.85714, 0.99, 0.01, 12.34, 1000.0)
+    assert grid.epoch_line(cfg, record) == (
+        "[lr=0.05,batch_size=64] epoch 2/2: train_loss 0.4123 val_loss 0.3921 val_top1 0.8571 (12.3 s)")
+
+
+# --------------------------------------------------------------------------- a real parallel grid
+
+
+@pytest.mark.slow
+def test_parallel_results_and_weights_equal_sequential_bitwise(both):
+    (_, seq, _), (_, par, _) = both
+    assert [rec.index for rec in par] == [1, 2, 3, 4]  # grid order, whatever the completion order
+    for a, b in zip(seq, par):
+        assert a.cfg.run_id == b.cfg.run_id and a.result.status == b.result.status == "finished"
+        assert [deterministic(e) for e in a.result.history] == [deterministic(e) for e in b.result.history]
+        assert a.result.best_epoch == b.result.best_epoch
+        sa, sb = a.result.model.state_dict(), b.result.model.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[key], sb[key]) for key in sa)
+    assert grid.select_best(seq, "val_loss").index == grid.select_best(par, "val_loss").index
+
+
+@pytest.mark.slow
+def test_parallel_grid_logs_one_parent_and_four_children_with_full_histories(both, store):
+    _, (tracker, records, _) = both
+    client = client_for(store)
+    runs = client.search_runs([tracker.experiment_id])
+    assert len(runs) == 5
+    parent = client.get_run(tracker.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["cnnpipe.role"] == "parent"
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == tracker.parent_run_id]
+    assert sorted(run.info.run_id for run in children) == sorted(rec.mlflow_run_id for rec in records)
+    for rec in records:
+        run = client.get_run(rec.mlflow_run_id)
+        assert run.info.status == "FINISHED" and run.info.run_name == rec.cfg.name
+        assert run.data.tags["cnnpipe.pid"] == str(os.getpid())  # written by the parent, not a worker
+        for key in EPOCH_METRICS:
+            history = sorted(client.get_metric_history(rec.mlflow_run_id, key), key=lambda m: m.step)
+            assert [m.step for m in history] == [1, 2]
+            assert [m.value for m in history] == pytest.approx([getattr(e, key) for e in rec.result.history])
+        assert len(client.get_metric_history(rec.mlflow_run_id, "grad_norm/0")) == 2
+        artifacts = {a.path for a in client.list_artifacts(rec.mlflow_run_id)}
+        assert {"model_summary.txt", "history.csv", "layer_histograms.png"} <= artifacts
+
+
+@pytest.mark.slow
+def test_parallel_progress_shows_every_run_per_epoch(both):
+    _, (_, records, lines) = both
+    assert lines[0] == "grid: 4 run(s) on 2 worker processes x 1 torch thread(s)"
+    for rec in records:
+        for epoch in (1, 2):
+            assert any(line.startswith(f"[{rec.cfg.name}] epoch {epoch}/2: train_loss ") for line in lines)
+        assert sum(line.startswith(f"run {rec.index}/4 {rec.cfg.name}: best val_loss") for line in lines) == 1
+
+
+@pytest.mark.slow
+def test_late_or_missing_epoch_events_still_give_full_histories(data, store):
+    """The result can overtake its events: finish() fills the history, late events are ignored."""
+    cfg = expand_grid(make_params(lr=0.01, batch_size=64))[0]
+    tracker = open_tracker(settings(store, "late-events"))
+    with tracker.running():
+        ctx = grid.TrainContext(data=data, tracker=tracker, progress=False)
+        log = grid.GridLog(ctx, {1: cfg}, total=1, select_by="val_loss", report=None, live=True)
+        outcome = grid.run_one(ctx.for_workers(executors.InlineSource(data)), 1, cfg)  # no events at all
+        rec = log.finish(outcome)
+        log.handle(("epoch", 1, rec.result.history[0]))  # arrives after the result: ignored
+    history = client_for(store).get_metric_history(rec.mlflow_run_id, "val_loss")
+    assert sorted(m.step for m in history) == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_crash_in_a_worker_fails_that_run_and_the_grid_goes_on(data, prepared, store):
+    configs = expand_grid(make_params(batch_size=64))
+    tracker, records, lines = train(configs, data, prepared, store, "crash", executors.ProcessExecutor(2, 1),
+                                    train_run=crash_on_lr_005)
+    crashed, ok = records
+    assert crashed.result.status == "failed" and "RuntimeError: worker crash for lr=0.05" in crashed.result.stop_reason
+    assert ok.ok and grid.select_best(records, "val_loss") is ok
+    client = client_for(store)
+    assert client.get_run(crashed.mlflow_run_id).info.status == "FAILED"
+    assert client.get_run(ok.mlflow_run_id).info.status == "FINISHED"
+
+
+def crash_on_lr_005(cfg, data, **kwargs):
+    """Module level, so spawned workers can unpickle it."""
+    if cfg.values.lr == 0.05:
+        raise RuntimeError(f"worker crash for lr={cfg.values.lr}")
+    return engine_train_run(cfg, data, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_user_error_in_a_worker_stops_the_grid_with_one_line(data, prepared, tmp_path):
+    from synthetic import make_prepared
+
+    other = tmp_path / "other"
+    make_prepared(other, n_train=300, n_val=100, n_test=20, seed=7)  # same layout, different fingerprint
+    ctx = grid.TrainContext(data=data, progress=False, prepared_dir=other)
+    with pytest.raises(DataError) as info:
+        grid.train_grid(expand_grid(make_params(batch_size=64)), ctx, executor=executors.ProcessExecutor(2, 1),
+                        report=None)
+    assert "changed while the grid was running" in str(info.value) and "\n" not in str(info.value)
+
+
+def exit_abruptly(cfg, data, **kwargs):
+    """A worker killed by the OS (e.g. the out-of-memory killer), as far as the parent can tell."""
+    os._exit(9)
+
+
+@pytest.mark.slow
+def test_a_dead_worker_process_is_one_line_not_a_hang(data, prepared):
+    ctx = grid.TrainContext(data=data, progress=False, prepared_dir=prepared, train_run=exit_abruptly)
+    with pytest.raises(executors.WorkerDied) as info:
+        grid.train_grid(expand_grid(make_params(batch_size=64)), ctx, executor=executors.ProcessExecutor(2, 1),
+                        report=None)
+    assert str(info.value).startswith("a grid worker process died") and "grid.workers" in str(info.value)
+
+
+CTRL_C_SCRIPT = r"""
+import multiprocessing, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if the test runner ignores SIGINT
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from cnnpipe import executors, grid
+from cnnpipe.engine import TrainData
+from cnnpipe.params import MlflowParams, expand_grid, parse_params
+from cnnpipe.tracking import open_tracker
+
+if __name__ == "__main__":
+    prepared = Path({prepared!r})
+    params = parse_params({{"model": "tiny", "models": {{"tiny": {tiny!r}}}, "lr": [0.05, 0.01, 0.003],
+                           "batch_size": 16, "epochs": 400, "patience": 400, "data": {{"dataset": "fashion-mnist"}}}})
+    tracker = open_tracker(MlflowParams(tracking_uri={uri!r}, experiment="ctrl-c"))
+    print("PARENT", tracker.parent_run_id, flush=True)
+    try:
+        with tracker.running():
+            ctx = grid.TrainContext(data=TrainData.load(prepared, splits=("train", "val")), tracker=tracker,
+                                    progress=False, prepared_dir=prepared)
+            grid.train_grid(expand_grid(params), ctx, executor=executors.ProcessExecutor(2, 1),
+                            report=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print("INTERRUPTED workers left:", len(multiprocessing.active_children()), flush=True)
+        sys.exit(130)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_workers_marks_started_runs_killed_and_skips_pending(prepared, store, tmp_path):
+    script = tmp_path / "grid_ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT.format(tests=str(ROOT / "tests"), prepared=str(prepared), tiny=TINY,
+                                           uri=f"sqlite:///{store / 'mlflow.db'}"))
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)  # its own process group, like a terminal's job
+    seen: list[str] = []
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line.strip())
+            if " epoch 2/400:" in line:  # a run is well under way
+                os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the parent AND the workers
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    seen += out.splitlines()
+    assert proc.returncode == 130, err[-2000:]
+    assert "INTERRUPTED workers left: 0" in seen
+    parent_id = next(line.split()[1] for line in seen if line.startswith("PARENT "))
+    client = client_for(store)
+    assert client.get_run(parent_id).info.status == "KILLED"
+    experiment = client.get_experiment_by_name("ctrl-c").experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert 1 <= len(children) <= 2  # two workers: the third run was pending and never started
+    assert {child.info.status for child in children} == {"KILLED"}
+    assert all(child.data.tags["failure_reason"].startswith("interrupted") for child in children)

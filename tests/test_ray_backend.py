@@ -1,0 +1,95 @@
+"""``grid.backend: ray``: the grid's runs as Ray tasks on a local Ray, same results as the local backend.
+
+Needs the optional extra (``pip install 'cnnpipe[ray]'``); skipped cleanly
+without it. Starting a local Ray takes several seconds, so the whole module
+is slow and starts Ray once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from cnnpipe import executors, grid  # noqa: E402
+from cnnpipe.engine import TrainData  # noqa: E402
+from cnnpipe.params import MlflowParams, expand_grid, parse_params  # noqa: E402
+from cnnpipe.tracking import open_tracker  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TINY = [{"conv": 4, "kernel": 3}, "relu", {"maxpool": 2}, "flatten", "linear"]
+TIMING = ("epoch_seconds", "images_per_s")
+
+
+def params():
+    return parse_params({"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01], "batch_size": 64,
+                         "epochs": 2, "data": {"dataset": "fashion-mnist"}, "grid": {"backend": "ray"}})
+
+
+def configs():
+    return expand_grid(params())
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from synthetic import make_prepared
+
+    folder = tmp_path_factory.mktemp("prepared")
+    make_prepared(folder, n_train=300, n_val=100, n_test=20)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def both(prepared, tmp_path_factory):
+    """The grid on the local backend (this process) and as tasks on a local Ray (one torch thread per run)."""
+    data = TrainData.load(prepared, splits=("train", "val"))
+    local_ctx = grid.TrainContext(data=data, progress=False, num_threads=1)
+    local = grid.train_grid(configs(), local_ctx, report=None)
+
+    store = tmp_path_factory.mktemp("mlstore")
+    tracker = open_tracker(MlflowParams(tracking_uri=f"sqlite:///{store / 'mlflow.db'}", experiment="ray"))
+    executor = executors.make_executor(params().grid, 2)
+    assert isinstance(executor, executors.RayExecutor)
+    lines: list[str] = []
+    with tracker.running():
+        ctx = grid.TrainContext(data=data, tracker=tracker, progress=False, num_threads=1, prepared_dir=prepared)
+        remote = grid.train_grid(configs(), ctx, executor=executor, report=lines.append)
+    assert not ray.is_initialized()  # the local Ray it started is shut down again
+    return local, remote, tracker, store, lines
+
+
+def test_ray_results_and_weights_equal_the_local_backend(both):
+    local, remote, *_ = both
+    assert [rec.index for rec in remote] == [1, 2]
+    for a, b in zip(local, remote):
+        assert b.result.status == "finished" and a.cfg.run_id == b.cfg.run_id
+        strip = lambda e: {k: v for k, v in e.to_dict().items() if k not in TIMING}  # noqa: E731
+        assert [strip(e) for e in a.result.history] == [strip(e) for e in b.result.history]
+        sa, sb = a.result.model.state_dict(), b.result.model.state_dict()
+        assert all(torch.equal(sa[key], sb[key]) for key in sa)
+    assert grid.select_best(local, "val_loss").index == grid.select_best(remote, "val_loss").index
+
+
+def test_ray_runs_are_tracked_by_the_driver_with_full_histories(both):
+    from mlflow import MlflowClient
+
+    _, remote, tracker, store, lines = both
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    children = client.search_runs([tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_run_id}'")
+    assert sorted(c.info.run_id for c in children) == sorted(rec.mlflow_run_id for rec in remote)
+    for rec in remote:
+        assert client.get_run(rec.mlflow_run_id).info.status == "FINISHED"
+        assert [m.step for m in sorted(client.get_metric_history(rec.mlflow_run_id, "val_loss"), key=lambda m: m.step)] == [1, 2]
+    assert client.get_run(tracker.parent_run_id).info.status == "FINISHED"
+    assert any(line.startswith("grid: 2 run(s) on Ray tasks on a local Ray") for line in lines)
+    assert any(line.startswith("[lr=0.05] epoch 2/2:") for line in lines)  # epochs stream back from the tasks
