@@ -305,3 +305,32 @@ def test_help_is_instant_and_lists_every_command() -> None:
     for command in ("validate", "show-model", "predict", "runs", "ui"):
         assert command in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+# --------------------------------------------------------------------------- export-images
+
+
+@pytest.mark.slow
+def test_export_images_round_trips_pixels_and_feeds_predict(trained: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """``cnnpipe export-images``: PNGs equal to the prepared pixels, true class in the name, predict reads them as-is."""
+    from cnnpipe.data.prepared import load_split, load_stats
+
+    out = tmp_path / "samples"
+    prepared = str(trained / "data" / "prepared")
+    code, stdout, err = cli(capsys, "export-images", str(out), "-n", "5", "--prepared", prepared)
+    assert code == 0 and stdout.startswith(f"wrote 5 test image(s) to {out}/")
+    files = sorted(out.glob("*.png"))
+    split, classes = load_split(prepared, "test"), load_stats(prepared).classes
+    assert [f.name for f in files] == [f"test_{i:05d}_{classes[int(split.labels[i])]}.png" for i in range(5)]
+    for i, path in enumerate(files):
+        assert np.array_equal(np.asarray(Image.open(path)), split.images[i, 0].numpy())
+    code, stdout, err = cli(capsys, "predict", str(out), "--model", str(trained / "models" / "best"), "--json")
+    assert code == 0 and err == ""  # same size and mode as training: nothing converted
+    expected = pd.read_csv(trained / "reports" / "confusion.csv")["predicted"].iloc[:5].tolist()
+    assert [json.loads(line)["predictions"][0]["class"] for line in stdout.splitlines()] == expected
+
+
+def test_export_images_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = one_line_error(*cli(capsys, "export-images", str(tmp_path / "out"), "--prepared", str(tmp_path / "none")))
+    assert line == f"error: {tmp_path / 'none'} has no prepared data; run the prepare stage first (dvc repro prepare)"

@@ -85,7 +85,7 @@ def test_run_id_is_stable_and_changes_with_anything_trained():
 def test_a_single_value_list_is_not_an_axis():
     params = parse_params(base_params() | {"lr": [0.01], "batch_size": 100})
     assert params.axes == ()
-    assert expand_grid(params)[0].name == "model=fashion_tutorial"
+    assert expand_grid(params)[0].name == f"model={params.training['model'][0]}"
 
 
 def test_augment_auto_resolves_per_dataset():
@@ -132,11 +132,11 @@ MALFORMED = [
     ("unknown-dataset", with_changes(data__dataset="cifar100"), ["data.dataset must be one of", "cifar100", "did you mean cifar10?"]),
     ("unknown-model", with_changes(model="resnet50"), ["model: unknown model 'resnet50'", "preset"]),
     ("unknown-model-in-grid", with_changes(model=["fashion_tutorial", "small_bm"]), ["model[1]", "did you mean small_bn?"]),
-    ("bad-layer-pool", with_changes(models={"tiny": BAD_LAYERS}), ["models.tiny[6]", "maxpool 2 on a 8x1x1 feature map"]),
-    ("bad-layer-type", with_changes(models={"tiny": [{"convolution": 8}, "flatten", "linear"]}), ["models.tiny[0]", "unknown layer type 'convolution'"]),
-    ("bad-layer-linear-before-flatten", with_changes(models={"tiny": [{"conv": 4}, {"linear": 10}]}), ["models.tiny[1]", "add 'flatten'"]),
-    ("bad-layer-wrong-classes", with_changes(models={"tiny": ["flatten", {"linear": 7}]}), ["models.tiny[1]", "7 outputs", "10 classes"]),
-    ("bad-layer-option", with_changes(models={"tiny": [{"conv": 4, "kernal": 3}, "flatten", "linear"]}), ["models.tiny[0]", "no option 'kernal'"]),
+    ("bad-layer-pool", with_changes(model="fashion_tutorial", models={"tiny": BAD_LAYERS}), ["models.tiny[6]", "maxpool 2 on a 8x1x1 feature map"]),
+    ("bad-layer-type", with_changes(model="fashion_tutorial", models={"tiny": [{"convolution": 8}, "flatten", "linear"]}), ["models.tiny[0]", "unknown layer type 'convolution'"]),
+    ("bad-layer-linear-before-flatten", with_changes(model="fashion_tutorial", models={"tiny": [{"conv": 4}, {"linear": 10}]}), ["models.tiny[1]", "add 'flatten'"]),
+    ("bad-layer-wrong-classes", with_changes(model="fashion_tutorial", models={"tiny": ["flatten", {"linear": 7}]}), ["models.tiny[1]", "7 outputs", "10 classes"]),
+    ("bad-layer-option", with_changes(model="fashion_tutorial", models={"tiny": [{"conv": 4, "kernal": 3}, "flatten", "linear"]}), ["models.tiny[0]", "no option 'kernal'"]),
     ("preset-name-clash", with_changes(models={"mnist_net": ["flatten", "linear"]}), ["models.mnist_net clashes"]),
     ("top-k-too-large", with_changes(eval={"top_k": [1, 11]}), ["eval.top_k has 11", "10 classes"]),
     ("top-k-zero", with_changes(eval={"top_k": [0]}), ["eval.top_k[0] must be > 0"]),

@@ -27,6 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p.set_defaults(func=_predict)
 
+    p = sub.add_parser("export-images", help="write prepared images as PNG files (to try predict on)")
+    p.add_argument("out", help="folder to write into (created if missing)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test", help="which split (default: test)")
+    p.add_argument("-n", "--count", type=int, default=8, help="how many images, from the first (default: 8)")
+    p.add_argument("--prepared", default="data/prepared", help="prepared-data folder (default: data/prepared)")
+    p.set_defaults(func=_export_images)
+
     p = sub.add_parser("runs", help="print the grid table of the last train stage")
     p.add_argument("--reports", default="reports", help="reports folder (default: reports)")
     p.add_argument("--all-columns", action="store_true", help="show every param column")
@@ -143,6 +150,40 @@ def _predict(args: argparse.Namespace) -> int:
     for result in results:
         best = "  ".join(f"{p['class']} {p['probability']:.1%}" for p in result["predictions"])
         print(f"{result['image']:<{width}}  {best}")
+    return 0
+
+
+# --------------------------------------------------------------------------- export-images
+
+
+def export_images(prepared: str, split: str, count: int, out: Path) -> list[Path]:
+    """Write the first ``count`` images of ``split`` as ``<split>_<index>_<class>.png`` (the true class in the name)."""
+    from PIL import Image
+
+    from cnnpipe.data.prepared import load_split, load_stats
+
+    if count < 1:
+        raise CnnpipeError(f"-n must be at least 1, got {count}")
+    stats = load_stats(prepared)
+    data = load_split(prepared, split)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index in range(min(count, len(data))):
+        array = data.images[index].numpy()
+        image = Image.fromarray(array[0], mode="L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0), mode="RGB")
+        label = stats.classes[int(data.labels[index])]
+        safe = "".join(ch if ch.isalnum() else "-" for ch in label).strip("-")
+        path = out / f"{split}_{index:05d}_{safe}.png"
+        image.save(path)
+        written.append(path)
+    return written
+
+
+def _export_images(args: argparse.Namespace) -> int:
+    if not (Path(args.prepared) / "stats.json").is_file():
+        raise CnnpipeError(f"{args.prepared} has no prepared data; run the prepare stage first (dvc repro prepare)")
+    written = export_images(args.prepared, args.split, args.count, Path(args.out))
+    print(f"wrote {len(written)} {args.split} image(s) to {args.out}/ (true class in each file name)")
     return 0
 
 
