@@ -107,3 +107,33 @@ def test_server_killed_mid_grid_training_finishes_outputs_written_exit_nonzero(t
     sidecar = json.loads((work / "models" / "best" / "model.json").read_text())
     assert sidecar["run_id"] == train["run_id"]
     assert "run 2/2 lr=0.01: best val_loss" in out
+
+
+@pytest.mark.parametrize("keep_going", [False, True])
+def test_a_lost_store_raises_for_later_stages_and_is_remembered_by_train(monkeypatch, keep_going: bool) -> None:
+    """evaluate/plots (keep_going=False) fail in one line; train's tracker remembers and skips every later call."""
+    from cnnpipe.errors import TrackingError
+    from cnnpipe.tracking import MlflowTracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    tracker = MlflowTracker(uri=uri, experiment_id="1", parent_run_id="p" * 32, keep_going=keep_going)
+    if not keep_going:
+        with pytest.raises(TrackingError, match=rf"^MLflow log_batch failed at {uri}: .*; check the store"):
+            tracker.log_epoch("c" * 32, 1, {"val_loss": 0.5})
+        assert tracker.lost is None
+        return
+    tracker.log_epoch("c" * 32, 1, {"val_loss": 0.5})
+    assert tracker.lost is not None and tracker.lost.startswith(f"MLflow log_batch failed at {uri}")
+    first = tracker.lost
+
+    class NoMoreCalls:
+        def __getattr__(self, name: str):
+            return lambda *args, **kwargs: pytest.fail(f"MLflow {name} called after the store was lost")
+
+    tracker._client = NoMoreCalls()
+    assert tracker.start_child("lr=0.1", params={"lr": 0.1}, tags={}) is None
+    tracker.end_child("c" * 32, status="FINISHED", metrics={"best_val_loss": 0.4})
+    tracker.end_parent("FINISHED")
+    assert tracker.lost == first
