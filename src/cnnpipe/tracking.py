@@ -22,6 +22,7 @@ import math
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -49,6 +50,14 @@ REACH_TIMEOUT_S = 3.0
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 ROLE = "cnnpipe.role"
 LOCK_RETRIES = 4
+# A tracking server that goes away mid-grid must not stall training for minutes
+# (MLflow's defaults: 7 retries, backoff factor 2, 120 s timeout). The stage's own
+# client uses these unless the user set the variables.
+HTTP_CLIENT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 
 
 # --------------------------------------------------------------------------- where the store is
@@ -256,6 +265,11 @@ class MlflowTracker(NullTracker):
     base_tags: dict[str, str] = field(default_factory=dict)
     _client: Any = field(default=None, repr=False, compare=False)
     _parent_open: bool = field(default=True, repr=False, compare=False)
+    # keep_going (the train stage): a store lost after the parent run started stops
+    # the logging, not the training; the first failure is kept in ``lost`` and every
+    # later MLflow call is skipped. Otherwise a failed call raises TrackingError.
+    keep_going: bool = field(default=False, compare=False)
+    lost: str | None = field(default=None, compare=False)
     enabled = True
 
     def __getstate__(self) -> dict[str, Any]:
@@ -272,9 +286,11 @@ class MlflowTracker(NullTracker):
     # ----------------------------------------------------------- low level
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one MLflow call; retry a locked sqlite briefly; fail with one line."""
+        """Run one MLflow call; retry a locked sqlite briefly; fail with one line (see ``keep_going``)."""
         from mlflow.exceptions import MlflowException
 
+        if self.lost is not None:
+            return None
         delay = 0.25
         for attempt in range(LOCK_RETRIES + 1):
             try:
@@ -284,10 +300,17 @@ class MlflowTracker(NullTracker):
                     time.sleep(delay)
                     delay *= 2
                     continue
-                raise TrackingError(f"MLflow {what} failed at {self.uri}: {_one_line(err.message)}; check the store or set mlflow.enabled: false") from None
+                return self._failed(f"MLflow {what} failed at {self.uri}: {_one_line(err.message)}")
             except OSError as err:
-                raise TrackingError(f"MLflow {what} failed at {self.uri}: {_one_line(err)}; check the store or set mlflow.enabled: false") from None
+                return self._failed(f"MLflow {what} failed at {self.uri}: {_one_line(err)}")
         raise AssertionError("unreachable")
+
+    def _failed(self, message: str) -> None:
+        """Raise the one-line TrackingError, or (``keep_going``) remember it and stop logging."""
+        if not self.keep_going:
+            raise TrackingError(f"{message}; check the store or set mlflow.enabled: false")
+        self.lost = message
+        print(f"mlflow: {message}; training goes on without tracking", file=sys.stderr, flush=True)
 
     def _batch(self, run_id: str, *, metrics: Mapping[str, float] | None = None, params: Mapping[str, Any] | None = None,
                tags: Mapping[str, str] | None = None, step: int = 0) -> None:
@@ -313,6 +336,8 @@ class MlflowTracker(NullTracker):
         run_tags = {**self.base_tags, "cnnpipe.pid": str(os.getpid()), **tags,
                     "mlflow.parentRunId": self.parent_run_id, ROLE: "child"}
         run = self._call("create_run", self.client.create_run, self.experiment_id, run_name=name, tags=run_tags)
+        if run is None:  # the store was lost (keep_going)
+            return None
         run_id = run.info.run_id
         self._batch(run_id, params=params)
         return run_id
@@ -351,21 +376,26 @@ class MlflowTracker(NullTracker):
         if not run_id:
             return None
         self._call("log_artifacts", self.client.log_artifacts, run_id, str(local_dir), "model")
-        if not self.registered_model:
+        if not self.registered_model or self.lost is not None:
             return None
         name = self.registered_model
         try:
             self.client.create_registered_model(name, description="CNN classifiers trained by cnnpipe (safetensors + model.json)")
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise TrackingError(f"MLflow could not create registered model {name!r}: {_one_line(err.message)}; set mlflow.registered_model: null to skip registering") from None
+                if not self.keep_going:
+                    raise TrackingError(f"MLflow could not create registered model {name!r}: {_one_line(err.message)}; set mlflow.registered_model: null to skip registering") from None
+                self._failed(f"MLflow could not create registered model {name!r}: {_one_line(err.message)}")
+                return None
         run = self._call("get_run", self.client.get_run, run_id)
+        if run is None:
+            return None
         source = run.info.artifact_uri.rstrip("/") + "/model"
         version = self._call(
             "create_model_version", self.client.create_model_version, name, source, run_id,
             tags=dict(tags or {}), description=description or None, await_creation_for=0,
         )
-        return f"{name}/{version.version}"
+        return f"{name}/{version.version}" if version is not None else None
 
     # ----------------------------------------------------------- parent
 
@@ -409,6 +439,10 @@ class MlflowTracker(NullTracker):
 
 def _make_client(uri: str) -> "MlflowClient":
     import logging
+
+    if uri.startswith(("http://", "https://")):
+        for name, value in HTTP_CLIENT_DEFAULTS.items():
+            os.environ.setdefault(name, value)
 
     # Table creation on a new sqlite store logs INFO lines through alembic; keep stage output clean.
     for name in ("alembic", "mlflow.store.db.utils"):
@@ -502,6 +536,7 @@ def open_tracker(settings: "MlflowParams", *, target: TrackingTarget | None = No
         registered_model=settings.registered_model,
         base_tags=base,
         _client=client,
+        keep_going=True,
     )
     if stale:
         print(f"mlflow: marked {len(stale)} stale RUNNING run(s) of dead processes as KILLED", flush=True)

@@ -1,0 +1,78 @@
+"""Two ``dvc queue`` workers writing one SQLite MLflow store at the same time.
+
+A 2 x 2 sweep (``-S lr=... -S batch_size=...``) is queued and run by
+``dvc queue start -j 2``. Every experiment's train has its own 2-run grid
+(``seed: [1, 2]``), so both workers create, log and end runs in the
+repository-root ``mlflow.db`` concurrently. Promised: all 4 experiments
+succeed, the root store has 4 parent runs named after them with 2 FINISHED
+children each, and no worker log mentions ``database is locked``.
+(``test_exp_workflows.py`` covers ``dvc exp run --run-all -j 2`` with 2
+experiments and the DVC <-> MLflow links.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures_raw import make_idx_raw, serve
+from project_builder import DVC, TINY, commit_all, pipeline_project, run, run_ok
+
+pytestmark = pytest.mark.slow
+
+SAFETY_S = 900  # a safety net only
+
+
+def queue_status(project: Path) -> str:
+    return run_ok([DVC, "queue", "status"], project, timeout=120).stdout
+
+
+def test_two_queue_workers_share_the_root_sqlite_store(tmp_path: Path) -> None:
+    raw = make_idx_raw(tmp_path / "www", n_train=200, n_test=40)
+    with contextlib.contextmanager(serve)(raw.folder) as server:
+        project = pipeline_project(tmp_path / "repo", server.url, raw.checksums, commit=True,
+                                   params={"model": "tiny", "models": {"tiny": TINY}, "lr": 0.02,
+                                           "batch_size": 50, "seed": [1, 2]})
+        run_ok([DVC, "repro"], project, timeout=SAFETY_S)  # baseline lr 0.02: every queued experiment retrains
+        commit_all(project, "baseline")
+        try:
+            queued = run_ok([DVC, "exp", "run", "--queue", "-S", "lr=0.01,0.003", "-S", "batch_size=50,100"],
+                            project).stdout
+            names = re.findall(r"Queued experiment '([\w-]+)' for future execution", queued)
+            assert len(names) == 4, queued
+            run_ok([DVC, "queue", "start", "-j", "2"], project)
+            deadline = time.monotonic() + SAFETY_S
+            while re.search(r"\b(Queued|Running)\b", status := queue_status(project)):
+                assert time.monotonic() < deadline, status
+                time.sleep(2)
+            logs = {name: run_ok([DVC, "queue", "logs", name], project).stdout for name in names}
+        finally:
+            run([DVC, "queue", "stop"], project, timeout=120)
+
+    for name in names:
+        assert re.search(rf"\b{name}\s+.*\bSuccess\b", status), status
+        assert "Running stage 'train'" in logs[name], logs[name][-2000:]
+        assert "database is locked" not in logs[name].lower(), logs[name][-3000:]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cnnpipe")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = {r.data.tags.get("dvc.exp_name"): r for r in runs
+               if r.data.tags.get("cnnpipe.role") == "parent" and r.data.tags.get("dvc.exp_name") in names}
+    assert sorted(parents) == sorted(names)
+    combos = set()
+    for name, parent in parents.items():
+        assert parent.info.status == "FINISHED" and parent.info.run_name == name
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(c.data.params["seed"] for c in children) == ["1", "2"]
+        assert {c.info.status for c in children} == {"FINISHED"}
+        assert all("val_loss" in c.data.metrics for c in children)
+        combos.add((children[0].data.params["lr"], children[0].data.params["batch_size"]))
+    assert combos == {("0.01", "50"), ("0.01", "100"), ("0.003", "50"), ("0.003", "100")}
+    assert not list((project / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))  # nothing landed in a temp copy
