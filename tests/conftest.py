@@ -16,6 +16,28 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
+# A user's shell (or a `dvc exp run` around pytest) may export these; they would
+# send a test's runs to another store, experiment or Ray cluster.
+ISOLATED_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE",
+                "RAY_ADDRESS", "CNNPIPE_NO_CACHE")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ISOLATED_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic prepared data (300 train / 100 val / 20 test, 1x28x28, 10 classes), once per module."""
+    from synthetic import make_prepared
+
+    folder = tmp_path_factory.mktemp("prepared")
+    make_prepared(folder, n_train=300, n_val=100, n_test=20)
+    return folder
+
+
 @pytest.fixture
 def project_root() -> Path:
     return ROOT

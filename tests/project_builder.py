@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from synthetic import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
-TINY = [{"conv": 4, "kernel": 3}, "relu", {"maxpool": 2}, "flatten", "linear"]
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 GIT_IDENTITY = ["-c", "user.name=cnnpipe-tests", "-c", "user.email=tests@localhost", "-c", "commit.gpgsign=false"]
 

@@ -7,10 +7,26 @@ learns it in an epoch or two, and everything is deterministic for a seed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cnnpipe.data.prepared import PreparedStats, write_prepared
+
+if TYPE_CHECKING:
+    from cnnpipe.params import Params
+
+# A 4-channel conv net that learns the synthetic patterns in an epoch or two.
+TINY = [{"conv": 4, "kernel": 3}, "relu", {"maxpool": 2}, "flatten", "linear"]
+
+
+def tiny_params(**changes: Any) -> "Params":
+    """Parsed params for a 2x2 lr x batch_size grid of ``TINY`` (2 epochs); ``changes`` replace top-level keys."""
+    from cnnpipe.params import parse_params
+
+    raw = {"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01], "batch_size": [32, 64], "epochs": 2,
+           "patience": 5, "data": {"dataset": "fashion-mnist"}} | changes
+    return parse_params(raw)
 
 
 def make_images(n: int, shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10, seed: int = 0,

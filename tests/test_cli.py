@@ -215,8 +215,6 @@ def test_ui_before_any_training_is_one_line(tmp_path: Path, capsys: pytest.Captu
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "params.yaml").write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
     line = one_line_error(*cli(capsys, "ui"))
     assert line.startswith(f"error: no MLflow store at {tmp_path / 'mlflow.db'} yet; run the pipeline first")
 
@@ -229,8 +227,6 @@ def test_ui_on_a_busy_port_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     (tmp_path / "params.yaml").write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     (tmp_path / "mlflow.db").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

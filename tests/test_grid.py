@@ -23,32 +23,16 @@ import torch
 from cnnpipe import grid, results
 from cnnpipe.engine import EpochRecord, RunResult, TrainData, evaluate_logits
 from cnnpipe.engine import train_run as engine_train_run
-from cnnpipe.params import MlflowParams, expand_grid, parse_params
+from cnnpipe.params import MlflowParams, expand_grid
 from cnnpipe.tracking import open_tracker
+from synthetic import tiny_params as make_params
 
-TINY = [{"conv": 4, "kernel": 3}, "relu", {"maxpool": 2}, "flatten", "linear"]
 EPOCH_METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds", "images_per_s")
 
 
-def make_params(**changes):
-    raw = {"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01], "batch_size": [32, 64], "epochs": 2,
-           "patience": 5, "data": {"dataset": "fashion-mnist"}} | changes
-    return parse_params(raw)
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> TrainData:
-    from synthetic import make_prepared
-
-    folder = tmp_path_factory.mktemp("prepared")
-    make_prepared(folder, n_train=300, n_val=100, n_test=20)
-    return TrainData.load(folder, splits=("train", "val"))
+def data(tiny_prepared) -> TrainData:
+    return TrainData.load(tiny_prepared, splits=("train", "val"))
 
 
 @pytest.fixture(scope="module")

@@ -25,19 +25,17 @@ import yaml
 from cnnpipe import grid, results, runcache
 from cnnpipe.engine import TrainData
 from cnnpipe.engine import train_run as engine_train_run
-from cnnpipe.params import MlflowParams, expand_grid, parse_params
+from cnnpipe.params import MlflowParams, expand_grid
 from cnnpipe.runcache import GridCache, RunCache
 from cnnpipe.tracking import open_tracker
+from synthetic import TINY, tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [{"conv": 4, "kernel": 3}, "relu", {"maxpool": 2}, "flatten", "linear"]
 TIMING = ("epoch_seconds", "images_per_s")
 
 
 def make_params(**changes):
-    raw = {"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01], "batch_size": 64, "epochs": 2,
-           "patience": 5, "data": {"dataset": "fashion-mnist"}} | changes
-    return parse_params(raw)
+    return tiny_params(**{"batch_size": 64, **changes})
 
 
 class CountingTrain:
@@ -51,19 +49,9 @@ class CountingTrain:
         return engine_train_run(cfg, data, **kwargs)
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", runcache.NO_CACHE_ENV):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> TrainData:
-    from synthetic import make_prepared
-
-    folder = tmp_path_factory.mktemp("prepared")
-    make_prepared(folder, n_train=300, n_val=100, n_test=20)
-    return TrainData.load(folder, splits=("train", "val"))
+def data(tiny_prepared) -> TrainData:
+    return TrainData.load(tiny_prepared, splits=("train", "val"))
 
 
 def run(params, data, cache, tracker=None, lines=None):

@@ -27,17 +27,12 @@ from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.errors import CnnpipeError, DataError, ParamsError
 from cnnpipe.params import MlflowParams, expand_grid, parse_params
 from cnnpipe.tracking import open_tracker
+from synthetic import TINY
+from synthetic import tiny_params as make_params
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [{"conv": 4, "kernel": 3}, "relu", {"maxpool": 2}, "flatten", "linear"]
 EPOCH_METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")
 TIMING = ("epoch_seconds", "images_per_s")
-
-
-def make_params(**changes):
-    raw = {"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01], "batch_size": [32, 64], "epochs": 2,
-           "patience": 5, "data": {"dataset": "fashion-mnist"}} | changes
-    return parse_params(raw)
 
 
 def deterministic(record) -> dict:
@@ -45,19 +40,9 @@ def deterministic(record) -> dict:
     return {key: value for key, value in record.to_dict().items() if key not in TIMING}
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from synthetic import make_prepared
-
-    folder = tmp_path_factory.mktemp("prepared")
-    make_prepared(folder, n_train=300, n_val=100, n_test=20)
-    return folder
+def prepared(tiny_prepared) -> Path:
+    return tiny_prepared
 
 
 @pytest.fixture(scope="module")

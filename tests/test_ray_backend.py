@@ -16,37 +16,26 @@ ray = pytest.importorskip("ray")
 
 from cnnpipe import executors, grid  # noqa: E402
 from cnnpipe.engine import TrainData  # noqa: E402
-from cnnpipe.params import MlflowParams, expand_grid, parse_params  # noqa: E402
+from cnnpipe.params import MlflowParams, expand_grid  # noqa: E402
 from cnnpipe.tracking import open_tracker  # noqa: E402
+from synthetic import tiny_params  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-TINY = [{"conv": 4, "kernel": 3}, "relu", {"maxpool": 2}, "flatten", "linear"]
 TIMING = ("epoch_seconds", "images_per_s")
 
 
 def params():
-    return parse_params({"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01], "batch_size": 64,
-                         "epochs": 2, "data": {"dataset": "fashion-mnist"}, "grid": {"backend": "ray"}})
+    return tiny_params(batch_size=64, grid={"backend": "ray"})
 
 
 def configs():
     return expand_grid(params())
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "RAY_ADDRESS"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from synthetic import make_prepared
-
-    folder = tmp_path_factory.mktemp("prepared")
-    make_prepared(folder, n_train=300, n_val=100, n_test=20)
-    return folder
+def prepared(tiny_prepared) -> Path:
+    return tiny_prepared
 
 
 @pytest.fixture(scope="module")

@@ -551,41 +551,6 @@ def open_tracker(settings: "MlflowParams", *, target: TrackingTarget | None = No
 def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child_run_id: str | None = None,
                    metrics: Mapping[str, float] | None = None, files: list[Path] | None = None,
                    artifact_path: str = "evaluation", root: Path | None = None) -> bool:
-    """Add ``metrics`` to the best child and the parent run train created, ``files`` to the parent.
-
-    The evaluate and plots stages reopen those runs by id (from the checkpoint
-    sidecar / ``train.json``). A run missing from the store (the database was
-    reset since training) is a warning, not a failure: returns False.
-    """
-    if not settings.enabled or not parent_run_id:
-        return False
-    target = preflight(settings, root=root)
-    assert target is not None
-    from mlflow.exceptions import MlflowException
-
-    tracker = MlflowTracker(uri=target.uri, experiment_id="", parent_run_id=parent_run_id)
-    run_ids = [run_id for run_id in (child_run_id, parent_run_id) if run_id]
-    for run_id in run_ids:
-        try:
-            tracker.client.get_run(run_id)
-        except MlflowException:
-            print(f"mlflow: run {run_id} is not in {target.uri}; not logged (re-run training to recreate it: "
-                  "dvc repro -f train)", flush=True)
-            return False
-    for run_id in run_ids:
-        tracker._batch(run_id, metrics=metrics)
-    for path in files or []:
-        if Path(path).is_file():
-            tracker._call("log_artifact", tracker.client.log_artifact, parent_run_id, str(path), artifact_path)
-    return True
-
-
-# --------------------------------------------------------------------------- later stages
-
-
-def log_evaluation(settings: "MlflowParams", *, parent_run_id: str, child_run_id: str | None = None,
-                   metrics: Mapping[str, float] | None = None, files: list[Path] | None = None,
-                   artifact_path: str = "evaluation", root: Path | None = None) -> bool:
     """Add a later stage's results to the runs ``train`` created (ids from train.json / the sidecar).
 
     ``metrics`` go to the best child and the parent (one ``log_batch`` each),

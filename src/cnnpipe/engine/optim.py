@@ -32,15 +32,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, values: TrainingValues) -> torch.optim.Optimizer:
-    """adam | adamw | sgd (momentum, nesterov) with ``values.lr`` and ``values.weight_decay``."""
+    """adam | adamw | sgd (momentum, nesterov) with ``values.lr`` and ``values.weight_decay``.
+
+    Fused kernels (one per step, CPU and CUDA): ~8% less time per step than
+    ``foreach`` for the tutorial net on 2 CPU cores (benchmarks/README.md).
+    """
     groups = param_groups(model, values.weight_decay)
     if values.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=values.lr, foreach=True)
+        return torch.optim.Adam(groups, lr=values.lr, fused=True)
     if values.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=values.lr, foreach=True)
+        return torch.optim.AdamW(groups, lr=values.lr, fused=True)
     if values.optimizer == "sgd":
         nesterov = bool(values.nesterov and values.momentum > 0)
-        return torch.optim.SGD(groups, lr=values.lr, momentum=values.momentum, nesterov=nesterov, foreach=True)
+        return torch.optim.SGD(groups, lr=values.lr, momentum=values.momentum, nesterov=nesterov, fused=True)
     raise ValueError(f"unknown optimizer {values.optimizer!r}")
 
 
