@@ -1,4 +1,4 @@
-"""``cnnpipe predict | runs | ui``: the subcommands that need torch, pandas or mlflow.
+"""``cnnpipe predict | export-images | runs | ui``: the subcommands that need torch, pandas or mlflow.
 
 Registered into the argparse tree by ``cnnpipe.cli``; every heavy import
 happens inside the handler, so ``cnnpipe --help`` stays instant.
