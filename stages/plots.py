@@ -9,11 +9,10 @@ writes ``reports/figures/*.png`` (the folder is replaced whole) and
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from cnnpipe.errors import DataError, run_entry_point
+from cnnpipe.errors import DataError, answer_help, run_entry_point
 
 PREPARED = Path("data/prepared")
 REPORTS = Path("reports")
@@ -95,7 +94,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # --help answers before any heavy import; the stage itself takes no arguments (dvc repro runs it bare)
-    argparse.ArgumentParser(prog=f"stages/{Path(__file__).name}", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    answer_help(__file__, __doc__)
     run_entry_point(main)

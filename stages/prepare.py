@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from cnnpipe.errors import run_entry_point
+from cnnpipe.errors import answer_help, run_entry_point
 
 
 def main() -> int:
@@ -36,7 +35,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # --help answers before any heavy import; the stage itself takes no arguments (dvc repro runs it bare)
-    argparse.ArgumentParser(prog=f"stages/{Path(__file__).name}", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    answer_help(__file__, __doc__)
     run_entry_point(main)

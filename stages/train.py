@@ -72,11 +72,10 @@ def main(args: argparse.Namespace) -> int:
 
     print(results.summary_table(records, best, params.select_by))
     print(published.describe(), flush=True)
-    lost = getattr(tracker, "lost", None)
-    if lost:  # outputs are written, but MLflow's record is partial: fail so DVC does not lock it as done
+    if tracker.lost:  # outputs are written, but MLflow's record is partial: fail so DVC does not lock it as done
         from cnnpipe.errors import TrackingError
 
-        raise TrackingError(f"{lost}; training finished and {BEST_DIR}/ and {REPORTS}/ were written, but MLflow "
+        raise TrackingError(f"{tracker.lost}; training finished and {BEST_DIR}/ and {REPORTS}/ were written, but MLflow "
                             "logging stopped part-way; restart the store and re-run dvc repro")
     return 0
 

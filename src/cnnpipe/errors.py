@@ -54,6 +54,14 @@ def fail(err: CnnpipeError) -> NoReturn:
     raise SystemExit(err.exit_code)
 
 
+def answer_help(script: str, doc: str | None) -> None:
+    """``--help`` for a stage script that takes no arguments (dvc runs it bare), before any heavy import."""
+    import argparse
+
+    argparse.ArgumentParser(prog=f"stages/{os.path.basename(script)}", description=doc,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+
+
 def run_entry_point(main: Callable[[], int | None]) -> NoReturn:
     """Run ``main`` turning known errors into one line and an exit code.
 

@@ -222,6 +222,7 @@ class NullTracker:
     uri: str | None = None
     experiment_id: str | None = None
     parent_run_id: str | None = None
+    lost: str | None = None  # why logging stopped part-way (MlflowTracker with keep_going)
 
     def start_child(self, name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
         return None
