@@ -3,7 +3,7 @@
 Trains the default grid of ``params.yaml`` (model, lr x batch_size) on the
 real prepared data (``data/prepared``, Fashion-MNIST: 54,000 train / 6,000
 val) with ``--epochs`` epochs per run (default 1, to keep it short), through
-the same ``grid.train_grid`` the train stage uses, with MLflow off:
+the same ``run_search`` the train stage uses, with MLflow off:
 
 * sequential: one run after another in this process (torch's default threads);
 * parallel: ``grid.workers`` processes (default: auto) with ``cores // workers``
@@ -55,7 +55,9 @@ def main() -> None:
     args = parse_args()
     import yaml
 
-    from cnnpipe import executors, grid
+    from cnnpipe import executors
+    from cnnpipe.search.trial import TrainContext
+    from cnnpipe.search.runner import run_search
     from cnnpipe.engine import TrainData
     from cnnpipe.params import expand_grid, parse_params
     from cnnpipe.runcache import GridCache, RunCache
@@ -76,9 +78,9 @@ def main() -> None:
           f"{args.epochs} epoch(s) each, {len(data.train)} train / {len(data.val)} val images, MLflow off")
 
     def timed(label: str, executor, configs_, cache=None) -> float:
-        ctx = grid.TrainContext(data=data, progress=False, prepared_dir=args.prepared)
+        ctx = TrainContext(data=data, progress=False, prepared_dir=args.prepared)
         start = time.perf_counter()
-        records = grid.train_grid(configs_, ctx, executor=executor, cache=cache, report=None)
+        records = run_search(configs_, ctx, executor=executor, cache=cache, report=None)
         seconds = time.perf_counter() - start
         assert all(rec.result.status == "finished" for rec in records), [rec.result.stop_reason for rec in records]
         trained = sum(not rec.cached for rec in records)

@@ -39,34 +39,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cnnpipe import grid, results, runcache, tracking
-    from cnnpipe.params import expand_grid, load_params
+    from cnnpipe import results, runcache, tracking
+    from cnnpipe.params import load_params
+    from cnnpipe.search import log, runner, space, strategies
+    from cnnpipe.search.runstate import RunStateStore
+    from cnnpipe.search.selection import select_best
+    from cnnpipe.search.trial import TrainContext
 
     params = load_params()
-    configs = expand_grid(params)
+    configs = space.expand(params)
     target = tracking.preflight(params.mlflow)  # one-line TrackingError before any training
 
     from cnnpipe.device import describe, resolve_device
     from cnnpipe.engine import TrainData
+    from cnnpipe.executors import make_executor
 
     device = resolve_device(params.device)
-    executor = grid.make_executor(params.grid, len(configs), report=None, device=device)  # ray missing: fail now
+    executor = make_executor(params.grid, len(configs), device=device)  # ray missing: fail now
     data = TrainData.load(PREPARED, splits=("train", "val"))
-    grid.check_dataset(data, params)
+    runner.check_dataset(data, params)
     print(f"train: {len(configs)} run(s) on {describe(device)}, {data.dataset} "
           f"({len(data.train)} train / {len(data.val)} val images), select_by {params.select_by}", flush=True)
 
     cache = runcache.open_grid_cache(params.grid, no_cache=args.no_cache)
-    tracker = tracking.open_tracker(params.mlflow, target=target, params=grid.grid_definition(params),
-                                    tags=grid.parent_tags(params, data, device))
+    tracker = tracking.open_tracker(params.mlflow, target=target, params=log.search_definition(params),
+                                    tags=log.parent_tags(params, data, device))
+    strategy = strategies.make_strategy(params.grid.strategy, eta=params.grid.eta, min_epochs=params.grid.min_epochs)
     with tracker.running():
-        ctx = grid.TrainContext(data=data, tracker=tracker, device=device,
-                                layer_stats=params.mlflow.enabled and params.mlflow.log_layer_stats,
-                                progress=sys.stderr.isatty(), samples=SAMPLES if SAMPLES.is_file() else None,
-                                prepared_dir=PREPARED.resolve())
-        records = grid.train_grid(configs, ctx, executor=executor, select_by=params.select_by, cache=cache,
-                                  report=lambda line: print(line, flush=True))
-        best = grid.select_best(records, params.select_by)
+        layer_stats = params.mlflow.enabled and params.mlflow.log_layer_stats
+        states = RunStateStore()
+        ctx = TrainContext(data=data, tracker=tracker, device=device, layer_stats=layer_stats, progress=True,
+                           prepared_dir=PREPARED.resolve(), state_root=states.root,
+                           samples=SAMPLES if SAMPLES.is_file() else None)
+        records = runner.run_search(configs, ctx, strategy=strategy, executor=executor, select_by=params.select_by,
+                                    cache=cache, states=states, report=lambda line: print(line, flush=True))
+        best = select_best([rec for rec in records if not rec.pruned], params.select_by)
         published = results.publish(records, best, data, tracker, select_by=params.select_by,
                                     best_dir=BEST_DIR, reports_dir=REPORTS)
 

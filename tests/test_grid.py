@@ -20,7 +20,15 @@ import pandas as pd
 import pytest
 import torch
 
-from cnnpipe import grid, results
+from cnnpipe import results
+from cnnpipe.tracking import NullTracker
+from cnnpipe.search.trial import TrainContext
+from cnnpipe.search.selection import select_best
+from cnnpipe.search.selection import RunRecord
+from cnnpipe.search.selection import GridFailed
+from cnnpipe.search.runner import run_search
+from cnnpipe.search.progress import run_line
+from cnnpipe import executors
 from cnnpipe.engine import EpochRecord, RunResult, TrainData, evaluate_logits
 from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.params import MlflowParams, expand_grid
@@ -62,8 +70,8 @@ def tracked_grid(data, store):
     tracker = open_tracker(mlflow_settings(store, "grid-2x2"), params=grid.grid_definition(params))
     lines: list[str] = []
     with tracker.running():
-        ctx = grid.TrainContext(data=data, tracker=tracker, layer_stats=True, progress=False)
-        records = grid.train_grid(expand_grid(params), ctx, select_by="val_loss", report=lines.append)
+        ctx = TrainContext(data=data, tracker=tracker, layer_stats=True, progress=False)
+        records = run_search(expand_grid(params), ctx, select_by="val_loss", report=lines.append)
     return params, tracker, records, lines
 
 
@@ -80,31 +88,40 @@ def test_expand_grid_names_every_combination_in_params_order():
     assert expand_grid(make_params())[2].run_id == configs[2].run_id  # stable ids
 
 
-def record(index: int, status: str, val_loss: float, val_top1: float) -> grid.RunRecord:
+def record(index: int, status: str, val_loss: float, val_top1: float) -> RunRecord:
     cfg = expand_grid(make_params(lr=[0.1, 0.01, 0.001, 0.0001], batch_size=32))[index - 1]
     epoch = EpochRecord(1, 1.0, 0.5, val_loss, val_top1, 0.9, 0.01, 1.0, 100.0)
     result = RunResult(cfg.run_id, status, "max_epochs" if status == "finished" else "diverged: loss is nan at epoch 2 batch 1",
                        1, epoch, [epoch], 1, 1.0, 100.0, torch.nn.Linear(1, 1), "cpu")
-    return grid.RunRecord(index, cfg, result)
+    return RunRecord(index, cfg, result)
 
 
-def test_select_best_by_val_loss_or_val_top1_among_finished_only():
-    records = [record(1, "finished", 0.50, 0.80), record(2, "finished", 0.40, 0.70),
-               record(3, "diverged", 0.10, 0.99), record(4, "finished", 0.45, 0.85)]
-    assert grid.select_best(records, "val_loss").index == 2
-    assert grid.select_best(records, "val_top1").index == 4
+def test_select_best_by_val_loss_or_val_top1_among_usable_runs():
+    failed = record(3, "failed", 0.10, 0.99)
+    failed.result = RunResult.failed(failed.cfg.run_id, "RuntimeError: boom")
+    records = [record(1, "finished", 0.50, 0.80), record(2, "finished", 0.40, 0.70), failed,
+               record(4, "finished", 0.45, 0.85)]
+    assert select_best(records, "val_loss").index == 2
+    assert select_best(records, "val_top1").index == 4
+
+
+def test_a_run_that_diverged_after_a_finite_epoch_keeps_its_best_epoch_as_a_candidate():
+    records = [record(1, "finished", 0.50, 0.80), record(2, "diverged", 0.30, 0.90)]
+    assert records[1].ok and select_best(records, "val_loss").index == 2
+    never_finite = record(3, "diverged", math.nan, 0.1)
+    assert not never_finite.ok
 
 
 def test_select_best_breaks_ties_deterministically():
     records = [record(1, "finished", 0.40, 0.70), record(2, "finished", 0.40, 0.75), record(3, "finished", 0.40, 0.75)]
-    assert grid.select_best(records, "val_loss").index == 2
-    assert grid.select_best(records, "val_top1").index == 2
+    assert select_best(records, "val_loss").index == 2
+    assert select_best(records, "val_top1").index == 2
 
 
 def test_all_failed_is_one_line_grid_error():
     records = [record(1, "diverged", math.nan, 0.1), record(2, "diverged", math.nan, 0.1)]
-    with pytest.raises(grid.GridFailed) as info:
-        grid.select_best(records, "val_loss")
+    with pytest.raises(GridFailed) as info:
+        select_best(records, "val_loss")
     message = str(info.value)
     assert "\n" not in message and message.startswith("all 2 grid runs failed")
     assert "lr=0.1: diverged: loss is nan at epoch 2 batch 1" in message
@@ -113,10 +130,10 @@ def test_all_failed_is_one_line_grid_error():
 def test_progress_line_format():
     ok = record(2, "finished", 0.4, 0.912)
     ok.result.seconds = 41.2
-    assert grid.progress_line(ok, 8, "val_top1") == "run 2/8 lr=0.01: best val_top1 0.9120 @ epoch 1, 41 s"
-    assert grid.progress_line(ok, 8, "val_loss") == "run 2/8 lr=0.01: best val_loss 0.4000 (val_top1 0.9120) @ epoch 1, 41 s"
+    assert run_line(ok, 8, "val_top1") == "run 2/8 lr=0.01: best val_top1 0.9120 @ epoch 1, 41 s"
+    assert run_line(ok, 8, "val_loss") == "run 2/8 lr=0.01: best val_loss 0.4000 (val_top1 0.9120) @ epoch 1, 41 s"
     bad = record(1, "diverged", math.nan, 0.1)
-    assert grid.progress_line(bad, 8) == "run 1/8 lr=0.1: FAILED (diverged: loss is nan at epoch 2 batch 1), 1 s"
+    assert run_line(bad, 8) == "run 1/8 lr=0.1: FAILED (diverged: loss is nan at epoch 2 batch 1), 1 s"
 
 
 # --------------------------------------------------------------------------- a tracked 2x2 grid
@@ -181,7 +198,7 @@ def test_best_model_round_trips_through_models_best(tracked_grid, store, data, t
     from cnnpipe.checkpoint import load_checkpoint
 
     params, tracker, records, _ = tracked_grid
-    best = grid.select_best(records, "val_loss")
+    best = select_best(records, "val_loss")
     tracker.registered_model = "grid-test-model"
     published = results.publish(records, best, data, tracker, select_by="val_loss",
                                 best_dir=tmp_path / "models" / "best", reports_dir=tmp_path / "reports")
@@ -214,14 +231,14 @@ def test_best_model_round_trips_through_models_best(tracked_grid, store, data, t
 @pytest.mark.slow
 def test_failed_publish_leaves_previous_models_best_untouched(tracked_grid, data, tmp_path):
     _, _, records, _ = tracked_grid
-    best = grid.select_best(records, "val_loss")
+    best = select_best(records, "val_loss")
     good = tmp_path / "models" / "best"
     good.mkdir(parents=True)
     (good / "model.json").write_text("previous good model")
     blocked = tmp_path / "reports"
     blocked.write_text("a file where the reports folder should be")
     with pytest.raises(OSError):
-        results.publish(records, best, data, grid.NullTracker(), select_by="val_loss", best_dir=good, reports_dir=blocked)
+        results.publish(records, best, data, NullTracker(), select_by="val_loss", best_dir=good, reports_dir=blocked)
     assert [p.name for p in good.iterdir()] == ["model.json"]
     assert (good / "model.json").read_text() == "previous good model"
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["best"]  # no temp folders left behind
@@ -235,14 +252,14 @@ def test_diverged_run_is_failed_and_best_is_chosen_among_finished(data, store, t
     params = make_params(lr=[1000.0, 0.01], batch_size=32, optimizer="sgd")
     tracker = open_tracker(mlflow_settings(store, "diverge"))
     with tracker.running():
-        ctx = grid.TrainContext(data=data, tracker=tracker, progress=False)
-        records = grid.train_grid(expand_grid(params), ctx, report=None)
+        ctx = TrainContext(data=data, tracker=tracker, progress=False)
+        records = run_search(expand_grid(params), ctx, report=None)
     diverged, finished = records
     assert diverged.result.status == "diverged" and not diverged.ok
     assert diverged.result.stop_reason.startswith("diverged: loss is nan at epoch 1")
     assert finished.ok
-    assert grid.select_best(records, "val_loss") is finished
-    assert grid.select_best(records, "val_top1") is finished
+    assert select_best(records, "val_loss") is finished
+    assert select_best(records, "val_top1") is finished
     client = client_for(store)
     failed = client.get_run(diverged.mlflow_run_id)
     assert failed.info.status == "FAILED"
@@ -278,11 +295,11 @@ def test_a_crashing_run_is_recorded_failed_and_the_grid_goes_on(data, store):
     tracker = open_tracker(mlflow_settings(store, "crash"))
     lines: list[str] = []
     with tracker.running():
-        ctx = grid.TrainContext(data=data, tracker=tracker, progress=False, train_run=crash_on_first)
-        records = grid.train_grid(expand_grid(params), ctx, report=lines.append)
+        ctx = TrainContext(data=data, tracker=tracker, progress=False, train_run=crash_on_first)
+        records = run_search(expand_grid(params), ctx, report=lines.append)
     crashed, ok = records
     assert crashed.result.status == "failed" and "RuntimeError: CUDA error" in crashed.result.stop_reason
-    assert ok.ok and grid.select_best(records, "val_loss") is ok
+    assert ok.ok and select_best(records, "val_loss") is ok
     assert "FAILED (failed: RuntimeError: CUDA error" in lines[0]
     client = client_for(store)
     assert client.get_run(crashed.mlflow_run_id).info.status == "FAILED"
@@ -294,32 +311,17 @@ def test_train_context_pickles_for_worker_processes(data, store):
     import pickle
 
     tracker = open_tracker(mlflow_settings(store, "pickle-ctx"))
-    ctx = grid.TrainContext(data=data, tracker=tracker, layer_stats=True)
+    ctx = TrainContext(data=data, tracker=tracker, layer_stats=True)
     clone = pickle.loads(pickle.dumps(ctx))
     tracker.end_parent()
     assert clone.tracker.parent_run_id == tracker.parent_run_id and torch.equal(clone.data.val.images, data.val.images)
 
 
-def test_explicit_parallel_request_is_reported_not_ignored():
-    lines: list[str] = []
+def test_executor_honours_an_explicit_worker_count():
     settings = make_params(grid={"workers": 4}).grid
-    assert grid.make_executor(settings, 8, report=lines.append, cores=8).workers == 4
-    assert lines == ["grid: 4 worker processes x 2 torch thread(s)"]
-    assert isinstance(grid.make_executor(make_params().grid, 8, report=lines.append, cores=1), grid.SequentialExecutor)
-    assert len(lines) == 1
-
-
-def test_run_grid_survives_a_train_fn_that_raises():
-    configs = expand_grid(make_params(lr=[0.1, 0.01], batch_size=32))
-
-    def train_fn(index, cfg):
-        raise ValueError(f"no data for {cfg.name}")
-
-    records = grid.run_grid(configs, train_fn, report=None)
-    assert [rec.result.status for rec in records] == ["failed", "failed"]
-    assert records[1].result.stop_reason == "ValueError: no data for lr=0.01"
-    with pytest.raises(grid.GridFailed):
-        grid.select_best(records, "val_loss")
+    executor = executors.make_executor(settings, 8, cores=8)
+    assert executor.workers == 4 and executor.description == "4 worker processes x 2 torch thread(s)"
+    assert isinstance(executors.make_executor(make_params().grid, 8, cores=1), executors.SequentialExecutor)
 
 
 @pytest.mark.slow
@@ -335,8 +337,8 @@ def test_ctrl_c_marks_child_and_parent_killed_and_propagates(data, store):
 
     tracker = open_tracker(mlflow_settings(store, "ctrl-c"))
     with pytest.raises(KeyboardInterrupt), tracker.running():
-        ctx = grid.TrainContext(data=data, tracker=tracker, progress=False, train_run=interrupted_after_first_epoch)
-        grid.train_grid(expand_grid(params), ctx, report=None)
+        ctx = TrainContext(data=data, tracker=tracker, progress=False, train_run=interrupted_after_first_epoch)
+        run_search(expand_grid(params), ctx, report=None)
     client = client_for(store)
     children = children_of(client, tracker)
     assert list(children) == ["lr=0.05"]  # the grid stopped: no second child

@@ -22,7 +22,11 @@ import pytest
 import torch
 import yaml
 
-from cnnpipe import grid, results, runcache
+from cnnpipe import results, runcache
+from cnnpipe.tracking import NullTracker
+from cnnpipe.search.trial import TrainContext
+from cnnpipe.search.selection import select_best
+from cnnpipe.search.runner import run_search
 from cnnpipe.engine import TrainData
 from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.params import MlflowParams, expand_grid
@@ -56,9 +60,9 @@ def data(tiny_prepared) -> TrainData:
 
 def run(params, data, cache, tracker=None, lines=None):
     counter = CountingTrain()
-    ctx = grid.TrainContext(data=data, tracker=tracker or grid.NullTracker(), progress=False, layer_stats=True,
+    ctx = TrainContext(data=data, tracker=tracker or NullTracker(), progress=False, layer_stats=True,
                             train_run=counter)
-    records = grid.train_grid(expand_grid(params), ctx, cache=cache,
+    records = run_search(expand_grid(params), ctx, cache=cache,
                               report=lines.append if lines is not None else None)
     return records, counter.trained
 
@@ -102,7 +106,7 @@ def test_a_reused_run_is_the_original_result_and_weights(incremental):
         assert new.result.best_epoch == old.result.best_epoch and new.result.seconds == old.result.seconds
         a, b = old.result.model.state_dict(), new.result.model.state_dict()
         assert all(torch.equal(a[key], b[key]) for key in a)
-    assert grid.select_best(second, "val_loss").ok
+    assert select_best(second, "val_loss").ok
 
 
 @pytest.mark.slow
@@ -132,7 +136,7 @@ def test_reused_runs_are_complete_mlflow_children_tagged_with_their_origin(incre
 @pytest.mark.slow
 def test_grid_csv_marks_reused_runs(incremental, tmp_path):
     _, (_, (_, second, _, _)) = incremental
-    best = grid.select_best(second, "val_loss")
+    best = select_best(second, "val_loss")
     results.write_reports(tmp_path, second, best, select_by="val_loss")
     frame = pd.read_csv(tmp_path / "grid.csv")
     assert list(frame["cached"]) == [True, True, False]

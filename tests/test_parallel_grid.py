@@ -21,7 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnpipe import executors, grid
+from cnnpipe import executors
+from cnnpipe.search.trial import run_one
+from cnnpipe.search.trial import TrainContext
+from cnnpipe.search.trial import RunError
+from cnnpipe.search.selection import select_best
+from cnnpipe.search.runner import run_search
+from cnnpipe.search.progress import epoch_line
+from cnnpipe.search.log import SearchLog
 from cnnpipe.engine import TrainData
 from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.errors import CnnpipeError, DataError, ParamsError
@@ -69,9 +76,9 @@ def train(configs, data, prepared, store, experiment, executor, **ctx_kwargs):
     tracker = open_tracker(settings(store, experiment))
     lines: list[str] = []
     with tracker.running():
-        ctx = grid.TrainContext(data=data, tracker=tracker, progress=False, num_threads=1, layer_stats=True,
+        ctx = TrainContext(data=data, tracker=tracker, progress=False, num_threads=1, layer_stats=True,
                                 prepared_dir=prepared, **ctx_kwargs)
-        records = grid.train_grid(configs, ctx, executor=executor, report=lines.append)
+        records = run_search(configs, ctx, executor=executor, report=lines.append)
     return tracker, records, lines
 
 
@@ -114,17 +121,17 @@ def test_ray_backend_without_ray_is_one_line(monkeypatch):
 
 
 def test_a_run_error_crosses_processes_as_the_same_one_line_error():
-    err = grid.RunError(3, "ParamsError", "params.yaml: lr must be > 0", 2)
+    err = RunError(3, "ParamsError", "params.yaml: lr must be > 0", 2)
     clone = pickle.loads(pickle.dumps(err))
     rebuilt = clone.rebuild()
     assert clone.index == 3 and type(rebuilt) is ParamsError
     assert str(rebuilt) == "params.yaml: lr must be > 0" and rebuilt.exit_code == 2
-    assert type(grid.RunError(1, "NotAnError", "x").rebuild()) is CnnpipeError
+    assert type(RunError(1, "NotAnError", "x").rebuild()) is CnnpipeError
 
 
 def test_outcome_packs_the_model_as_safetensors_and_rebuilds_it(data):
     cfg = expand_grid(make_params(lr=0.01, batch_size=64, epochs=1))[0]
-    outcome = grid.run_one(grid.TrainContext(data=data, progress=False), 1, cfg)
+    outcome = run_one(TrainContext(data=data, progress=False), 1, cfg)
     packed = pickle.loads(pickle.dumps(outcome.packed()))
     from safetensors.torch import load
 
@@ -140,7 +147,7 @@ def test_epoch_line_names_the_run():
     from cnnpipe.engine import EpochRecord
 
     record = EpochRecord(2, 0.41234, 0.8, 0.39211, 0.85714, 0.99, 0.01, 12.34, 1000.0)
-    assert grid.epoch_line(cfg, record) == (
+    assert epoch_line(cfg, record) == (
         "[lr=0.05,batch_size=64] epoch 2/2: train_loss 0.4123 val_loss 0.3921 val_top1 0.8571 (12.3 s)")
 
 
@@ -157,7 +164,7 @@ def test_parallel_results_and_weights_equal_sequential_bitwise(both):
         assert a.result.best_epoch == b.result.best_epoch
         sa, sb = a.result.model.state_dict(), b.result.model.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[key], sb[key]) for key in sa)
-    assert grid.select_best(seq, "val_loss").index == grid.select_best(par, "val_loss").index
+    assert select_best(seq, "val_loss").index == select_best(par, "val_loss").index
 
 
 @pytest.mark.slow
@@ -199,9 +206,9 @@ def test_late_or_missing_epoch_events_still_give_full_histories(data, store):
     cfg = expand_grid(make_params(lr=0.01, batch_size=64))[0]
     tracker = open_tracker(settings(store, "late-events"))
     with tracker.running():
-        ctx = grid.TrainContext(data=data, tracker=tracker, progress=False)
-        log = grid.GridLog(ctx, {1: cfg}, total=1, select_by="val_loss", report=None, live=True)
-        outcome = grid.run_one(ctx.for_workers(executors.InlineSource(data)), 1, cfg)  # no events at all
+        ctx = TrainContext(data=data, tracker=tracker, progress=False)
+        log = SearchLog(ctx, {1: cfg}, total=1, select_by="val_loss", report=None, live=True)
+        outcome = run_one(ctx.for_workers(executors.InlineSource(data)), 1, cfg)  # no events at all
         rec = log.finish(outcome)
         log.handle(("epoch", 1, rec.result.history[0]))  # arrives after the result: ignored
     history = client_for(store).get_metric_history(rec.mlflow_run_id, "val_loss")
@@ -215,7 +222,7 @@ def test_a_crash_in_a_worker_fails_that_run_and_the_grid_goes_on(data, prepared,
                                     train_run=crash_on_lr_005)
     crashed, ok = records
     assert crashed.result.status == "failed" and "RuntimeError: worker crash for lr=0.05" in crashed.result.stop_reason
-    assert ok.ok and grid.select_best(records, "val_loss") is ok
+    assert ok.ok and select_best(records, "val_loss") is ok
     client = client_for(store)
     assert client.get_run(crashed.mlflow_run_id).info.status == "FAILED"
     assert client.get_run(ok.mlflow_run_id).info.status == "FINISHED"
@@ -234,9 +241,9 @@ def test_a_user_error_in_a_worker_stops_the_grid_with_one_line(data, prepared, t
 
     other = tmp_path / "other"
     make_prepared(other, n_train=300, n_val=100, n_test=20, seed=7)  # same layout, different fingerprint
-    ctx = grid.TrainContext(data=data, progress=False, prepared_dir=other)
+    ctx = TrainContext(data=data, progress=False, prepared_dir=other)
     with pytest.raises(DataError) as info:
-        grid.train_grid(expand_grid(make_params(batch_size=64)), ctx, executor=executors.ProcessExecutor(2, 1),
+        run_search(expand_grid(make_params(batch_size=64)), ctx, executor=executors.ProcessExecutor(2, 1),
                         report=None)
     assert "changed while the grid was running" in str(info.value) and "\n" not in str(info.value)
 
@@ -248,9 +255,9 @@ def exit_abruptly(cfg, data, **kwargs):
 
 @pytest.mark.slow
 def test_a_dead_worker_process_is_one_line_not_a_hang(data, prepared):
-    ctx = grid.TrainContext(data=data, progress=False, prepared_dir=prepared, train_run=exit_abruptly)
+    ctx = TrainContext(data=data, progress=False, prepared_dir=prepared, train_run=exit_abruptly)
     with pytest.raises(executors.WorkerDied) as info:
-        grid.train_grid(expand_grid(make_params(batch_size=64)), ctx, executor=executors.ProcessExecutor(2, 1),
+        run_search(expand_grid(make_params(batch_size=64)), ctx, executor=executors.ProcessExecutor(2, 1),
                         report=None)
     assert str(info.value).startswith("a grid worker process died") and "grid.workers" in str(info.value)
 
@@ -260,7 +267,7 @@ import multiprocessing, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if the test runner ignores SIGINT
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from cnnpipe import executors, grid
+from cnnpipe import executors
 from cnnpipe.engine import TrainData
 from cnnpipe.params import MlflowParams, expand_grid, parse_params
 from cnnpipe.tracking import open_tracker
@@ -273,9 +280,9 @@ if __name__ == "__main__":
     print("PARENT", tracker.parent_run_id, flush=True)
     try:
         with tracker.running():
-            ctx = grid.TrainContext(data=TrainData.load(prepared, splits=("train", "val")), tracker=tracker,
+            ctx = TrainContext(data=TrainData.load(prepared, splits=("train", "val")), tracker=tracker,
                                     progress=False, prepared_dir=prepared)
-            grid.train_grid(expand_grid(params), ctx, executor=executors.ProcessExecutor(2, 1),
+            run_search(expand_grid(params), ctx, executor=executors.ProcessExecutor(2, 1),
                             report=lambda line: print(line, flush=True))
     except KeyboardInterrupt:
         print("INTERRUPTED workers left:", len(multiprocessing.active_children()), flush=True)

@@ -14,7 +14,10 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from cnnpipe import executors, grid  # noqa: E402
+from cnnpipe import executors  # noqa: E402
+from cnnpipe.search.trial import TrainContext  # noqa: E402
+from cnnpipe.search.selection import select_best  # noqa: E402
+from cnnpipe.search.runner import run_search  # noqa: E402
 from cnnpipe.engine import TrainData  # noqa: E402
 from cnnpipe.params import MlflowParams, expand_grid  # noqa: E402
 from cnnpipe.tracking import open_tracker  # noqa: E402
@@ -42,8 +45,8 @@ def prepared(tiny_prepared) -> Path:
 def both(prepared, tmp_path_factory):
     """The grid on the local backend (this process) and as tasks on a local Ray (one torch thread per run)."""
     data = TrainData.load(prepared, splits=("train", "val"))
-    local_ctx = grid.TrainContext(data=data, progress=False, num_threads=1)
-    local = grid.train_grid(configs(), local_ctx, report=None)
+    local_ctx = TrainContext(data=data, progress=False, num_threads=1)
+    local = run_search(configs(), local_ctx, report=None)
 
     store = tmp_path_factory.mktemp("mlstore")
     tracker = open_tracker(MlflowParams(tracking_uri=f"sqlite:///{store / 'mlflow.db'}", experiment="ray"))
@@ -51,8 +54,8 @@ def both(prepared, tmp_path_factory):
     assert isinstance(executor, executors.RayExecutor)
     lines: list[str] = []
     with tracker.running():
-        ctx = grid.TrainContext(data=data, tracker=tracker, progress=False, num_threads=1, prepared_dir=prepared)
-        remote = grid.train_grid(configs(), ctx, executor=executor, report=lines.append)
+        ctx = TrainContext(data=data, tracker=tracker, progress=False, num_threads=1, prepared_dir=prepared)
+        remote = run_search(configs(), ctx, executor=executor, report=lines.append)
     assert not ray.is_initialized()  # the local Ray it started is shut down again
     return local, remote, tracker, store, lines
 
@@ -66,7 +69,7 @@ def test_ray_results_and_weights_equal_the_local_backend(both):
         assert [strip(e) for e in a.result.history] == [strip(e) for e in b.result.history]
         sa, sb = a.result.model.state_dict(), b.result.model.state_dict()
         assert all(torch.equal(sa[key], sb[key]) for key in sa)
-    assert grid.select_best(local, "val_loss").index == grid.select_best(remote, "val_loss").index
+    assert select_best(local, "val_loss").index == select_best(remote, "val_loss").index
 
 
 def test_ray_runs_are_tracked_by_the_driver_with_full_histories(both):

@@ -131,7 +131,8 @@ def test_disabled_tracking_never_imports_mlflow(tmp_path):
     code = (
         "import sys\n"
         "from cnnpipe.params import MlflowParams\n"
-        "from cnnpipe import grid, results, tracking, layerstats\n"
+        "from cnnpipe import results, tracking, layerstats\n"
+        "from cnnpipe.search import runner, log, trial\n"
         "t = tracking.open_tracker(MlflowParams(enabled=False))\n"
         "assert type(t) is tracking.NullTracker and tracking.preflight(MlflowParams(enabled=False)) is None\n"
         "print('mlflow' in sys.modules)\n"

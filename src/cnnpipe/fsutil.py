@@ -71,13 +71,44 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0  # EINVAL/ENOSYS (old kernel, some filesystems): use the fallback
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty temp folder; on success it replaces ``path`` whole.
 
-    The old folder is moved aside, the new one renamed in, then the old one
-    removed, so at every instant ``path`` is either the complete old or the
-    complete new folder.
+    On Linux the new folder and the old one are exchanged in one
+    ``renameat2(RENAME_EXCHANGE)`` call, so ``path`` is never missing, even
+    if the process is killed mid-swap. Elsewhere the old folder is moved
+    aside and the new one renamed in (a kill between the two renames leaves
+    the old one beside it as ``.<name>.*.old``).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +116,9 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     _public_mode(tmp, directory=True)
     try:
         yield tmp
+        if (target.exists() or target.is_symlink()) and exchange_paths(tmp, target):
+            _remove(tmp)  # tmp now holds the old folder
+            return
         backup = None
         if target.exists() or target.is_symlink():
             backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
@@ -92,10 +126,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.replace(target, backup)
         os.replace(tmp, target)
         if backup is not None:
-            if backup.is_dir() and not backup.is_symlink():
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                backup.unlink()
+            _remove(backup)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

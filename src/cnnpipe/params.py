@@ -102,6 +102,11 @@ class GridParams(_Strict):
     ray_address: str | None = None
     max_runs: PositiveInt = 64
     cache: StrictBool = True
+    strategy: Literal["exhaustive", "halving"] = "exhaustive"
+    eta: Annotated[StrictInt, Field(ge=2)] = 3
+    min_epochs: PositiveInt = 1
+    samples: PositiveInt = 8
+    search_seed: NonNegInt = 0
 
 
 SECTION_MODELS: dict[str, type[_Strict]] = {

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from cnnpipe.engine import TrainData
-    from cnnpipe.grid import RunRecord
+    from cnnpipe.search.selection import RunRecord
     from cnnpipe.tracking import NullTracker
 
 METRIC_KEYS = ("val_loss", "val_top1", "val_top5")
@@ -30,7 +30,7 @@ EPOCH_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "v
 HISTORY_COLUMNS = ("run_id", "run_name", *EPOCH_COLUMNS)
 GRID_COLUMNS = (
     "run_id", "run_name", *TRAINING_KEYS, "status", "stop_reason", "best_epoch", "epochs_run",
-    *METRIC_KEYS, "seconds", "images_per_s", "mlflow_run_id", "cached",
+    *METRIC_KEYS, "seconds", "images_per_s", "mlflow_run_id", "cached", "resumed_at", "rung", "pruned",
 )
 TRAIN_JSON_KEYS = (
     "select_by", "run_id", "run_name", "best_epoch", *METRIC_KEYS, "epochs_run", "seconds",
@@ -76,7 +76,10 @@ def grid_row(rec: "RunRecord") -> dict[str, Any]:
         "seconds": round(float(result.seconds), 3),
         "images_per_s": round(float(result.images_per_s), 1),
         "mlflow_run_id": rec.mlflow_run_id,
-        "cached": bool(getattr(rec, "cached", False)),  # reused from the run cache, not trained this time
+        "cached": bool(rec.cached),  # reused from the run cache, not trained this time
+        "resumed_at": rec.resumed_at,  # continued from its saved run state after this epoch
+        "rung": rec.rung,  # successive halving: the last rung it trained in (0: exhaustive grid)
+        "pruned": bool(rec.pruned),  # successive halving: stopped at epochs_run, not a candidate
     }
 
 
@@ -84,7 +87,7 @@ def grid_frame(records: Sequence["RunRecord"]) -> "pd.DataFrame":
     import pandas as pd
 
     frame = pd.DataFrame([grid_row(rec) for rec in records], columns=list(GRID_COLUMNS))
-    return frame.astype({"best_epoch": "Int64", "epochs_run": "Int64"})
+    return frame.astype({"best_epoch": "Int64", "epochs_run": "Int64", "resumed_at": "Int64"})
 
 
 def train_summary(best: "RunRecord", records: Sequence["RunRecord"], *, select_by: str,
@@ -158,7 +161,7 @@ def summary_table(records: Sequence["RunRecord"], best: "RunRecord", select_by: 
         loss = f"{r.best.val_loss:.4f}" if r.best else "-"
         top1 = f"{r.best.val_top1:.4f}" if r.best else "-"
         epoch = str(r.best_epoch) if r.best_epoch else "-"
-        status = "reused" if getattr(rec, "cached", False) else r.status
+        status = rec.status
         lines.append(f"{mark:1} {name:<36} {status:<9} {epoch:>5} {loss:>9} {top1:>9} {r.seconds:>8.1f}")
     lines.append(f"* selected by {select_by}: {best.cfg.name} (run {best.cfg.run_id})")
     return "\n".join(lines)
@@ -206,27 +209,30 @@ def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData"
             select_by: str, best_dir: str | os.PathLike[str], reports_dir: str | os.PathLike[str]) -> Published:
     """Write the selected checkpoint and the reports, and close the loop in MLflow.
 
-    ``models/best`` is assembled in a temp folder and swapped in only after the
-    checkpoint, the MLflow model version and every report were written: if
-    anything fails, the previous ``models/best`` stays exactly as it was.
+    ``models/best`` is assembled in a temp folder and swapped in whole
+    (``fsutil.atomic_dir``): a failure or a kill before the swap leaves the
+    previous ``models/best`` exactly as it was, and at no instant is it missing.
     """
     from cnnpipe.checkpoint import save_checkpoint
-    from cnnpipe.grid import model_summary
+    from cnnpipe.models.spec import model_summary
 
     best_dir = Path(best_dir)
-    summary = model_summary(best.cfg, data)
+    summary = model_summary(best.cfg.values.model, best.cfg.layers, data.image_shape, data.num_classes)
+    # Order: the checkpoint lands first (swapped in whole), then the reports that
+    # describe it, then the MLflow model version: a reader never sees a report or
+    # a registered version that points at weights not yet in models/best.
     with atomic_dir(best_dir) as staging:
         save_checkpoint(staging, best.result.model, checkpoint_sidecar(best, data, tracker))
         (staging / SUMMARY_FILE).write_text(summary + "\n", encoding="utf-8")
-        version = tracker.log_model(
-            best.mlflow_run_id, staging,
-            description=f"{best.cfg.name} (run {best.cfg.run_id}), best {select_by} at epoch {best.result.best_epoch}",
-            tags={"run_id": best.cfg.run_id, "dataset": data.dataset, "data_fingerprint": data.fingerprint},
-        )
-        paths = write_reports(reports_dir, records, best, select_by=select_by,
-                              mlflow_parent_run_id=tracker.parent_run_id, mlflow_experiment_id=tracker.experiment_id)
-        if tracker.enabled:
-            log_parent_summary(tracker, records, best, version, paths)
+    paths = write_reports(reports_dir, records, best, select_by=select_by,
+                          mlflow_parent_run_id=tracker.parent_run_id, mlflow_experiment_id=tracker.experiment_id)
+    version = tracker.log_model(
+        best.mlflow_run_id, best_dir,
+        description=f"{best.cfg.name} (run {best.cfg.run_id}), best {select_by} at epoch {best.result.best_epoch}",
+        tags={"run_id": best.cfg.run_id, "dataset": data.dataset, "data_fingerprint": data.fingerprint},
+    )
+    if tracker.enabled:
+        log_parent_summary(tracker, records, best, version, paths)
     return Published(best_dir, paths, version)
 
 

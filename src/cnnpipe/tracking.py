@@ -227,6 +227,9 @@ class NullTracker:
     def start_child(self, name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
         return None
 
+    def reopen_child(self, run_id: str, *, tags: Mapping[str, str]) -> set[int] | None:
+        return None
+
     def log_epoch(self, run_id: str | None, step: int, metrics: Mapping[str, float]) -> None:
         return None
 
@@ -342,6 +345,26 @@ class MlflowTracker(NullTracker):
         run_id = run.info.run_id
         self._batch(run_id, params=params)
         return run_id
+
+    def reopen_child(self, run_id: str, *, tags: Mapping[str, str]) -> set[int] | None:
+        """Continue a child run of an execution that was killed: it moves under this parent, RUNNING again.
+
+        Returns the epochs it already logged (so each epoch appears once), or
+        None when the run is gone, finished, or from another experiment: then
+        the caller starts a new child.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        if run.info.experiment_id != self.experiment_id or run.info.status == "FINISHED":
+            return None
+        history = self._call("get_metric_history", self.client.get_metric_history, run_id, "val_loss") or []
+        self._call("update_run", self.client.update_run, run_id, status="RUNNING")
+        self._batch(run_id, tags={**tags, "mlflow.parentRunId": self.parent_run_id, "cnnpipe.pid": str(os.getpid())})
+        return {int(metric.step) for metric in history}
 
     def log_epoch(self, run_id: str | None, step: int, metrics: Mapping[str, float]) -> None:
         if run_id:

@@ -42,7 +42,7 @@ from cnnpipe.engine.data import TrainData
 from cnnpipe.engine.early_stopping import EarlyStopping
 from cnnpipe.engine.optim import build_optimizer, build_scheduler, current_lr
 from cnnpipe.engine.records import EpochRecord, RunResult
-from cnnpipe.engine.resume import load_resume_state, save_resume_state
+from cnnpipe.engine.resume import load_resume_state, save_resume_state, state_identity
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.metrics import topk_accuracy
 from cnnpipe.models.build import build_model
@@ -199,6 +199,7 @@ def train_run(
     resume_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     layer_stats: bool = False,
+    stop_after: int | None = None,
 ) -> RunResult:
     """Train one run and return its history and best model (see the module docstring).
 
@@ -208,13 +209,17 @@ def train_run(
     ``resume_dir``: a folder for this run's per-epoch resume state; a state for
     the same ``run_id`` and data found there is continued from. ``progress``:
     a tqdm bar per epoch when stderr is a terminal. ``layer_stats``: per-module
-    weight/gradient norms in each ``EpochRecord``.
+    weight/gradient norms in each ``EpochRecord``. ``stop_after``: train at
+    most up to this epoch (a successive-halving rung); a run that is not done
+    by then returns status 'paused' and continues from ``resume_dir`` later,
+    exactly as if it had never stopped (the schedule is defined over
+    ``epochs``, not over the budget).
     """
     dev = resolve_device(device)
     configure_backend(dev)
     fork_devices = [torch.device(dev).index or 0] if is_cuda(dev) else []
     with thread_limit(num_threads), torch.random.fork_rng(devices=fork_devices):
-        return _train(cfg, data, dev, on_epoch, resume_dir, progress, layer_stats)
+        return _train(cfg, data, dev, on_epoch, resume_dir, progress, layer_stats, stop_after)
 
 
 @dataclass
@@ -309,8 +314,35 @@ def _cpu_model(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _save(resume_dir: str | os.PathLike[str] | None, state: dict[str, Any] | None) -> None:
+    if resume_dir is not None and state is not None:
+        save_resume_state(resume_dir, state)
+
+
+def _state(cfg: RunConfig, data: TrainData, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+           scheduler: Any, generator: torch.Generator, dev: str, stopper: EarlyStopping,
+           history: list[EpochRecord], seconds: float, train_images: int, train_seconds: float,
+           stop_reason: str | None, status: str, diverged_model: bool = False) -> dict[str, Any]:
+    """Everything ``_train`` needs to continue after ``epoch`` (see ``engine.resume``).
+
+    A diverged run's live weights are NaN and never trained further: only
+    its history and best weights matter, so its model/optimizer are not kept.
+    """
+    return {
+        "identity": state_identity(cfg), "data_fingerprint": data.fingerprint, "epoch": epoch, "status": status,
+        "model": None if diverged_model else {k: t.detach() for k, t in model.state_dict().items()},
+        "optimizer": None if diverged_model else optimizer.state_dict(),
+        "scheduler": None if diverged_model or scheduler is None else scheduler.state_dict(),
+        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(torch.device(dev)) if is_cuda(dev) else None,
+        "early": stopper.state_dict(), "history": [r.to_dict() for r in history],
+        "seconds": seconds, "train_images": train_images, "train_seconds": train_seconds, "stop_reason": stop_reason,
+    }
+
+
 def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
-           resume_dir: str | os.PathLike[str] | None, progress: bool, want_stats: bool) -> RunResult:
+           resume_dir: str | os.PathLike[str] | None, progress: bool, want_stats: bool,
+           stop_after: int | None) -> RunResult:
     v = cfg.values
     started = time.perf_counter()
     torch.manual_seed(v.seed)
@@ -339,11 +371,13 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
     train_images = 0
     train_seconds = 0.0
     stop_reason: str | None = None
+    status = "finished"
 
-    state = load_resume_state(resume_dir, cfg.run_id, data.fingerprint) if resume_dir is not None else None
+    state = load_resume_state(resume_dir, state_identity(cfg), data.fingerprint) if resume_dir is not None else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if state["model"] is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
@@ -356,11 +390,15 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         train_images = int(state["train_images"])
         train_seconds = float(state["train_seconds"])
         stop_reason = state["stop_reason"]
+        if state.get("status") == "diverged":
+            status = "diverged"
+        elif stop_reason is None and stopper.should_stop and len(history) < v.epochs:
+            stop_reason = "early_stopping"  # saved at the old last epoch; a longer run would have stopped there
 
     show = _progress_enabled(progress)
-    status = "finished"
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    for epoch in range(len(history) + 1, v.epochs + 1):
+    last = v.epochs if stop_after is None else max(0, min(v.epochs, stop_after))
+    for epoch in range(len(history) + 1, last + 1):
         if stop_reason is not None:
             break
         try:
@@ -375,6 +413,9 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         train_seconds += ep.seconds
         if ep.diverged:
             status, stop_reason = "diverged", ep.diverged
+            _save(resume_dir, _state(cfg, data, epoch - 1, model, optimizer, scheduler, generator, dev, stopper,
+                                     history, prior_seconds + time.perf_counter() - started, train_images,
+                                     train_seconds, stop_reason, status, diverged_model=True))
             break
         eval_start = time.perf_counter()
         logits = evaluate_logits(model, val_x, mean=data.mean, std=data.std, batch_size=max(v.batch_size, 1000), device=dev)
@@ -382,6 +423,9 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         if not math.isfinite(val_loss):
             status = "diverged"
             stop_reason = f"diverged: validation loss is {'nan' if math.isnan(val_loss) else 'inf'} at epoch {epoch}"
+            _save(resume_dir, _state(cfg, data, epoch - 1, model, optimizer, scheduler, generator, dev, stopper,
+                                     history, prior_seconds + time.perf_counter() - started, train_images,
+                                     train_seconds, stop_reason, status, diverged_model=True))
             break
         record = EpochRecord(
             epoch=epoch, train_loss=ep.loss, train_top1=ep.top1, val_loss=val_loss, val_top1=val_top1,
@@ -393,23 +437,17 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         stopper.update(val_loss if v.monitor == "val_loss" else val_top1, epoch, model)
         if stopper.should_stop and epoch < v.epochs:
             stop_reason = "early_stopping"
-        if resume_dir is not None:
-            save_resume_state(resume_dir, {
-                "run_id": cfg.run_id, "data_fingerprint": data.fingerprint, "epoch": epoch,
-                "model": {k: t.detach().cpu() for k, t in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(torch.device(dev)) if is_cuda(dev) else None,
-                "early": stopper.state_dict(), "history": [r.to_dict() for r in history],
-                "seconds": prior_seconds + time.perf_counter() - started,
-                "train_images": train_images, "train_seconds": train_seconds, "stop_reason": stop_reason,
-            })
+        _save(resume_dir, _state(cfg, data, epoch, model, optimizer, scheduler, generator, dev, stopper, history,
+                                 prior_seconds + time.perf_counter() - started, train_images, train_seconds,
+                                 stop_reason, status))
         if on_epoch is not None:
             on_epoch(record, model)
 
     if status == "finished" and stop_reason is None:
-        stop_reason = "max_epochs"
+        if len(history) < v.epochs:  # the budget ran out first: continue from resume_dir later
+            status, stop_reason = "paused", f"paused after epoch {len(history)} of {v.epochs}"
+        else:
+            stop_reason = "max_epochs"
     stopper.restore(model)
     best = next((r for r in history if r.epoch == stopper.best_epoch), None)
     return RunResult(

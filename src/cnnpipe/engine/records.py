@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-STATUSES = ("finished", "diverged", "failed")
+STATUSES = ("finished", "diverged", "failed", "paused")
 
 
 @dataclass
@@ -61,8 +61,10 @@ class EpochRecord:
 class RunResult:
     """Outcome of ``train_run``.
 
-    ``status`` is 'finished' (ran to ``epochs`` or stopped early) or
-    'diverged' (a non-finite loss; ``stop_reason`` names epoch and batch).
+    ``status`` is 'finished' (ran to ``epochs`` or stopped early),
+    'diverged' (a non-finite loss; ``stop_reason`` names epoch and batch; the
+    best finite epoch, if any, is still ``best``/``model``) or 'paused' (the
+    ``stop_after`` budget ended first; it continues from its run state).
     'failed' is never produced by ``train_run`` itself: real errors raise, and
     a grid runner that catches one records it with status 'failed' and the
     error text as ``stop_reason`` (see ``failed``).
@@ -81,9 +83,11 @@ class RunResult:
     images_per_s: float
     model: "nn.Module | None"
     device: str
+    traceback: str | None = None  # a 'failed' run's full traceback (the one-line reason is ``stop_reason``)
 
     @classmethod
-    def failed(cls, run_id: str, error: str, *, device: str = "cpu", seconds: float = 0.0) -> "RunResult":
+    def failed(cls, run_id: str, error: str, *, device: str = "cpu", seconds: float = 0.0,
+               traceback: str | None = None) -> "RunResult":
         """A result for a run that raised (for grid runners that must go on)."""
         return cls(run_id=run_id, status="failed", stop_reason=error, best_epoch=None, best=None, history=[],
-                   epochs_run=0, seconds=seconds, images_per_s=0.0, model=None, device=device)
+                   epochs_run=0, seconds=seconds, images_per_s=0.0, model=None, device=device, traceback=traceback)

@@ -1,50 +1,138 @@
-"""Per-epoch resume state: everything needed to continue a run bit-for-bit.
+"""Per-epoch run state: everything needed to continue a run bit-for-bit.
 
-One file, ``<resume_dir>/resume.pt``, rewritten atomically after every
+One file, ``<state_dir>/state.safetensors``, rewritten atomically after every
 epoch: model, optimizer and scheduler states, the shuffling/augmentation
 generator and torch's global RNG (dropout), the history so far and the
-early-stopping state with its best weights. It is written with
-``torch.save`` and read back with ``torch.load(weights_only=True)``, which
-only rebuilds tensors and plain containers (no code runs), and only for a
-state whose ``run_id`` and data fingerprint match the run being started.
+early-stopping state with its best weights. Tensors are stored as
+safetensors; everything else (nesting, numbers, strings) is a JSON skeleton in
+the file's metadata, with each tensor replaced by its name. Loading parses
+JSON and reads raw tensors: nothing is unpickled, no code runs. A state is
+used only when its identity (``state_identity``) and data fingerprint match the run being
+started; a truncated or foreign file is refused with ``CheckpointError``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cnnpipe.errors import CheckpointError
 from cnnpipe.fsutil import atomic_path
 
-RESUME_FILE = "resume.pt"
-RESUME_FORMAT = "cnnpipe-resume/1"
+if TYPE_CHECKING:
+    from cnnpipe.params import RunConfig
+
+STATE_FILE = "state.safetensors"
+STATE_FORMAT = "cnnpipe-runstate/2"
+_META_KEY = "cnnpipe"
 
 
-def resume_path(resume_dir: str | os.PathLike[str]) -> Path:
-    return Path(resume_dir) / RESUME_FILE
+def state_identity(cfg: "RunConfig") -> str:
+    """What a saved state must match to be continued: the config, minus ``epochs`` when no schedule uses it.
+
+    With ``schedule: none`` the first k epochs do not depend on ``epochs``
+    (it only says where to stop), so a run trained to epoch 9 continues
+    bit-for-bit when ``epochs`` is raised to 27. Cosine and one-cycle
+    schedules are defined over ``epochs``: there it is part of the identity.
+    """
+    import hashlib
+
+    values = cfg.values.model_dump(mode="json")
+    if values.get("schedule") == "none":
+        values.pop("epochs", None)
+    payload = {"values": values, "layers": list(cfg.layers), "dataset": cfg.dataset}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def save_resume_state(resume_dir: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    path = resume_path(resume_dir)
+def state_path(state_dir: str | os.PathLike[str]) -> Path:
+    return Path(state_dir) / STATE_FILE
+
+
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``obj`` as JSON-able data, tensors moved into ``tensors`` and replaced by ``{"$t": name}``."""
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {"$t": name}
+    if isinstance(obj, dict):  # keys may be ints (optimizer state): keep their JSON type
+        return {"$d": [[key, _flatten(value, tensors)] for key, value in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"$tuple": [_flatten(value, tensors) for value in obj]}
+    if isinstance(obj, list):
+        return [_flatten(value, tensors) for value in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a run state")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_unflatten(value, tensors) for value in obj]
+    if isinstance(obj, dict):
+        if "$t" in obj:
+            return tensors[obj["$t"]]
+        if "$tuple" in obj:
+            return tuple(_unflatten(value, tensors) for value in obj["$tuple"])
+        if "$d" in obj:
+            return {key: _unflatten(value, tensors) for key, value in obj["$d"]}
+        raise ValueError("unknown node in run state")
+    return obj
+
+
+def save_resume_state(state_dir: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Write ``state`` atomically (temp file, fsync, rename) and return its path."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten({"format": STATE_FORMAT, **state}, tensors)
+    path = state_path(state_dir)
     with atomic_path(path) as tmp:
-        torch.save({"format": RESUME_FORMAT, **state}, tmp)
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(skeleton)})
+    return path
 
 
-def load_resume_state(resume_dir: str | os.PathLike[str], run_id: str, fingerprint: str) -> dict[str, Any] | None:
-    """The saved state for this run and data, or None (absent, another run, other data)."""
-    path = resume_path(resume_dir)
+def read_state_header(state_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The state's small fields (run id, epoch, stop reason) without its tensors; None if absent or unreadable."""
+    try:
+        state = load_resume_state(state_dir)
+    except CheckpointError:
+        return None
+    if state is None:
+        return None
+    return {key: state.get(key) for key in ("identity", "data_fingerprint", "epoch", "stop_reason", "status")}
+
+
+def load_resume_state(state_dir: str | os.PathLike[str], identity: str | None = None,
+                      fingerprint: str | None = None) -> dict[str, Any] | None:
+    """The saved state for this run and data, or None (absent, another run, other data).
+
+    Raises ``CheckpointError`` (one line, with the fix) for a truncated,
+    foreign or tampered file.
+    """
+    path = state_path(state_dir)
     if not path.is_file():
         return None
+    from safetensors import safe_open
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unreadable, truncated or not ours: refuse with the fix
-        raise CheckpointError(f"{path}: unreadable resume state ({type(err).__name__}); delete it to start the run afresh") from None
-    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        raise CheckpointError(f"{path}: not a cnnpipe resume state; delete it to start the run afresh")
-    if state.get("run_id") != run_id or state.get("data_fingerprint") != fingerprint:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt") as handle:
+            meta = (handle.metadata() or {}).get(_META_KEY)
+            for name in handle.keys():
+                tensors[name] = handle.get_tensor(name)
+        if meta is None:
+            raise ValueError("no cnnpipe metadata")
+        state = _unflatten(json.loads(meta), tensors)
+    except Exception as err:  # safetensors raises its own errors for truncated/garbage files
+        raise CheckpointError(f"{path}: unreadable run state ({type(err).__name__}); it was ignored and the run "
+                              "starts afresh") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a cnnpipe run state; it was ignored and the run starts afresh")
+    if (identity is not None and state.get("identity") != identity) or (
+            fingerprint is not None and state.get("data_fingerprint") != fingerprint):
         return None
     return state

@@ -1,0 +1,368 @@
+"""The parent's side of every trial: the ONLY writer to MLflow, the run cache and the state notes.
+
+Events from ``search.trial`` (possibly from other processes or Ray) arrive
+here in the parent's thread: a trial starting opens (or, after a kill,
+reopens) its MLflow child run, each epoch is logged as it arrives, and a
+trial's end completes the child with final metrics and artifacts, stores a
+finished run in the run cache and drops its run state. Because all writes
+come from one process in one thread, a sqlite store never sees concurrent
+writers and a Ray worker on another machine needs no access to the store.
+
+Events may arrive late or not at all (a process queue gives no ordering
+guarantee against the result); ``finish`` logs any epoch the events did not
+bring from the result's history, and late events for a finished trial are
+ignored, so every child ends with its full per-epoch history, each epoch
+exactly once. A promoted successive-halving trial keeps its child open
+between rungs; a pruned one ends FINISHED with ``cnnpipe.pruned`` tags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cnnpipe.executors import Event
+from cnnpipe.params import Params, RunConfig
+from cnnpipe.search.progress import SearchProgress, run_line
+from cnnpipe.search.selection import RunRecord, failure_reason, one_line
+from cnnpipe.search.trial import RunOutcome, TrainContext, rebuild_model
+from cnnpipe.tracking import NullTracker
+
+if TYPE_CHECKING:
+    from cnnpipe.engine import RunResult, TrainData
+    from cnnpipe.engine.records import EpochRecord
+    from cnnpipe.runcache import CachedRun, GridCache
+    from cnnpipe.search.runstate import RunStateStore
+
+TRACEBACK_FILE = "traceback.txt"
+
+
+def child_params(cfg: RunConfig, data: "TrainData") -> dict[str, Any]:
+    return {**cfg.flat(), "dataset": cfg.dataset or data.dataset}
+
+
+def child_tags(cfg: RunConfig, data: "TrainData", device: str) -> dict[str, str]:
+    return {
+        "cnnpipe.run_id": cfg.run_id,
+        "dataset": cfg.dataset or data.dataset,
+        "data_fingerprint": data.fingerprint,
+        "device": device,
+    }
+
+
+def epoch_metrics(record: "EpochRecord", layer_stats: bool) -> dict[str, float]:
+    metrics = {key: value for key, value in record.metrics().items() if key != "epoch"}
+    if layer_stats:
+        metrics.update(record.layer_stats)
+    return metrics
+
+
+def final_metrics(result: "RunResult") -> dict[str, float]:
+    out: dict[str, float] = {"epochs_run": float(result.epochs_run), "run_seconds": float(result.seconds),
+                             "run_images_per_s": float(result.images_per_s)}
+    if result.best is not None:
+        out.update({"best_epoch": float(result.best_epoch or 0), "best_val_loss": result.best.val_loss,
+                    "best_val_top1": result.best.val_top1, "best_val_top5": result.best.val_top5})
+    return out
+
+
+def search_definition(params: Params) -> dict[str, Any]:
+    """The parent run's params: every training key (a list for grid axes), the strategy and selection rule."""
+    out: dict[str, Any] = {}
+    for key, values in params.training.items():
+        out[key] = list(values) if len(values) > 1 else values[0]
+    grid = params.grid
+    out.update({"dataset": params.data.dataset, "select_by": params.select_by, "device": params.device,
+                "grid_size": params.grid_size, "grid_axes": ",".join(params.axes) or "none",
+                "strategy": grid.strategy})
+    if grid.strategy == "halving":
+        out.update({"eta": grid.eta, "min_epochs": grid.min_epochs})
+    return out
+
+
+def parent_tags(params: Params, data: "TrainData", device: str) -> dict[str, str]:
+    return {
+        "dataset": params.data.dataset,
+        "data_fingerprint": data.fingerprint,
+        "device": device,
+        "select_by": params.select_by,
+        "grid_axes": ",".join(params.axes) or "none",
+        "cnnpipe.strategy": params.grid.strategy,
+    }
+
+
+def cache_entry(rec: RunRecord, tracker: NullTracker) -> dict[str, Any]:
+    """What the cache keeps of a finished run besides its weights (plain JSON)."""
+    r = rec.result
+    return {
+        "run_id": rec.cfg.run_id,
+        "run_name": rec.cfg.name,
+        "params": rec.cfg.flat(),
+        "status": r.status,
+        "stop_reason": r.stop_reason,
+        "best_epoch": r.best_epoch,
+        "epochs_run": r.epochs_run,
+        "seconds": r.seconds,
+        "images_per_s": r.images_per_s,
+        "device": r.device,
+        "history": [epoch.to_dict() for epoch in r.history],
+        "mlflow_run_id": rec.mlflow_run_id,
+        "mlflow_experiment_id": tracker.experiment_id,
+        "tracking_uri": tracker.uri,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def result_from_cache(hit: "CachedRun", cfg: RunConfig, data: "TrainData", device: str) -> "RunResult | None":
+    """The cached run as a ``RunResult`` with its model rebuilt; None if the entry does not fit."""
+    from cnnpipe.engine import EpochRecord, RunResult
+
+    try:
+        raw = hit.record
+        history = [EpochRecord.from_dict(epoch) for epoch in raw["history"]]
+        best_epoch = raw["best_epoch"]
+        best = next(epoch for epoch in history if epoch.epoch == best_epoch)
+        model = rebuild_model(cfg, data, hit.state_dict)
+        return RunResult(run_id=cfg.run_id, status=raw["status"], stop_reason=raw["stop_reason"], best_epoch=best_epoch,
+                         best=best, history=history, epochs_run=int(raw["epochs_run"]), seconds=float(raw["seconds"]),
+                         images_per_s=float(raw["images_per_s"]), model=model, device=str(raw.get("device", device)))
+    except (KeyError, TypeError, ValueError, StopIteration, RuntimeError):
+        return None
+
+
+def _png_bytes(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Best-effort bookkeeping while another error is already on its way up."""
+    with contextlib.suppress(Exception):
+        fn(*args, **kwargs)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("CNNPIPE_DEBUG", "").strip() not in ("", "0")
+
+
+class SearchLog:
+    """MLflow children, progress lines, run cache and run-state notes for every trial of one search."""
+
+    def __init__(self, ctx: TrainContext, tracker: NullTracker, configs: dict[int, RunConfig], *, select_by: str,
+                 progress: SearchProgress, cache: "GridCache | None" = None, states: "RunStateStore | None" = None,
+                 samples: Path | None = None) -> None:
+        if ctx.data is None:
+            raise ValueError("SearchLog needs the parent's TrainData")
+        self.ctx = ctx
+        self.data: "TrainData" = ctx.data
+        self.tracker = tracker
+        self.cfgs = dict(configs)
+        self.total = len(configs)
+        self.select_by = select_by
+        self.progress = progress
+        self.cache = cache
+        self.states = states
+        self.samples = samples  # reports/samples.png, attached to every child run when present
+        self.children: dict[int, str | None] = {}
+        self.logged: dict[int, set[int]] = {}
+        self.active: set[int] = set()  # trials whose current rung is in flight
+        self.done: set[int] = set()  # trials whose child run has ended
+        self._summaries: dict[str, str] = {}
+
+    # ---- events from run_one
+
+    def handle(self, event: Event) -> None:
+        kind, index = event[0], int(event[1])
+        if index in self.done or index not in self.cfgs:
+            return
+        if kind == "note":
+            self.say(f"{self.cfgs[index].name}: {event[2]}")
+        elif kind == "start":
+            resumed = int(event[2]) if len(event) > 2 else 0
+            self._open(index, resumed=resumed)
+            if resumed and index not in self.active:
+                cfg = self.cfgs[index]
+                self.say(f"resumed {cfg.name} at epoch {resumed}/{cfg.values.epochs}")
+            if index not in self.active:
+                self.active.add(index)
+                self.progress.start(index, self.cfgs[index], resumed, self.cfgs[index].values.epochs)
+        elif kind == "epoch":
+            self._epoch(index, event[2], live=True)
+
+    def state_folder(self, cfg: RunConfig) -> Path | None:
+        return self.states.folder(cfg, self.data.fingerprint, self.ctx.device) if self.states is not None else None
+
+    def _open(self, index: int, tags: dict[str, str] | None = None, resumed: int = 0) -> str | None:
+        if index in self.children:
+            return self.children[index]
+        cfg = self.cfgs[index]
+        folder = self.state_folder(cfg)
+        note = self.states.read_note(folder) if self.states is not None and folder is not None and resumed else {}
+        previous = str(note.get("mlflow_run_id") or "")
+        child, logged = None, set()
+        if previous and self.tracker.enabled:
+            reopened = self.tracker.reopen_child(previous, tags={"cnnpipe.resumed_at_epoch": str(resumed)})
+            if reopened is not None:
+                child, logged = previous, reopened
+        if child is None:
+            extra = dict(tags or {})
+            if resumed:
+                extra.update({"cnnpipe.resumed_at_epoch": str(resumed), "cnnpipe.resumed_from": previous})
+            child = self.tracker.start_child(cfg.name, params=child_params(cfg, self.data),
+                                             tags={**child_tags(cfg, self.data, self.ctx.device), **extra})
+        self.children[index] = child
+        self.logged[index] = logged
+        if folder is not None and self.states is not None and child:
+            with contextlib.suppress(OSError):
+                self.states.write_note(folder, {"mlflow_run_id": child, "run_name": cfg.name, "epoch": resumed})
+        return child
+
+    def _epoch(self, index: int, record: "EpochRecord", live: bool) -> None:
+        child = self._open(index)
+        if record.epoch in self.logged[index]:
+            return
+        self.tracker.log_epoch(child, record.epoch, epoch_metrics(record, self.ctx.layer_stats))
+        self.logged[index].add(record.epoch)
+        if live:
+            self.progress.epoch(index, self.cfgs[index], record)
+
+    # ---- a trial's end (of a rung, or of the search)
+
+    def finish(self, outcome: RunOutcome, *, final: bool) -> RunRecord:
+        """Record a trial's outcome; ``final``: its child ends (else it stays open for the next rung)."""
+        rec = outcome.unpacked(self.data)
+        index = rec.index
+        rec.mlflow_run_id = self._open(index, resumed=rec.resumed_at or 0)
+        for record in rec.result.history:
+            self._epoch(index, record, live=False)
+        self.active.discard(index)
+        self.progress.finish(index)
+        if rec.result.status == "failed" and rec.result.traceback and debug_enabled():
+            self.say(f"{rec.cfg.name} crashed:\n{rec.result.traceback.rstrip()}")
+        if final:
+            self.end(rec, outcome)
+        return rec
+
+    def end(self, rec: RunRecord, outcome: RunOutcome | None = None) -> None:
+        """End the trial's child run; cache a finished run and drop its state."""
+        histograms = None
+        if outcome is not None and outcome.layers:
+            from cnnpipe.layerstats import histogram_figure
+
+            figure = histogram_figure(outcome.layers, f"{rec.cfg.name}: weights and gradients after epoch {outcome.layers_epoch}")
+            histograms = _png_bytes(figure)
+        self._end_child(rec, histograms)
+        complete = rec.ok and rec.result.status in ("finished", "diverged") and not rec.pruned
+        if self.cache is not None and complete and rec.result.model is not None and not rec.cached:
+            from cnnpipe.runcache import HISTOGRAMS
+
+            try:
+                self.cache.store(rec.cfg, cache_entry(rec, self.tracker), rec.result.model.state_dict(),
+                                 fingerprint=self.data.fingerprint, device=self.ctx.device,
+                                 files={HISTOGRAMS: histograms} if histograms else None)
+            except OSError as err:  # a full disk costs the next grid a retrain, not this grid its result
+                self.say(f"cache: could not store {rec.cfg.name} ({one_line(str(err), 160)}); it will train again next time")
+        if complete and self.states is not None and (self.cache is not None or rec.result.status == "diverged"):
+            folder = self.state_folder(rec.cfg)
+            if folder is not None:
+                self.states.discard(folder)  # the run cache holds what a finished run needs
+        self.done.add(rec.index)
+        self.say(run_line(rec, self.total, self.select_by))
+
+    def lookup(self, cfg: RunConfig) -> "tuple[CachedRun, RunResult] | None":
+        """The cached result for ``cfg`` (model rebuilt), or None: train it."""
+        if self.cache is None:
+            return None
+        hit = self.cache.lookup(cfg, fingerprint=self.data.fingerprint, device=self.ctx.device)
+        if hit is None:
+            return None
+        result = result_from_cache(hit, cfg, self.data, self.ctx.device)
+        if result is None:
+            self.say(f"cache: entry {hit.key} for {cfg.name} is unusable; retraining it")
+            return None
+        return hit, result
+
+    def reuse(self, index: int, cfg: RunConfig, hit: "CachedRun", result: "RunResult") -> RunRecord:
+        """A cached run, logged as a child tagged ``cnnpipe.reused`` with its full per-epoch history."""
+        original = str(hit.record.get("mlflow_run_id") or "")
+        tags = {"cnnpipe.reused": "true", "cnnpipe.reused_from": original, "cnnpipe.cache_key": hit.key}
+        rec = RunRecord(index, cfg, result, mlflow_run_id=self._open(index, tags=tags), cached=True,
+                        reused_from=original or None)
+        for record in result.history:
+            self._epoch(index, record, live=False)
+        return rec
+
+    def end_reused(self, rec: RunRecord, hit: "CachedRun") -> None:
+        from cnnpipe.runcache import HISTOGRAMS
+
+        histograms = hit.path / HISTOGRAMS
+        self._end_child(rec, histograms.read_bytes() if histograms.is_file() else None)
+        self.done.add(rec.index)
+        self.say(run_line(rec, self.total, self.select_by))
+
+    def _end_child(self, rec: RunRecord, histograms: bytes | None) -> None:
+        if not self.tracker.enabled:
+            return
+        from cnnpipe import results
+
+        result = rec.result
+        tags = {"status": rec.status, "stop_reason": one_line(result.stop_reason, 5000)}
+        if rec.pruned:
+            tags.update({"cnnpipe.pruned": "true", "cnnpipe.pruned_at_epoch": str(result.epochs_run)})
+        if rec.rung:
+            tags["cnnpipe.rung"] = str(rec.rung)
+        texts = {"model_summary.txt": self._summary(rec.cfg) + "\n", "history.csv": results.history_csv_text(rec)}
+        if result.traceback:
+            texts[TRACEBACK_FILE] = result.traceback
+        with tempfile.TemporaryDirectory(prefix="cnnpipe-child-") as tmp:
+            files = [self.samples] if self.samples is not None else []
+            if histograms:
+                from cnnpipe.runcache import HISTOGRAMS
+
+                path = Path(tmp) / HISTOGRAMS
+                path.write_bytes(histograms)
+                files.append(path)
+            self.tracker.end_child(
+                rec.mlflow_run_id,
+                status="FINISHED" if rec.ok or rec.pruned else "FAILED",
+                reason=failure_reason(result),
+                metrics=final_metrics(result),
+                tags=tags,
+                texts=texts,
+                files=files,
+            )
+
+    def _summary(self, cfg: RunConfig) -> str:
+        from cnnpipe.models.spec import model_summary
+
+        if cfg.values.model not in self._summaries:
+            self._summaries[cfg.values.model] = model_summary(cfg.values.model, cfg.layers, self.data.image_shape,
+                                                              self.data.num_classes)
+        return self._summaries[cfg.values.model]
+
+    def say(self, line: str) -> None:
+        self.progress.write(line)
+
+    # ---- the search stops early
+
+    def abort(self, reason: str, *, failed: int | None = None, failed_reason: str = "") -> None:
+        """End every open child: KILLED (Ctrl-C, or stopped because another run failed), FAILED for ``failed``."""
+        for index, child in list(self.children.items()):
+            if index in self.done:
+                continue
+            self.done.add(index)
+            if index == failed:
+                _quiet(self.tracker.end_child, child, status="FAILED", reason=failed_reason)
+            else:
+                _quiet(self.tracker.end_child, child, status="KILLED", reason=reason)
+        self.close()
+
+    def close(self) -> None:
+        self.progress.close()

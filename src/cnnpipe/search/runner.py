@@ -1,0 +1,160 @@
+"""The search loop of the train stage: reuse, resume, rungs, and the executor.
+
+``run_search`` first takes every finished trial from the run cache, then
+trains the rest rung by rung (the exhaustive grid is one rung to the end) on
+the executor (``cnnpipe.executors``: sequential, local processes, Ray). Each
+trial continues from its saved run state, so a killed search resumes where
+it stopped and a promoted trial never retrains an epoch. A failed trial is
+recorded and the search goes on; a ``CnnpipeError`` in a trial stops it
+(that child FAILED, the others KILLED) and propagates, and so does Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cnnpipe.errors import DataError
+from cnnpipe.executors import Executor, SequentialExecutor
+from cnnpipe.params import Params, RunConfig
+from cnnpipe.search.log import SearchLog
+from cnnpipe.search.progress import SearchProgress, bars_wanted
+from cnnpipe.search.selection import RunRecord, one_line
+from cnnpipe.search.strategies import Exhaustive, SuccessiveHalving, promote
+from cnnpipe.search.trial import RunError, TrainContext, run_one
+from cnnpipe.tracking import NullTracker
+
+if TYPE_CHECKING:
+    from cnnpipe.engine import TrainData
+    from cnnpipe.runcache import CachedRun, GridCache
+    from cnnpipe.search.runstate import RunStateStore
+
+
+def check_dataset(data: "TrainData", params: Params) -> None:
+    """Refuse to train on prepared data of another dataset than ``data.dataset`` names."""
+    if data.dataset and data.dataset != params.data.dataset:
+        raise DataError(
+            f"data/prepared holds {data.dataset} but params.yaml has data.dataset: {params.data.dataset}; "
+            "run dvc repro (or dvc repro prepare) first"
+        )
+
+
+@dataclass
+class SearchPlan:
+    """What the stage's first line reports: trials reused from the cache and resumed from state."""
+
+    cached: dict[int, tuple["CachedRun", Any]]
+    resumed: dict[int, int]  # index -> saved epoch
+
+
+def plan_search(configs: Sequence[RunConfig], log: SearchLog) -> SearchPlan:
+    cached, resumed = {}, {}
+    for index, cfg in enumerate(configs, start=1):
+        found = log.lookup(cfg)
+        if found is not None:
+            cached[index] = found
+            continue
+        folder = log.state_folder(cfg)
+        if folder is not None and log.states is not None:
+            epoch = log.states.saved_epoch(folder)
+            if epoch:
+                resumed[index] = epoch
+    return SearchPlan(cached, resumed)
+
+
+def run_search(
+    configs: Sequence[RunConfig],
+    ctx: TrainContext,
+    *,
+    tracker: NullTracker | None = None,
+    strategy: Exhaustive | SuccessiveHalving | None = None,
+    executor: Executor | None = None,
+    select_by: str = "val_loss",
+    report: Callable[[str], None] | None = print,
+    cache: "GridCache | None" = None,
+    states: "RunStateStore | None" = None,
+    samples: Path | None = None,
+) -> list[RunRecord]:
+    """Train every trial as ``strategy`` says, tracked in MLflow; records in grid order (pruned ones flagged)."""
+    executor = executor or SequentialExecutor()
+    strategy = strategy or Exhaustive()
+    tracker = tracker or ctx.tracker
+    cfgs = dict(enumerate(configs, start=1))
+    progress = SearchProgress(report, bars_wanted(ctx.progress),
+                              strategy.planned_epochs([cfg.values.epochs for cfg in configs]))
+    log = SearchLog(ctx, tracker, cfgs, select_by=select_by, progress=progress, cache=cache, states=states,
+                    samples=samples or ctx.samples)
+    records: dict[int, RunRecord] = {}
+    try:
+        plan = plan_search(configs, log)
+        if report is not None:
+            parts = [f"{len(plan.cached)} reused from the cache" if cache is not None and cache.reuse else
+                     "cache not reused" if cache is not None else "cache off",
+                     f"{len(plan.resumed)} resumed"]
+            log.say(f"search: {len(configs)} trial(s), {strategy.name}; " + ", ".join(parts))
+        hits = {}
+        for index, (hit, result) in plan.cached.items():
+            records[index] = log.reuse(index, cfgs[index], hit, result)
+            hits[index] = hit
+            progress.skip(cfgs[index].values.epochs)
+        work_ctx = ctx
+        if executor.parallel:
+            work_ctx = ctx.for_workers(executor.data_source(ctx.get_data(), ctx.prepared_dir))
+            log.say(f"grid: {executor.description}")
+        work = functools.partial(run_one, work_ctx)
+
+        def leave(rec: RunRecord) -> None:
+            if rec.index in hits:
+                log.end_reused(rec, hits[rec.index])
+            else:
+                log.end(rec)
+
+        alive = sorted(cfgs)
+        rungs = strategy.rungs(max(cfg.values.epochs for cfg in configs))
+        for number, budget in enumerate(rungs, start=1):
+            last = number == len(rungs) or len(alive) == 1
+            halving = isinstance(strategy, SuccessiveHalving)
+            if halving:
+                until = "the end" if last else f"epoch {budget}"
+                log.say(f"rung {number}/{len(rungs)}: {len(alive)} trial(s) to {until}")
+            todo = [(i, cfgs[i], None if last else budget) for i in alive
+                    if i not in records or records[i].result.status == "paused"]
+            with contextlib.closing(executor.map(work, todo, on_event=log.handle)) as outcomes:
+                for outcome in outcomes:
+                    failed = outcome.record.result.status == "failed"
+                    rec = log.finish(outcome, final=last or failed)
+                    rec.rung = number if halving else 0
+                    records[rec.index] = rec
+            for i in alive:
+                records[i].rung = number if halving else 0
+            if last:
+                for i in alive:
+                    if i not in log.done:
+                        leave(records[i])
+                break
+            kept, pruned = promote([records[i] for i in alive], strategy.keep(len(alive)), budget, select_by)
+            for rec in pruned:  # they leave the search here (even one that had already stopped early)
+                rec.pruned = True
+                if rec.index not in log.done:
+                    leave(rec)
+            progress.skip(sum(max(0, cfgs[rec.index].values.epochs - budget) for rec in pruned))
+            alive = sorted(rec.index for rec in kept)
+            log.say(f"rung {number} done: promoted {', '.join(cfgs[i].name for i in alive)}; "
+                    f"pruned {len(pruned)} trial(s) at epoch {budget}")
+    except RunError as err:
+        original = err.rebuild()
+        log.abort(f"grid stopped: {one_line(str(original), 300)}", failed=err.index, failed_reason=str(original))
+        raise original from None
+    except KeyboardInterrupt:
+        log.abort("interrupted (Ctrl-C)")
+        raise
+    except BaseException as err:
+        log.abort(f"grid stopped: {type(err).__name__}: {one_line(str(err), 300)}")
+        raise
+    finally:
+        log.close()
+    return [records[index] for index in sorted(records)]
