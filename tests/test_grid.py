@@ -26,6 +26,7 @@ from cnnpipe.search.trial import TrainContext
 from cnnpipe.search.selection import select_best
 from cnnpipe.search.selection import RunRecord
 from cnnpipe.search.selection import GridFailed
+from cnnpipe.search.log import search_definition
 from cnnpipe.search.runner import run_search
 from cnnpipe.search.progress import run_line
 from cnnpipe import executors
@@ -67,7 +68,7 @@ def children_of(client, tracker) -> dict:
 def tracked_grid(data, store):
     """A 2x2 grid (lr x batch_size) trained once, tracked in MLflow, for the tests below."""
     params = make_params()
-    tracker = open_tracker(mlflow_settings(store, "grid-2x2"), params=grid.grid_definition(params))
+    tracker = open_tracker(mlflow_settings(store, "grid-2x2"), params=search_definition(params))
     lines: list[str] = []
     with tracker.running():
         ctx = TrainContext(data=data, tracker=tracker, layer_stats=True, progress=False)
@@ -155,7 +156,13 @@ def test_grid_logs_one_parent_and_a_child_per_run(tracked_grid, store):
     children = children_of(client, tracker)
     assert sorted(children) == sorted(rec.cfg.name for rec in records)
     assert [rec.mlflow_run_id for rec in records] == [children[rec.cfg.name].info.run_id for rec in records]
-    assert len(lines) == 4 and lines[0].startswith("run 1/4 lr=0.05,batch_size=32: best val_loss ")
+    assert lines[0] == "search: 4 trial(s), exhaustive; cache off, 0 resumed"
+    ends = [line for line in lines if line.startswith("run ")]
+    assert len(ends) == 4 and ends[0].startswith("run 1/4 lr=0.05,batch_size=32: best val_loss ")
+    # one line per epoch per run in sequential mode too (what `dvc queue logs -f` follows)
+    epochs = [line for line in lines if " epoch " in line and line.startswith("[")]
+    assert len(epochs) == 4 * params.training["epochs"][0]
+    assert epochs[0].startswith("[lr=0.05,batch_size=32] epoch 1/2: train_loss ")
 
 
 @pytest.mark.slow

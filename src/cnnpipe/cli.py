@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="input shape and classes of this dataset (default: data.dataset)")
     p.set_defaults(func=_show_model)
 
+    from cnnpipe import cachectl
+
+    cachectl.register(sub)
     _register_optional(sub)
     return parser
 
