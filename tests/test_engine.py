@@ -264,7 +264,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(data: TrainData, tmp_path
 
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, data, resume_dir=tmp_path / "state", on_epoch=stop_after_first, **QUIET)
-    assert (tmp_path / "state" / "resume.pt").is_file()
+    assert (tmp_path / "state" / "state.safetensors").is_file()
     seen: list[int] = []
     resumed = train_run(cfg, data, resume_dir=tmp_path / "state", **QUIET,
                         on_epoch=lambda record, model: seen.append(record.epoch))

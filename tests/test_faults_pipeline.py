@@ -6,9 +6,10 @@ server) is reproduced once for the module: that is the "last good" state.
 * SIGKILL: ``dvc repro`` with a new lr; once the train stage's MLflow child
   run has logged its first epoch, the stage process (its pid is the
   ``cnnpipe.pid`` tag of that run) gets SIGKILL mid-run. ``models/best/`` and
-  the reports must stay byte-identical; the next ``dvc repro`` completes,
-  marks the dead runs KILLED (``tracking.kill_stale_runs``) and replaces
-  ``models/best/``.
+  the reports must stay byte-identical; the next ``dvc repro`` marks the dead
+  parent KILLED, resumes the run from its last saved epoch in the same child
+  run, trains only the lost epochs and replaces ``models/best/`` with weights
+  byte-identical to an uninterrupted training of the same config.
 * SIGINT (Ctrl-C) to the stage process: one line, exit 130, DVC fails the
   stage, the runs are KILLED at once, ``models/best/`` untouched.
 * Determinism: a second fresh project with the same params gives the same
@@ -25,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -33,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -167,10 +170,17 @@ def test_sigkill_mid_epoch_keeps_models_best_then_repro_completes(baseline: Base
 
     again = run_ok([DVC, "repro"], project, timeout=SAFETY_S)
     assert "mlflow: marked 2 stale RUNNING run(s) of dead processes as KILLED" in again.stdout
-    for run_id in (child, parent):  # ... until the next train started
-        run = client.get_run(run_id)
-        assert run.info.status == "KILLED"
-        assert run.data.tags["failure_reason"].startswith(f"stale: process {pid} on ")
+    assert "search: 1 trial(s), exhaustive; 0 reused from the cache, 1 resumed" in again.stdout
+    resumed_at = re.search(r"resumed model=fashion_tutorial at epoch (\d+)/4", again.stdout)
+    assert resumed_at, again.stdout
+    # Only the lost epochs were trained, logged into the same child run (reopened, now FINISHED).
+    trained = re.findall(r"\[model=fashion_tutorial\] epoch (\d+)/4", again.stdout)
+    assert trained == [str(e) for e in range(int(resumed_at.group(1)) + 1, 5)]
+    run = client.get_run(parent)
+    assert run.info.status == "KILLED" and run.data.tags["failure_reason"].startswith(f"stale: process {pid} on ")
+    run = client.get_run(child)
+    assert run.info.status == "FINISHED" and run.data.tags["cnnpipe.resumed_at_epoch"] == resumed_at.group(1)
+    assert sorted(m.step for m in client.get_metric_history(child, "val_loss")) == [1, 2, 3, 4]
     after = outputs(project)
     assert after["models/"] == before["models/"]  # no temp folder left behind
     assert after["models/best/model.safetensors"] != before["models/best/model.safetensors"]  # replaced, whole
@@ -178,6 +188,14 @@ def test_sigkill_mid_epoch_keeps_models_best_then_repro_completes(baseline: Base
     assert sidecar["params"]["lr"] == 0.003
     assert lock_md5(project, "models/best") != baseline.best_md5
     assert "Data and pipelines are up to date." in run_ok([DVC, "status"], project).stdout
+    # The resumed run ends bit-for-bit like an uninterrupted one: retrain it from scratch and compare.
+    resumed_weights = (project / "models" / "best" / "model.safetensors").read_bytes()
+    resumed_grid = pd.read_csv(project / "reports" / "grid.csv")
+    run_ok(["python", "stages/train.py", "--no-cache"], project, timeout=SAFETY_S)
+    assert (project / "models" / "best" / "model.safetensors").read_bytes() == resumed_weights
+    straight_grid = pd.read_csv(project / "reports" / "grid.csv")
+    for column in ("best_epoch", "epochs_run", "val_loss", "val_top1", "val_top5", "status", "stop_reason"):
+        assert list(straight_grid[column]) == list(resumed_grid[column]), column
 
 
 def test_sigint_stops_cleanly_marks_runs_killed_and_keeps_models_best(baseline: Baseline) -> None:

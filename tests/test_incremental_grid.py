@@ -92,7 +92,7 @@ def test_adding_one_lr_trains_only_the_new_run(incremental):
     assert trained1 == ["lr=0.05", "lr=0.01"]
     assert trained2 == ["lr=0.003"]
     assert [rec.cached for rec in second] == [True, True, False]
-    assert lines[0] == "cache: 2 of 3 run(s) reused, 1 to train"
+    assert lines[0] == "search: 3 trial(s), exhaustive; 2 reused from the cache, 0 resumed"
     assert lines[1].startswith("run 1/3 lr=0.05: best val_loss") and "reused (trained in" in lines[1]
     assert "reused" not in lines[3] and lines[3].startswith("run 3/3 lr=0.003: best val_loss")
 
@@ -193,7 +193,7 @@ def test_no_cache_retrains_and_refreshes_the_entry(data, tmp_path, monkeypatch):
     store_only = runcache.open_grid_cache(make_params().grid, root=tmp_path / "cache")
     lines: list[str] = []
     assert run(params, data, store_only, lines=lines)[1] == ["model=tiny"]
-    assert lines[0] == "cache: not reused (--no-cache or CNNPIPE_NO_CACHE=1); 1 run(s) to train"
+    assert lines[0] == "search: 1 trial(s), exhaustive; cache not reused, 0 resumed"
     assert len(list((tmp_path / "cache").iterdir())) == 1  # the same key, rewritten
 
 
@@ -226,11 +226,11 @@ def test_stage_reuses_runs_and_no_cache_flag_retrains(tmp_path):
         return proc.stdout
 
     first = stage()
-    assert "cache: 0 of 2 run(s) reused, 2 to train" in first
+    assert "search: 2 trial(s), exhaustive; 0 reused from the cache, 0 resumed" in first
     assert (work / ".cnnpipe-cache" / "runs").is_dir()  # anchored at $DVC_ROOT
     second = stage()
-    assert "cache: 2 of 2 run(s) reused, 0 to train" in second and second.count("reused (trained in") == 2
+    assert "search: 2 trial(s), exhaustive; 2 reused from the cache, 0 resumed" in second and second.count("reused (trained in") == 2
     assert list(pd.read_csv(work / "reports" / "grid.csv")["cached"]) == [True, True]
     third = stage("--no-cache")
-    assert "cache: not reused (--no-cache or CNNPIPE_NO_CACHE=1); 2 run(s) to train" in third
+    assert "search: 2 trial(s), exhaustive; cache not reused, 0 resumed" in third
     assert list(pd.read_csv(work / "reports" / "grid.csv")["cached"]) == [False, False]

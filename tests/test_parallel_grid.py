@@ -29,6 +29,7 @@ from cnnpipe.search.selection import select_best
 from cnnpipe.search.runner import run_search
 from cnnpipe.search.progress import epoch_line
 from cnnpipe.search.log import SearchLog
+from cnnpipe.search.progress import SearchProgress
 from cnnpipe.engine import TrainData
 from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.errors import CnnpipeError, DataError, ParamsError
@@ -193,7 +194,7 @@ def test_parallel_grid_logs_one_parent_and_four_children_with_full_histories(bot
 @pytest.mark.slow
 def test_parallel_progress_shows_every_run_per_epoch(both):
     _, (_, records, lines) = both
-    assert lines[0] == "grid: 4 run(s) on 2 worker processes x 1 torch thread(s)"
+    assert lines[:2] == ["search: 4 trial(s), exhaustive; cache off, 0 resumed", "grid: 2 worker processes x 1 torch thread(s)"]
     for rec in records:
         for epoch in (1, 2):
             assert any(line.startswith(f"[{rec.cfg.name}] epoch {epoch}/2: train_loss ") for line in lines)
@@ -207,9 +208,9 @@ def test_late_or_missing_epoch_events_still_give_full_histories(data, store):
     tracker = open_tracker(settings(store, "late-events"))
     with tracker.running():
         ctx = TrainContext(data=data, tracker=tracker, progress=False)
-        log = SearchLog(ctx, {1: cfg}, total=1, select_by="val_loss", report=None, live=True)
+        log = SearchLog(ctx, tracker, {1: cfg}, select_by="val_loss", progress=SearchProgress(None, bars=False))
         outcome = run_one(ctx.for_workers(executors.InlineSource(data)), 1, cfg)  # no events at all
-        rec = log.finish(outcome)
+        rec = log.finish(outcome, final=True)
         log.handle(("epoch", 1, rec.result.history[0]))  # arrives after the result: ignored
     history = client_for(store).get_metric_history(rec.mlflow_run_id, "val_loss")
     assert sorted(m.step for m in history) == [1, 2]
@@ -270,6 +271,8 @@ from pathlib import Path
 from cnnpipe import executors
 from cnnpipe.engine import TrainData
 from cnnpipe.params import MlflowParams, expand_grid, parse_params
+from cnnpipe.search.runner import run_search
+from cnnpipe.search.trial import TrainContext
 from cnnpipe.tracking import open_tracker
 
 if __name__ == "__main__":

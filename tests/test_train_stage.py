@@ -116,7 +116,8 @@ def test_all_runs_diverging_fails_and_keeps_models_best(project):
     work, root, _ = project
     before = tree_digest(work / "models" / "best")
     train_before = (work / "reports" / "train.json").read_text()
-    write_params(work, lr=[1000.0, 10000.0], optimizer="sgd")
+    # batch 32: both diverge inside epoch 1, before any finite validation epoch (then they would be candidates)
+    write_params(work, lr=[1000.0, 10000.0], optimizer="sgd", batch_size=32)
     try:
         proc = run_stage(work, root)
     finally:
