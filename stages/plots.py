@@ -61,12 +61,18 @@ def main() -> int:
         "Confusion matrix": "confusion_matrix.png",
         "Most confident mistakes": "mistakes.png",
     }
+    halving = "pruned" in grid and bool(grid["pruned"].astype(bool).any())
+    if halving:
+        names["Successive halving rungs"] = "halving_rungs.png"
     with atomic_dir(FIGURES) as tmp:
         plots.learning_curves(history[history["run_id"] == selected], tmp / names["Learning curves (selected run)"],
                               best_epoch=train.get("best_epoch"), title=f"Selected run: {run_name}",
                               stop_reason=stop_reason)
         plots.grid_curves(history, tmp / names["All grid runs"], grid=grid, selected_run_id=selected)
         plots.grid_comparison(grid, tmp / names["Grid comparison"], selected_run_id=selected)
+        if halving:
+            plots.halving_rungs(history, grid, tmp / names["Successive halving rungs"], selected_run_id=selected,
+                                select_by=params.select_by)
         plots.per_class_bars(data["per_class.csv"], tmp / names["Per-class accuracy"],
                              title="Per-class accuracy: train vs test")
         counts = plots.confusion_from_pairs(confusion["actual"].astype(str), confusion["predicted"].astype(str), classes)

@@ -317,3 +317,47 @@ def test_a_crashed_run_keeps_its_traceback_in_mlflow_and_under_debug(data, tmp_p
     text = Path(client.download_artifacts(crashed.mlflow_run_id, "traceback.txt", str(tmp_path))).read_text()
     assert text.startswith("Traceback (most recent call last)") and "RuntimeError: boom in the loss" in text
     assert client.get_run(crashed.mlflow_run_id).info.status == "FAILED"
+
+
+def test_the_rungs_figure_draws_every_trial(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from cnnpipe.plots import halving_rungs
+
+    rows, grid = [], []
+    for i, stop in enumerate([1, 1, 3, 9]):
+        grid.append({"run_id": f"r{i}", "run_name": f"lr={i}", "epochs_run": stop, "pruned": stop < 9})
+        rows += [{"run_id": f"r{i}", "epoch": e, "val_loss": 1.0 / (e + i), "val_top1": 0.5 + 0.01 * e}
+                 for e in range(1, stop + 1)]
+    path = halving_rungs(pd.DataFrame(rows), pd.DataFrame(grid), tmp_path / "rungs.png", selected_run_id="r3")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_the_train_stage_runs_successive_halving_from_params(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from project_builder import run_stage, stage_project
+
+    work, root = stage_project(tmp_path, lr=[0.05, 0.02, 0.01, 0.005], epochs=3, patience=9,
+                               grid={"strategy": "halving", "eta": 2, "min_epochs": 1, "workers": 1},
+                               mlflow={"enabled": False})
+    proc = run_stage(work, root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "search: 4 trial(s), halving; 0 reused from the cache, 0 resumed" in proc.stdout
+    assert "rung 1/3: 4 trial(s) to epoch 1" in proc.stdout and "rung 3/3: 1 trial(s) to the end" in proc.stdout
+    grid = pd.read_csv(work / "reports" / "grid.csv")
+    assert sorted(grid["epochs_run"]) == [1, 1, 2, 3] and list(grid["pruned"]).count(False) == 1
+    assert sorted(grid["rung"]) == [1, 1, 2, 3]
+    survivor = grid[~grid["pruned"].astype(bool)]
+    assert json_of(work / "reports" / "train.json")["run_name"] == survivor["run_name"].iloc[0]
+    # a second run reuses every epoch: the survivor from the run cache, the pruned trials from their states
+    again = run_stage(work, root)
+    assert "search: 4 trial(s), halving; 1 reused from the cache, 3 resumed" in again.stdout
+    assert " epoch " not in "\n".join(line for line in again.stdout.splitlines() if line.startswith("["))
+
+
+def json_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())

@@ -387,3 +387,47 @@ def grid_comparison(
     ax.set_title(f"Grid runs ranked by {METRIC_LABELS.get(metric, metric)} ({n} runs; green: selected)")
     ax.grid(True, axis="x", alpha=0.3)
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- successive halving
+
+
+def halving_rungs(history: pd.DataFrame, grid: pd.DataFrame, path: str | os.PathLike[str], *,
+                  selected_run_id: str | None = None, select_by: str = "val_loss") -> Path:
+    """The rungs of a successive-halving search: ``select_by`` per trial per epoch, pruned trials grey.
+
+    A pruned trial's curve ends where it was stopped (``x``); each rung's end is
+    a dashed line; the trials promoted to the last rung are coloured, the
+    selected one drawn thickest.
+    """
+    pruned = dict(zip(grid["run_id"], grid["pruned"].astype(bool))) if "pruned" in grid else {}
+    names = dict(zip(grid["run_id"], grid["run_name"]))
+    survivors = [r for r in grid["run_id"] if not pruned.get(r, False)]
+    colors = dict(zip(survivors, _run_colors(len(survivors))))
+    fig = Figure(figsize=(9, 5.2), layout="constrained")
+    ax = fig.subplots()
+    stops = sorted({int(e) for r, e in zip(grid["run_id"], grid["epochs_run"]) if pruned.get(r) and pd.notna(e)})
+    for epoch in stops:
+        ax.axvline(epoch, color="0.6", linestyle="--", linewidth=1)
+    for run_id in grid["run_id"]:
+        run = history[history["run_id"] == run_id].sort_values("epoch")
+        if run.empty or select_by not in run:
+            continue
+        if pruned.get(run_id, False):
+            ax.plot(run["epoch"], run[select_by], color="0.7", linewidth=1, marker=_marker(len(run)), markersize=3)
+            ax.plot(run["epoch"].iloc[-1], run[select_by].iloc[-1], marker="x", color="0.45", linestyle="none")
+        else:
+            selected = run_id == selected_run_id
+            ax.plot(run["epoch"], run[select_by], color=colors[run_id], linewidth=3 if selected else 1.8,
+                    marker=_marker(len(run)), markersize=4,
+                    label=f"{names[run_id]}{' (selected)' if selected else ''}")
+    ax.plot([], [], color="0.7", marker="x", label=f"pruned ({sum(pruned.values())} trials)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(select_by)
+    if select_by == "val_top1":
+        _percent_axis(ax)
+    _epoch_axis(ax, int(history["epoch"].max()) if len(history) else 1)
+    ax.set_title(f"Successive halving: {len(grid)} trials, rungs end at epochs {', '.join(map(str, stops)) or '-'}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
