@@ -206,10 +206,13 @@ def test_without_a_schedule_more_epochs_continue_the_saved_state(data: TrainData
     assert same_weights(continued.model.state_dict(), straight.model.state_dict())
 
 
-def search(data, configs, tmp: Path, *, strategy=None, tracker=None, train_run=None, lines=None, name="s"):
+def search(data, configs, tmp: Path, *, strategy=None, tracker=None, train_run=None, lines=None, cache=False):
+    from cnnpipe.runcache import GridCache, RunCache
+
     ctx = TrainContext(data=data, progress=False, num_threads=1, state_root=tmp / "state", train_run=train_run,
                        **({"tracker": tracker} if tracker is not None else {}))
     return run_search(configs, ctx, strategy=strategy, states=RunStateStore(tmp / "state"),
+                      cache=GridCache(RunCache(tmp / "runs")) if cache else None,
                       report=(lines.append if lines is not None else None))
 
 
@@ -263,7 +266,7 @@ def test_an_interrupted_search_resumes_at_its_last_epoch_in_the_same_child_run(d
 
     first = open_tracker(MlflowParams(tracking_uri=store, experiment="resume"))
     with pytest.raises(KeyboardInterrupt), first.running():
-        search(data, configs, tmp_path, tracker=first, train_run=killed_in_epoch_3_of_run_2)
+        search(data, configs, tmp_path, tracker=first, train_run=killed_in_epoch_3_of_run_2, cache=True)
     trained: list[tuple[str, int]] = []
 
     def counting(cfg, data_, *, on_epoch=None, **kwargs):
@@ -276,11 +279,13 @@ def test_an_interrupted_search_resumes_at_its_last_epoch_in_the_same_child_run(d
     second = open_tracker(MlflowParams(tracking_uri=store, experiment="resume"))
     lines: list[str] = []
     with second.running():
-        resumed = search(data, configs, tmp_path, tracker=second, train_run=counting, lines=lines)
-    assert "search: 2 trial(s), exhaustive; cache off, 2 resumed" in lines
+        resumed = search(data, configs, tmp_path, tracker=second, train_run=counting, lines=lines, cache=True)
+    assert "search: 2 trial(s), exhaustive; 1 reused from the cache, 1 resumed" in lines
     assert "resumed lr=0.01 at epoch 2/3" in lines
-    assert trained == [("lr=0.01", 3)]  # run 1 was complete (state kept, no cache), run 2 lost only epoch 3
+    assert trained == [("lr=0.01", 3)]  # run 1 finished (run cache), run 2 lost only epoch 3
+    assert not any((tmp_path / "state").iterdir())  # finished: states trimmed, the run cache has them
     straight = search(data, configs, tmp_path / "straight")
+    assert not (tmp_path / "straight" / "state").exists() or not any((tmp_path / "straight" / "state").iterdir())
     for a, b in zip(resumed, straight):
         assert metrics_of(a.result.history) == metrics_of(b.result.history) and same_weights(weights(a), weights(b))
     from mlflow import MlflowClient

@@ -186,8 +186,14 @@ class SearchLog:
             self.say(f"{self.cfgs[index].name}: {event[2]}")
         elif kind == "start":
             resumed = int(event[2]) if len(event) > 2 else 0
-            self._open(index, resumed=resumed)
-            if resumed and index not in self.active:
+            promoted = index in self.children  # a rung of this search ended there: no "resumed" line
+            child = self._open(index, resumed=resumed)
+            folder = self.state_folder(self.cfgs[index])
+            if folder is not None and self.states is not None and child:  # a later resume reopens this child
+                with contextlib.suppress(OSError):
+                    self.states.write_note(folder, {"mlflow_run_id": child, "run_name": self.cfgs[index].name,
+                                                    "epoch": resumed})
+            if resumed and not promoted and index not in self.active:
                 cfg = self.cfgs[index]
                 self.say(f"resumed {cfg.name} at epoch {resumed}/{cfg.values.epochs}")
             if index not in self.active:
@@ -219,9 +225,6 @@ class SearchLog:
                                              tags={**child_tags(cfg, self.data, self.ctx.device), **extra})
         self.children[index] = child
         self.logged[index] = logged
-        if folder is not None and self.states is not None and child:
-            with contextlib.suppress(OSError):
-                self.states.write_note(folder, {"mlflow_run_id": child, "run_name": cfg.name, "epoch": resumed})
         return child
 
     def _epoch(self, index: int, record: "EpochRecord", live: bool) -> None:
@@ -269,10 +272,12 @@ class SearchLog:
                                  files={HISTOGRAMS: histograms} if histograms else None)
             except OSError as err:  # a full disk costs the next grid a retrain, not this grid its result
                 self.say(f"cache: could not store {rec.cfg.name} ({one_line(str(err), 160)}); it will train again next time")
-        if complete and self.states is not None and (self.cache is not None or rec.result.status == "diverged"):
+        # A finished trial's state is dropped (the run cache holds what it needs); a pruned one's is
+        # kept for a later search to continue, unless caching is off (then nothing is reused).
+        if self.states is not None and (complete or self.cache is None or not self.cache.reuse):
             folder = self.state_folder(rec.cfg)
             if folder is not None:
-                self.states.discard(folder)  # the run cache holds what a finished run needs
+                self.states.discard(folder)
         self.done.add(rec.index)
         self.say(run_line(rec, self.total, self.select_by))
 

@@ -60,6 +60,9 @@ def plan_search(configs: Sequence[RunConfig], log: SearchLog) -> SearchPlan:
             continue
         folder = log.state_folder(cfg)
         if folder is not None and log.states is not None:
+            if log.cache is not None and not log.cache.reuse:  # --no-cache: retrain from scratch
+                log.states.discard(folder)
+                continue
             epoch = log.states.saved_epoch(folder)
             if epoch:
                 resumed[index] = epoch
