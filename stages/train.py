@@ -40,10 +40,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     from cnnpipe import grid, results, runcache, tracking
-    from cnnpipe.params import expand_grid, load_params
+    from cnnpipe.params import load_params
+    from cnnpipe.search.space import expand
 
     params = load_params()
-    configs = expand_grid(params)
+    configs = expand(params)
     target = tracking.preflight(params.mlflow)  # one-line TrackingError before any training
 
     from cnnpipe.device import describe, resolve_device

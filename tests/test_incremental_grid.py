@@ -25,7 +25,8 @@ import yaml
 from cnnpipe import grid, results, runcache
 from cnnpipe.engine import TrainData
 from cnnpipe.engine import train_run as engine_train_run
-from cnnpipe.params import MlflowParams, expand_grid
+from cnnpipe.params import MlflowParams
+from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.runcache import GridCache, RunCache
 from cnnpipe.tracking import open_tracker
 from synthetic import TINY, tiny_params

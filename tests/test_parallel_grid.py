@@ -25,7 +25,8 @@ from cnnpipe import executors, grid
 from cnnpipe.engine import TrainData
 from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.errors import CnnpipeError, DataError, ParamsError
-from cnnpipe.params import MlflowParams, expand_grid, parse_params
+from cnnpipe.params import MlflowParams, parse_params
+from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.tracking import open_tracker
 from synthetic import TINY
 from synthetic import tiny_params as make_params
@@ -262,7 +263,8 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from cnnpipe import executors, grid
 from cnnpipe.engine import TrainData
-from cnnpipe.params import MlflowParams, expand_grid, parse_params
+from cnnpipe.params import MlflowParams, parse_params
+from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.tracking import open_tracker
 
 if __name__ == "__main__":

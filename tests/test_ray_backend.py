@@ -16,7 +16,8 @@ ray = pytest.importorskip("ray")
 
 from cnnpipe import executors, grid  # noqa: E402
 from cnnpipe.engine import TrainData  # noqa: E402
-from cnnpipe.params import MlflowParams, expand_grid  # noqa: E402
+from cnnpipe.params import MlflowParams  # noqa: E402
+from cnnpipe.search.space import expand as expand_grid  # noqa: E402
 from cnnpipe.tracking import open_tracker  # noqa: E402
 from synthetic import tiny_params  # noqa: E402
 
