@@ -299,3 +299,67 @@ def test_show_model_prints_shapes_and_parameter_count(tmp_path):
     assert "12x4x4" in result.stdout  # after the second pool
     # conv 6@5: 156, conv 12@5: 1812, fc 192->120: 23160, 120->60: 7260, 60->10: 610
     assert "total parameters: 32,998" in result.stdout
+
+
+def test_monitor_auto_follows_select_by_and_an_explicit_one_stays():
+    for select_by in ("val_loss", "val_top1"):
+        runs = expand(parse_params(base_params() | {"select_by": select_by}))
+        assert {run.values.monitor for run in runs} == {select_by}
+    explicit = expand(parse_params(base_params() | {"select_by": "val_top1", "monitor": "val_loss"}))
+    assert {run.values.monitor for run in explicit} == {"val_loss"}
+    # the default recipe trains the same runs as when monitor said val_loss outright (run cache still hits)
+    old = expand(parse_params(base_params() | {"monitor": "val_loss"}))
+    assert [run.run_id for run in expand(load_params(ROOT / "params.yaml"))] == [run.run_id for run in old]
+
+
+def _validate_out(tmp_path: Path, capsys, **changes) -> str:
+    path = write(tmp_path, with_changes(**changes))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--params", str(path), "validate"])
+    out = capsys.readouterr()
+    assert exit_info.value.code == 0, out.err
+    return out.out
+
+
+def test_validate_notes_a_monitor_that_disagrees_with_select_by(tmp_path, capsys):
+    assert "note:" not in _validate_out(tmp_path, capsys)
+    out = _validate_out(tmp_path, capsys, monitor="val_top1")
+    assert out.count("\n") == 2 and "note: monitor val_top1 stops runs early on another metric than select_by val_loss" in out
+
+
+def test_validate_names_the_strategy_and_the_sampled_axes(tmp_path, capsys):
+    assert _validate_out(tmp_path, capsys).rstrip().endswith("(lr(2) x batch_size(2)), exhaustive")
+    out = _validate_out(tmp_path, capsys, grid={"strategy": "halving"}, epochs=9)
+    assert "4 run(s) (lr(2) x batch_size(2)), successive halving (eta 3, rungs at 1, 3, 9 epochs)" in out
+    out = _validate_out(tmp_path, capsys, lr={"log_uniform": [1e-4, 0.1]}, batch_size={"choice": [64, 128]},
+                        model=["small_bn", "fashion_tutorial"], grid={"samples": 5})
+    assert "10 run(s) (model(2) x 5 samples of lr~log_uniform[0.0001, 0.1], batch_size~choice[64, 128])" in out
+
+
+def test_grid_size_counts_sampled_points():
+    params = parse_params(base_params() | {"weight_decay": {"uniform": [0, 0.1]}, "grid": {"samples": 3}})
+    assert params.axes == ("lr", "batch_size", "weight_decay")
+    assert params.grid_size == 2 * 2 * 3 == len(expand(params))
+    assert params.training.keys().isdisjoint(params.ranges) and set(params.training) | set(params.ranges) == set(TRAINING_KEYS)
+
+
+@pytest.mark.parametrize("min_epochs,eta,epochs,rungs", [
+    (1, 3, 9, (1, 3, 9)), (1, 3, 10, (1, 3, 9, 10)), (2, 2, 10, (2, 4, 8, 10)), (5, 3, 5, (5,)), (1, 4, 1, (1,)),
+])
+def test_halving_rungs_are_min_epochs_times_eta_powers_capped_by_epochs(min_epochs, eta, epochs, rungs):
+    grid = parse_params({"grid": {"min_epochs": min_epochs, "eta": eta}}).grid
+    assert grid.rungs(epochs) == rungs
+
+
+def test_the_error_formatter_reads_only_loc_msg_and_input():
+    """The line is built from pydantic's public ``loc``/``msg`` (no error ``type``, ``ctx`` or internal loc names)."""
+    from cnnpipe.params import _describe
+
+    assert _describe({"loc": ("lr", "list", 1), "msg": "Input should be greater than 0", "input": 0}) == "lr[1] must be > 0, got 0"
+    assert _describe({"loc": ("data", "datset"), "msg": "Extra inputs are not permitted", "input": "x"}) == \
+        "unknown key 'datset' in data, did you mean dataset?"
+    assert _describe({"loc": ("optimizer", "value"), "msg": "Input should be 'adam', 'adamw' or 'sgd'", "input": "rms"}) == \
+        "optimizer must be one of 'adam', 'adamw' or 'sgd', got \"rms\""
+    assert _describe({"loc": ("grid", "eta"), "msg": "Input should be greater than or equal to 2", "input": 1}) == \
+        "grid.eta must be >= 2, got 1"
+    assert _describe({"loc": (), "msg": "the grid has 80 runs"}) == "the grid has 80 runs"

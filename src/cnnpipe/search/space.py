@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydantic import ValidationError
 
 from cnnpipe.errors import ParamsError
@@ -35,6 +34,9 @@ from cnnpipe.params import (
     error_line,
     resolve_augment,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SIGNIFICANT_DIGITS = 4
 
@@ -65,6 +67,8 @@ def sample_points(params: Params) -> list[dict[str, Any]]:
     ranges = params.ranges
     if not ranges:
         return [{}]
+    import numpy as np  # only a sampled search needs it: `cnnpipe validate` of a plain grid stays lean
+
     rng = np.random.default_rng(params.grid.search_seed)
     return [{key: draw(spec, rng) for key, spec in ranges.items()} for _ in range(params.grid.samples)]
 
