@@ -119,3 +119,11 @@ def test_every_module_of_the_search_space_imports_alone():
     for module in ("cnnpipe.search", "cnnpipe.search.space"):
         done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
+
+
+def test_params_with_ranges_pickle_for_workers():
+    import pickle
+
+    params = parse_params(shipped(**SAMPLED))
+    again = pickle.loads(pickle.dumps(params))
+    assert again == params and [run.run_id for run in expand(again)] == [run.run_id for run in expand(params)]

@@ -51,7 +51,13 @@ from cnnpipe.errors import ParamsError
 
 
 def _bad(message: str) -> PydanticCustomError:
-    """A validation error whose ``msg`` is ``message`` verbatim (read after the key by :func:`error_line`)."""
+    """A validation error whose ``msg`` is ``message`` verbatim.
+
+    :func:`error_line` puts the key before it (``lr`` + ``" is an empty list"``);
+    a message starting with ``.``, ``[`` or ``:`` continues the key instead
+    (``models`` + ``".tiny clashes ..."``), and one raised by a whole-file check
+    (no key) must name its keys itself.
+    """
     return PydanticCustomError("cnnpipe", message)
 
 
@@ -244,6 +250,11 @@ Range = Union[LogUniform[Any], Uniform[Any], IntUniform[Any], Choice[Any]]
 _RANGE_MODELS = {"log_uniform": LogUniform, "uniform": Uniform, "int_uniform": IntUniform, "choice": Choice}
 
 
+def _plain_range(value: BaseModel) -> BaseModel:
+    """The validated range as the plain class (``LogUniform``, not ``LogUniform[PositiveFloat]``): picklable."""
+    return _RANGE_MODELS[value.kind].model_construct(**dict(value))  # type: ignore[attr-defined]
+
+
 def _range_kind(value: Any) -> str | None:
     if isinstance(value, dict) and len(value) == 1:
         key = next(iter(value))
@@ -303,7 +314,8 @@ class Axis:
                       AfterValidator(_distinct), Tag("list")],
             Annotated[Any, PlainValidator(refuse), Tag("bad")],
         ]
-        branches += [Annotated[_RANGE_MODELS[kind][element], Tag(kind)] for kind in kinds]  # type: ignore[index]
+        branches += [Annotated[_RANGE_MODELS[kind][element], AfterValidator(_plain_range), Tag(kind)]  # type: ignore[index]
+                     for kind in kinds]
         return Annotated[Union[tuple(branches)], Discriminator(_axis_form(kinds))]
 
 
