@@ -59,16 +59,17 @@ def main() -> None:
     from cnnpipe.search.trial import TrainContext
     from cnnpipe.search.runner import run_search
     from cnnpipe.engine import TrainData
-    from cnnpipe.params import expand_grid, parse_params
+    from cnnpipe.params import parse_params
     from cnnpipe.runcache import GridCache, RunCache
+    from cnnpipe.search.space import expand
 
     raw = yaml.safe_load(args.params.read_text())
     raw.update({"epochs": args.epochs, "mlflow": {**raw.get("mlflow", {}), "enabled": False}})
     params = parse_params(raw)
-    configs = expand_grid(params)
+    configs = expand(params)
     lrs = list(params.training["lr"])
     wider = parse_params({**raw, "lr": [*lrs, min(lrs) / 10]})
-    wider_configs = expand_grid(wider)
+    wider_configs = expand(wider)
     data = TrainData.load(args.prepared, splits=("train", "val"))
     settings = params.grid.model_copy(update={"workers": args.workers if args.workers == "auto" else int(args.workers),
                                               "backend": "local"})

@@ -40,7 +40,7 @@ def main() -> None:
     from cnnpipe.search.runstate import RunStateStore
     from cnnpipe.search.selection import select_best
     from cnnpipe.search.space import expand
-    from cnnpipe.search.strategies import Exhaustive, SuccessiveHalving
+    from cnnpipe.search.strategies import Exhaustive, halving
     from cnnpipe.search.trial import TrainContext
 
     params = parse_params({"model": "fashion_tutorial", "lr": [0.01, 0.003, 0.001], "batch_size": [64, 256, 1024],
@@ -59,7 +59,7 @@ def main() -> None:
 
     rows = []
     for label, strategy in (("exhaustive grid", Exhaustive()),
-                            (f"successive halving (eta {args.eta})", SuccessiveHalving(args.eta, args.min_epochs))):
+                            (f"successive halving (eta {args.eta})", halving(args.eta, args.min_epochs))):
         with tempfile.TemporaryDirectory(prefix="bench-halving-") as tmp:
             ctx = TrainContext(data=data, progress=False, prepared_dir=args.prepared, state_root=Path(tmp))
             start = time.perf_counter()

@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     cache = runcache.open_grid_cache(params.grid, no_cache=args.no_cache)
     tracker = tracking.open_tracker(params.mlflow, target=target, params=log.search_definition(params),
                                     tags=log.parent_tags(params, data, device))
-    strategy = strategies.make_strategy(params.grid.strategy, eta=params.grid.eta, min_epochs=params.grid.min_epochs)
+    strategy = strategies.make_strategy(params.grid)
     with tracker.running():
         layer_stats = params.mlflow.enabled and params.mlflow.log_layer_stats
         states = RunStateStore()

@@ -288,7 +288,7 @@ def test_show_model_and_validate(tmp_path: Path, capsys: pytest.CaptureFixture[s
     code, out, _ = cli(capsys, "--params", params, "show-model", "cifar_net", "--dataset", "cifar10")
     assert code == 0 and "3x32x32" in out.splitlines()[0]
     code, out, _ = cli(capsys, "--params", params, "validate")
-    assert code == 0 and out.strip() == f"{params}: ok — dataset fashion-mnist, 2 run(s) (lr(2))"
+    assert code == 0 and out.strip() == f"{params}: ok — dataset fashion-mnist, 2 run(s) (lr(2)), exhaustive"
 
 
 def test_help_is_instant_and_lists_every_command() -> None:

@@ -33,7 +33,8 @@ from cnnpipe.search.progress import run_line
 from cnnpipe import executors
 from cnnpipe.engine import EpochRecord, RunResult, TrainData, evaluate_logits
 from cnnpipe.engine import train_run as engine_train_run
-from cnnpipe.params import MlflowParams, expand_grid
+from cnnpipe.params import MlflowParams
+from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.tracking import open_tracker
 from synthetic import tiny_params as make_params
 

@@ -29,7 +29,8 @@ from cnnpipe.search.selection import select_best
 from cnnpipe.search.runner import run_search
 from cnnpipe.engine import TrainData
 from cnnpipe.engine import train_run as engine_train_run
-from cnnpipe.params import MlflowParams, expand_grid
+from cnnpipe.params import MlflowParams
+from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.runcache import GridCache, RunCache
 from cnnpipe.tracking import open_tracker
 from synthetic import TINY, tiny_params

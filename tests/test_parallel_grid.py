@@ -33,7 +33,8 @@ from cnnpipe.search.progress import SearchProgress
 from cnnpipe.engine import TrainData
 from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.errors import CnnpipeError, DataError, ParamsError
-from cnnpipe.params import MlflowParams, expand_grid, parse_params
+from cnnpipe.params import MlflowParams, parse_params
+from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.tracking import open_tracker
 from synthetic import TINY
 from synthetic import tiny_params as make_params
@@ -270,8 +271,9 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from cnnpipe import executors
 from cnnpipe.engine import TrainData
-from cnnpipe.params import MlflowParams, expand_grid, parse_params
+from cnnpipe.params import MlflowParams, parse_params
 from cnnpipe.search.runner import run_search
+from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.search.trial import TrainContext
 from cnnpipe.tracking import open_tracker
 

@@ -19,7 +19,8 @@ from cnnpipe.search.trial import TrainContext  # noqa: E402
 from cnnpipe.search.selection import select_best  # noqa: E402
 from cnnpipe.search.runner import run_search  # noqa: E402
 from cnnpipe.engine import TrainData  # noqa: E402
-from cnnpipe.params import MlflowParams, expand_grid  # noqa: E402
+from cnnpipe.params import MlflowParams  # noqa: E402
+from cnnpipe.search.space import expand as expand_grid  # noqa: E402
 from cnnpipe.tracking import open_tracker  # noqa: E402
 from synthetic import tiny_params  # noqa: E402
 

@@ -8,15 +8,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from cnnpipe.params import expand_grid, parse_params
+from cnnpipe.params import parse_params
 from cnnpipe.runcache import RunCache, cache_key, code_digest
+from cnnpipe.search.space import expand
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(**changes):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text()) | {"lr": 0.01, "batch_size": 100} | changes
-    return expand_grid(parse_params(raw))[0]
+    return expand(parse_params(raw))[0]
 
 
 def test_put_then_get_round_trips_record_and_weights(tmp_path):
@@ -47,11 +48,12 @@ def test_key_changes_with_everything_that_affects_training():
 
 
 def test_editing_a_layer_spec_changes_the_key():
-    raw_models = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]
-    wider = {"small_bn": [dict(layer) if isinstance(layer, dict) else layer for layer in raw_models["small_bn"]]}
-    wider["small_bn"][0] = {"conv": 24, "kernel": 3, "padding": 1}
-    a = cache_key(config(model="small_bn"), "fp", "cpu", code="c")
-    b = cache_key(config(model="small_bn", models=wider), "fp", "cpu", code="c")
+    from cnnpipe.models.presets import PRESETS
+
+    layers = [dict(layer) if isinstance(layer, dict) else layer for layer in PRESETS["small_bn"]]
+    wider = [{"conv": 24, "kernel": 3, "padding": 1}, *layers[1:]]
+    a = cache_key(config(model="mine", models={"mine": layers}), "fp", "cpu", code="c")
+    b = cache_key(config(model="mine", models={"mine": wider}), "fp", "cpu", code="c")
     assert a != b
 
 

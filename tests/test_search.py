@@ -18,11 +18,12 @@ from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.engine.resume import load_resume_state, save_resume_state, state_path
 from cnnpipe.errors import CheckpointError
 from cnnpipe.fsutil import atomic_dir, exchange_paths
-from cnnpipe.params import MlflowParams, expand_grid
+from cnnpipe.params import MlflowParams
+from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.search.runner import run_search
 from cnnpipe.search.runstate import RunStateStore
 from cnnpipe.search.selection import RunRecord, best_epoch_until, rung_score, select_best
-from cnnpipe.search.strategies import Exhaustive, SuccessiveHalving, promote
+from cnnpipe.search.strategies import Exhaustive, halving, promote
 from cnnpipe.search.trial import TrainContext, run_one
 from cnnpipe.tracking import open_tracker
 from synthetic import tiny_params
@@ -99,13 +100,13 @@ def test_a_bad_state_file_costs_a_fresh_start_not_the_grid(data: TrainData, tmp_
 
 
 def test_halving_rungs_keep_counts_and_planned_epochs() -> None:
-    sha = SuccessiveHalving(eta=3, min_epochs=1)
+    sha = halving(eta=3, min_epochs=1)
     assert sha.rungs(9) == [1, 3, 9] and sha.rungs(10) == [1, 3, 9, 10] and sha.rungs(1) == [1]
     assert [sha.keep(n) for n in (27, 9, 3, 2)] == [9, 3, 1, 1]
     # 27 points, rungs at epochs/9, epochs/3, epochs: 7 full runs' worth of epochs instead of 27
     assert sha.planned_epochs([9] * 27) == 7 * 9
     assert Exhaustive().planned_epochs([9] * 27) == 27 * 9 and Exhaustive().rungs(9) == [9]
-    assert SuccessiveHalving(eta=2, min_epochs=2).rungs(8) == [2, 4, 8]
+    assert halving(eta=2, min_epochs=2).rungs(8) == [2, 4, 8]
 
 
 def epoch(n: int, val_loss: float, val_top1: float) -> EpochRecord:
@@ -224,7 +225,7 @@ def test_halving_survivor_is_bitwise_the_exhaustive_run_and_every_trial_is_track
     tracker = open_tracker(MlflowParams(tracking_uri=store, experiment="halving"))
     lines: list[str] = []
     with tracker.running():
-        halving = search(data, configs, tmp_path / "a", strategy=SuccessiveHalving(eta=2, min_epochs=1),
+        halving = search(data, configs, tmp_path / "a", strategy=halving(eta=2, min_epochs=1),
                          tracker=tracker, lines=lines)
     # 4 trials -> 2 at epoch 1 -> 1 at epoch 2 -> trained to epoch 4
     assert [rec.pruned for rec in halving].count(False) == 1
@@ -236,7 +237,7 @@ def test_halving_survivor_is_bitwise_the_exhaustive_run_and_every_trial_is_track
     assert metrics_of(best.result.history) == metrics_of(exhaustive[0].result.history)
     assert same_weights(weights(best), weights(exhaustive[0]))
     # the same params select the same run, from a fresh state store
-    again = search(data, configs, tmp_path / "c", strategy=SuccessiveHalving(eta=2, min_epochs=1))
+    again = search(data, configs, tmp_path / "c", strategy=halving(eta=2, min_epochs=1))
     assert select_best([rec for rec in again if not rec.pruned], "val_loss").index == best.index
     # MLflow: one child per trial under the parent, pruned ones FINISHED and tagged, curves stop there
     from mlflow import MlflowClient

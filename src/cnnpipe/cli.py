@@ -13,12 +13,27 @@ from collections.abc import Sequence
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from cnnpipe.params import expand_grid, load_params
+    from cnnpipe.errors import ParamsError
+    from cnnpipe.params import load_params
+    from cnnpipe.search.space import expand
 
     params = load_params(args.params)
-    runs = expand_grid(params)
-    axes = " x ".join(f"{key}({len(params.training[key])})" for key in params.axes) or "no grid axes"
-    print(f"{args.params}: ok — dataset {params.data.dataset}, {len(runs)} run(s) ({axes})")
+    try:
+        runs = expand(params)  # draws the sampled points: a drawn value can still break its key's rule
+    except ParamsError as err:
+        raise ParamsError(err.message, source=args.params) from None
+    grid = params.grid
+    if grid.strategy == "halving":
+        epochs = max(run.values.epochs for run in runs)
+        rungs = ", ".join(map(str, grid.rungs(epochs)))
+        strategy = f"successive halving (eta {grid.eta}, rungs at {rungs} epochs)"
+    else:
+        strategy = "exhaustive"
+    print(f"{args.params}: ok — dataset {params.data.dataset}, {len(runs)} run(s) ({params.describe_grid()}), {strategy}")
+    stops_on = sorted({run.values.monitor for run in runs} - {params.select_by})
+    if stops_on:
+        print(f"note: monitor {', '.join(stops_on)} stops runs early on another metric than select_by "
+              f"{params.select_by} ranks them by (monitor: auto follows select_by)")
     return 0
 
 

@@ -28,6 +28,7 @@ class ParamsError(CnnpipeError):
 
     def __init__(self, message: str, source: str = "params.yaml") -> None:
         self.source = source
+        self.message = message  # without the source prefix
         super().__init__(f"{source}: {message}" if source else message)
 
 

@@ -1,39 +1,104 @@
-"""The params schema: ``params.yaml`` is validated here before any work starts.
+"""The params schema: pydantic owns every key of ``params.yaml``.
 
-Top-level *training keys* (``lr``, ``batch_size``, ...) may each be a scalar
-or a list; a list is a grid axis and the grid is the Cartesian product of the
-axes. Everything else lives in sections (``data``, ``eval``, ``mlflow``,
-``grid``) or names architectures (``models``). Every problem becomes one
-``ParamsError`` line naming the key, the bad value and what is allowed.
+Top-level *training keys* (``lr``, ``batch_size``, ...) are search axes: one
+value, a list of values (every one is tried: the grid is the Cartesian
+product of the lists), or a range that ``grid.samples`` points are drawn from
+(``{log_uniform: [lo, hi]}``, ``{uniform: [lo, hi]}``, ``{int_uniform: [lo,
+hi]}``, ``{choice: [...]}``; drawn by :mod:`cnnpipe.search.space`). Everything
+else lives in sections (``data``, ``eval``, ``mlflow``, ``grid``) or names
+architectures (``models``). Every default equals the shipped ``params.yaml``
+(a test walks every field), so deleting a key never changes the recipe.
 
-Only pydantic, yaml and the dataset/model tables are imported here (no
-torch, no mlflow) so ``cnnpipe validate`` answers in well under a second.
+Every problem becomes one ``ParamsError`` line: :func:`error_line` turns a
+pydantic error into ``key must be ..., got ...`` from its ``loc`` and ``msg``
+(and the offending ``input``) only. Only pydantic, yaml and the dataset/model
+tables are imported here (no numpy, torch or mlflow) so ``cnnpipe validate``
+answers in well under a second.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import itertools
 import json
+import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainValidator,
+    StrictBool,
+    StrictInt,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from cnnpipe.data.registry import DATASETS, get_dataset
 from cnnpipe.errors import ParamsError
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
+
+def _bad(message: str) -> PydanticCustomError:
+    """A validation error whose ``msg`` is ``message`` verbatim.
+
+    :func:`error_line` puts the key before it (``lr`` + ``" is an empty list"``);
+    a message starting with ``.``, ``[`` or ``:`` continues the key instead
+    (``models`` + ``".tiny clashes ..."``), and one raised by a whole-file check
+    (no key) must name its keys itself.
+    """
+    return PydanticCustomError("cnnpipe", message)
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it in YAML-ish JSON (strings quoted, booleans lowercase)."""
+    if isinstance(value, (str, list, tuple, dict)):
+        try:
+            return json.dumps(value)
+        except TypeError:
+            return repr(value)
+    return _fmt(value)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _no_bool(value: Any) -> Any:
+    """YAML ``true`` is not a number (pydantic's lax float would take it as 1.0)."""
+    if isinstance(value, bool):
+        raise _bad("must be a number, got " + _fmt(value))
+    return value
+
+
+# ----------------------------------------------------------------- value types
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False), BeforeValidator(_no_bool)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False), BeforeValidator(_no_bool)]
+UnitFloat = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False), BeforeValidator(_no_bool)]
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
+ModelName = Annotated[str, Field(min_length=1)]
 
+Metric = Literal["val_loss", "val_top1"]
+MonitorSetting = Literal["auto", "val_loss", "val_top1"]  # auto: the same metric as select_by
+Optimizer = Literal["adam", "adamw", "sgd"]
+Schedule = Literal["none", "cosine", "onecycle"]
 Augment = Literal["auto", "none", "crop", "flip", "crop_flip"]
-Monitor = Literal["val_loss", "val_top1"]
+Device = Literal["auto", "cpu", "cuda"]
 
 
 class _Strict(BaseModel):
@@ -43,29 +108,255 @@ class _Strict(BaseModel):
 class TrainingValues(_Strict):
     """One value per training key: what a single run is trained with.
 
-    Field order is the order grid names and tables use. Each field is also
-    the element type of a grid axis of the same name.
+    Field order is the order grid names and tables use. The defaults are the
+    first point of the shipped ``params.yaml`` grid (a test checks it).
+    ``monitor`` is resolved here (``auto`` became ``select_by``); ``augment``
+    may still say ``auto`` (the engine resolves it per dataset).
     """
 
-    model: str = "fashion_tutorial"
-    lr: PositiveFloat = 0.001
+    model: ModelName = "small_bn"
+    lr: PositiveFloat = 0.01
     batch_size: PositiveInt = 100
     shuffle: StrictBool = True
     epochs: PositiveInt = 10
     patience: NonNegInt = 3
     min_delta: NonNegFloat = 0.0
-    monitor: Monitor = "val_loss"
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    monitor: Metric = "val_loss"
+    optimizer: Optimizer = "adam"
+    momentum: UnitFloat = 0.9
     nesterov: StrictBool = False
     weight_decay: NonNegFloat = 0.0
-    schedule: Literal["none", "cosine", "onecycle"] = "none"
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    augment: Augment = "auto"
+    schedule: Schedule = "none"
+    label_smoothing: UnitFloat = 0.0
+    augment: Augment = "none"
     seed: NonNegInt = 42
 
 
 TRAINING_KEYS: tuple[str, ...] = tuple(TrainingValues.model_fields)
+
+
+# ----------------------------------------------------------------- axes: a value, a list, or a range
+
+T = TypeVar("T")
+RANGE_KINDS = ("log_uniform", "uniform", "int_uniform", "choice")
+_FORMS = {
+    "log_uniform": "{log_uniform: [lo, hi]}",
+    "uniform": "{uniform: [lo, hi]}",
+    "int_uniform": "{int_uniform: [lo, hi]}",
+    "choice": "{choice: [v1, v2, ...]}",
+}
+
+
+def _check_pair(raw: Any, kind: str, *, positive: bool = False) -> Any:
+    """A ``{kind: [lo, hi]}`` mapping holds two finite numbers, lo < hi (and lo > 0 on a log scale)."""
+    pair = raw.get(kind) if isinstance(raw, dict) else None
+    numbers = isinstance(pair, list) and len(pair) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
+    if not numbers:
+        raise _bad(f"{{{kind}: ...}} must hold two finite numbers [lo, hi], got {_shown(pair)}")
+    lo, hi = pair
+    if lo >= hi:
+        raise _bad(f"{{{kind}: [{lo}, {hi}]}} needs lo < hi; swap them, or give one value instead of a range")
+    if positive and lo <= 0:
+        raise _bad(f"{{{kind}: [{lo}, {hi}]}} needs lo > 0 (a log scale never reaches 0); "
+                   "raise lo, or use uniform to include 0")
+    return raw
+
+
+class LogUniform(_Strict, Generic[T]):
+    """Draw ``exp(uniform(log lo, log hi))``: for scale-like keys (``lr``, ``weight_decay``)."""
+
+    kind: ClassVar[str] = "log_uniform"
+    log_uniform: tuple[T, T]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pair(cls, raw: Any) -> Any:
+        return _check_pair(raw, "log_uniform", positive=True)
+
+    @property
+    def bounds(self) -> tuple[Any, Any]:
+        return self.log_uniform
+
+    def __str__(self) -> str:
+        return f"log_uniform[{_fmt(self.log_uniform[0])}, {_fmt(self.log_uniform[1])}]"
+
+
+class Uniform(_Strict, Generic[T]):
+    """Draw uniformly from [lo, hi]."""
+
+    kind: ClassVar[str] = "uniform"
+    uniform: tuple[T, T]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pair(cls, raw: Any) -> Any:
+        return _check_pair(raw, "uniform")
+
+    @property
+    def bounds(self) -> tuple[Any, Any]:
+        return self.uniform
+
+    def __str__(self) -> str:
+        return f"uniform[{_fmt(self.uniform[0])}, {_fmt(self.uniform[1])}]"
+
+
+class IntUniform(_Strict, Generic[T]):
+    """Draw a whole number from lo..hi, both included."""
+
+    kind: ClassVar[str] = "int_uniform"
+    int_uniform: tuple[T, T]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pair(cls, raw: Any) -> Any:
+        return _check_pair(raw, "int_uniform")
+
+    @property
+    def bounds(self) -> tuple[Any, Any]:
+        return self.int_uniform
+
+    def __str__(self) -> str:
+        return f"int_uniform[{self.int_uniform[0]}, {self.int_uniform[1]}]"
+
+
+def _distinct(values: list[Any]) -> list[Any]:
+    if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+        raise _bad("lists a value twice; each value must be distinct")
+    return values
+
+
+def _non_empty_list(what: str):
+    def check(raw: Any) -> Any:
+        if isinstance(raw, list) and not raw:
+            raise _bad(what)
+        return raw
+
+    return check
+
+
+class Choice(_Strict, Generic[T]):
+    """Draw one of the listed values (any key: ``model``, ``optimizer``, ``batch_size``, ...)."""
+
+    kind: ClassVar[str] = "choice"
+    choice: Annotated[list[T], BeforeValidator(_non_empty_list("is an empty list; give at least one value")),
+                      AfterValidator(_distinct)]
+
+    def __str__(self) -> str:
+        return f"choice[{', '.join(map(_fmt, self.choice))}]"
+
+
+Range = Union[LogUniform[Any], Uniform[Any], IntUniform[Any], Choice[Any]]
+_RANGE_MODELS = {"log_uniform": LogUniform, "uniform": Uniform, "int_uniform": IntUniform, "choice": Choice}
+
+
+def _plain_range(value: BaseModel) -> BaseModel:
+    """The validated range as the plain class (``LogUniform``, not ``LogUniform[PositiveFloat]``): picklable."""
+    return _RANGE_MODELS[value.kind].model_construct(**dict(value))  # type: ignore[attr-defined]
+
+
+def _range_kind(value: Any) -> str | None:
+    if isinstance(value, dict) and len(value) == 1:
+        key = next(iter(value))
+        return key if key in RANGE_KINDS else None
+    return None
+
+
+def _axis_form(kinds: tuple[str, ...]):
+    """The discriminator of an axis taking ``kinds``: a value, a list, one of those range kinds, or ``bad``."""
+
+    def form(value: Any) -> str:
+        if isinstance(value, list):
+            return "list"
+        if isinstance(value, dict):
+            kind = _range_kind(value)
+            return kind if kind in kinds else "bad"
+        if isinstance(value, BaseModel):  # an already-validated range
+            return getattr(value, "kind", "bad")
+        return "value"
+
+    return form
+
+
+def _numeric_base(element: Any) -> type | None:
+    while get_origin(element) is Annotated:
+        element = get_args(element)[0]
+    return element if element in (int, float) else None
+
+
+class Axis:
+    """``Axis[T]``: a training key's type: a ``T``, a non-empty list of distinct ``T``, or a range of ``T``.
+
+    Which ranges a key takes follows from ``T``: floats take log_uniform and
+    uniform, whole numbers int_uniform, every key choice. Anything else is
+    refused in one line that names the forms the key does take. Pydantic
+    errors carry the branch (``value``, ``list``, the range kind) as the second
+    ``loc`` element; :func:`error_line` drops it.
+    """
+
+    def __class_getitem__(cls, element: Any) -> Any:
+        base = _numeric_base(element)
+        kinds = ("log_uniform", "uniform", "choice") if base is float else \
+            ("int_uniform", "choice") if base is int else ("choice",)
+        forms = [_FORMS[k] for k in kinds]
+        allowed = " or ".join([", ".join(forms[:-1]), forms[-1]] if len(forms) > 1 else forms)
+
+        def refuse(value: Any) -> Any:
+            kind = _range_kind(value)
+            if kind is not None:
+                raise _bad(f"cannot be drawn from {kind}: use {allowed}, got {_shown(value)}")
+            raise _bad(f"must be a value, a list of values or a range ({allowed}), got {_shown(value)}")
+
+        branches: list[Any] = [
+            Annotated[element, Tag("value")],
+            Annotated[list[element],  # type: ignore[valid-type]
+                      BeforeValidator(_non_empty_list("is an empty list; give at least one value (a list is a grid axis)")),
+                      AfterValidator(_distinct), Tag("list")],
+            Annotated[Any, PlainValidator(refuse), Tag("bad")],
+        ]
+        branches += [Annotated[_RANGE_MODELS[kind][element], AfterValidator(_plain_range), Tag(kind)]  # type: ignore[index]
+                     for kind in kinds]
+        return Annotated[Union[tuple(branches)], Discriminator(_axis_form(kinds))]
+
+
+def _is_range(setting: Any) -> bool:
+    return isinstance(setting, (LogUniform, Uniform, IntUniform, Choice))
+
+
+def _candidates(setting: Any) -> list[Any]:
+    """Every value an axis names outright: its value, its list, a choice's options, or a range's bounds."""
+    if isinstance(setting, list):
+        return list(setting)
+    if isinstance(setting, Choice):
+        return list(setting.choice)
+    if _is_range(setting):
+        return list(setting.bounds)
+    return [setting]
+
+
+# ----------------------------------------------------------------- sections
+
+
+def _workers(value: Any) -> Any:
+    if value == "auto" or (type(value) is int and value > 0):
+        return value
+    raise _bad(f"must be 'auto' or an integer > 0, got {_shown(value)}")
+
+
+_MIRROR_SCHEMES = ("http://", "https://", "file://")
+
+
+def _mirror(value: str) -> str:
+    if "://" in value and not value.startswith(_MIRROR_SCHEMES):
+        scheme = value.split("://", 1)[0]
+        raise _bad(f"uses unsupported scheme {scheme!r} in {json.dumps(value)}; use http://, https://, file:// or a folder path")
+    return value
+
+
+def _sha256(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise _bad(f"must be a 64-character lowercase hex SHA-256, got {json.dumps(value)}")
+    return value
 
 
 class DownloadParams(_Strict):
@@ -75,11 +366,18 @@ class DownloadParams(_Strict):
 
 class DataParams(_Strict):
     dataset: str = "fashion-mnist"
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    val_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False), BeforeValidator(_no_bool)] = 0.1
     split_seed: NonNegInt = 0
-    mirrors: list[str] = Field(default_factory=list)
-    checksums: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(default_factory=dict)
+    mirrors: list[Annotated[str, AfterValidator(_mirror)]] = Field(default_factory=list)
+    checksums: dict[str, Annotated[str, AfterValidator(_sha256)]] = Field(default_factory=dict)
     download: DownloadParams = Field(default_factory=DownloadParams)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in DATASETS:
+            raise _bad(f"must be one of {list(DATASETS)}, got {json.dumps(name)}{suggest(name, DATASETS)}")
+        return name
 
 
 class EvalParams(_Strict):
@@ -97,73 +395,107 @@ class MlflowParams(_Strict):
 
 
 class GridParams(_Strict):
-    workers: Union[Literal["auto"], PositiveInt] = "auto"
+    """How the search runs: where (workers, backend), how much (max_runs, samples) and which strategy."""
+
+    workers: Annotated[Union[Literal["auto"], int], PlainValidator(_workers)] = "auto"
     backend: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     max_runs: PositiveInt = 64
     cache: StrictBool = True
-    strategy: Literal["exhaustive", "halving"] = "exhaustive"
-    eta: Annotated[StrictInt, Field(ge=2)] = 3
-    min_epochs: PositiveInt = 1
-    samples: PositiveInt = 8
-    search_seed: NonNegInt = 0
+    strategy: Literal["exhaustive", "halving"] = "exhaustive"  # exhaustive | halving (successive halving)
+    eta: Annotated[StrictInt, Field(ge=2)] = 3  # halving: keep the best 1/eta of the trials at each rung
+    min_epochs: PositiveInt = 1  # halving: epochs of the first rung; rungs at min_epochs*eta**k, capped by epochs
+    samples: PositiveInt = 8  # points drawn when a training key is a range (<= max_runs)
+    search_seed: NonNegInt = 0  # seeds the draws: same params -> same points
+
+    def rungs(self, epochs: int) -> tuple[int, ...]:
+        """Halving's rungs for a run of ``epochs``: min_epochs * eta**k while below ``epochs``, then ``epochs``."""
+        out: list[int] = []
+        rung = self.min_epochs
+        while rung < epochs:
+            out.append(rung)
+            rung *= self.eta
+        return (*out, epochs)
 
 
-SECTION_MODELS: dict[str, type[_Strict]] = {
-    "data": DataParams,
-    "eval": EvalParams,
-    "mlflow": MlflowParams,
-    "grid": GridParams,
-}
-OTHER_KEYS = ("select_by", "device", "models")
-KNOWN_KEYS: tuple[str, ...] = TRAINING_KEYS + tuple(SECTION_MODELS) + OTHER_KEYS
+# ----------------------------------------------------------------- the file
 
 
-class RunConfig(_Strict):
-    """One grid point: scalar training values plus the resolved architecture."""
+def _section_or_empty(raw: dict[str, Any]) -> dict[str, Any]:
+    """``data:`` with nothing under it is YAML null: treat an empty section as all defaults."""
+    return {key: ({} if value is None and key in _MAPPINGS else value) for key, value in raw.items()}
 
-    values: TrainingValues
-    layers: tuple[Any, ...]  # the resolved layer spec of ``values.model`` (plain YAML data)
-    axes: tuple[str, ...] = ()  # training keys that vary across the grid
-    dataset: str = "fashion-mnist"
 
-    @property
-    def run_id(self) -> str:
-        """Short stable id: hash of everything that changes what is trained."""
-        payload = {"values": self.values.model_dump(mode="json"), "layers": list(self.layers), "dataset": self.dataset}
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:10]
-
-    @property
-    def name(self) -> str:
-        """Readable name from the grid axes, e.g. ``lr=0.01,batch_size=100``."""
-        keys = self.axes or ("model",)
-        return ",".join(f"{key}={_fmt(getattr(self.values, key))}" for key in keys)
-
-    def flat(self) -> dict[str, Any]:
-        """Training values as a flat dict (for tables and MLflow params)."""
-        return self.values.model_dump(mode="json")
+_MAPPINGS = ("data", "eval", "mlflow", "grid", "models")
 
 
 class Params(_Strict):
-    """A validated ``params.yaml``."""
+    """A validated ``params.yaml``. Every default is the shipped file's value."""
 
-    training: dict[str, tuple[Any, ...]]  # every training key -> its values (len 1 unless an axis)
-    axes: tuple[str, ...]
-    select_by: Monitor = "val_loss"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Training keys: search axes (a value, a list, or a range); the order of TrainingValues.
+    model: Axis[ModelName] = "small_bn"
+    lr: Axis[PositiveFloat] = [0.01, 0.001]
+    batch_size: Axis[PositiveInt] = [100, 1000]
+    shuffle: Axis[StrictBool] = True
+    epochs: Axis[PositiveInt] = 10
+    patience: Axis[NonNegInt] = 3
+    min_delta: Axis[NonNegFloat] = 0.0
+    monitor: Axis[MonitorSetting] = "auto"
+    optimizer: Axis[Optimizer] = "adam"
+    momentum: Axis[UnitFloat] = 0.9
+    nesterov: Axis[StrictBool] = False
+    weight_decay: Axis[NonNegFloat] = 0.0
+    schedule: Axis[Schedule] = "none"
+    label_smoothing: Axis[UnitFloat] = 0.0
+    augment: Axis[Augment] = "none"
+    seed: Axis[NonNegInt] = 42
+    # Not axes.
+    select_by: Metric = "val_loss"
+    device: Device = "auto"
     models: dict[str, tuple[Any, ...]] = Field(default_factory=dict)
     data: DataParams = Field(default_factory=DataParams)
     eval: EvalParams = Field(default_factory=EvalParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
     grid: GridParams = Field(default_factory=GridParams)
 
+    # ------------------------------------------------------------- views
+
+    @property
+    def training(self) -> dict[str, tuple[Any, ...]]:
+        """Every training key that is not a range -> its values (one unless it is a list axis)."""
+        out = {}
+        for key in TRAINING_KEYS:
+            setting = getattr(self, key)
+            if not _is_range(setting):
+                out[key] = tuple(setting) if isinstance(setting, list) else (setting,)
+        return out
+
+    @property
+    def ranges(self) -> dict[str, Range]:
+        """Training keys drawn from a range -> the range (``grid.samples`` joint draws)."""
+        return {key: getattr(self, key) for key in TRAINING_KEYS if _is_range(getattr(self, key))}
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Training keys that vary across the search: lists of two or more values, and ranges."""
+        ranges = self.ranges
+        return tuple(key for key in TRAINING_KEYS
+                     if key in ranges or (isinstance(getattr(self, key), list) and len(getattr(self, key)) > 1))
+
     @property
     def grid_size(self) -> int:
-        size = 1
-        for values in self.training.values():
-            size *= len(values)
-        return size
+        """Points in the search: the product of the list lengths, times ``grid.samples`` when a key is a range."""
+        size = math.prod(len(values) for values in self.training.values())
+        return size * (self.grid.samples if self.ranges else 1)
+
+    def describe_grid(self) -> str:
+        """``lr(2) x batch_size(2)``, ``model(2) x 8 samples of lr~log_uniform[0.0001, 0.1]``, or ``no grid axes``."""
+        ranges = self.ranges
+        parts = [f"{key}({len(values)})" for key, values in self.training.items() if len(values) > 1]
+        if ranges:
+            drawn = ", ".join(f"{key}~{spec}" for key, spec in ranges.items())
+            parts.append(f"{self.grid.samples} samples of {drawn}")
+        return " x ".join(parts) or "no grid axes"
 
     def layers_for(self, model_name: str) -> tuple[Any, ...]:
         if model_name in self.models:
@@ -172,108 +504,187 @@ class Params(_Strict):
 
         return tuple(PRESETS[model_name])
 
+    # ------------------------------------------------------------- whole-file checks
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, raw: Any) -> Any:
+        if raw is None:
+            raise _bad("the file has no keys (it is empty or only comments); restore it: git checkout params.yaml")
+        if not isinstance(raw, dict):
+            raise _bad(f"the top level must be a mapping of keys, got {type(raw).__name__}")
+        for key in raw:
+            if not isinstance(key, str):
+                raise _bad(f"keys must be strings, got {key!r}")
+        return _section_or_empty(raw)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            raise _bad(f"must map a model name to its list of layers, got {_shown(raw)}")
+        from cnnpipe.models.presets import PRESETS
+
+        for name, layers in raw.items():
+            if not isinstance(name, str) or not name:
+                raise _bad(f": model names must be non-empty strings, got {name!r}")
+            if not isinstance(layers, list) or not layers:
+                raise _bad(f".{name} must be a non-empty list of layers, got {_shown(layers)}")
+            if name in PRESETS and layers != PRESETS[name]:
+                raise _bad(f".{name} clashes with the built-in preset of that name (other layers); rename it")
+        return raw
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        """Cross-key checks: names resolve, shapes fit, the search is well-formed and not absurd."""
+        self._check_models()
+        self._check_search()
+        return self
+
+    def _check_models(self) -> None:
+        spec = get_dataset(self.data.dataset)
+        for k in self.eval.top_k:
+            if k > spec.num_classes:
+                raise _bad(f"eval.top_k has {k}, more than the {spec.num_classes} classes of {spec.name}; use k <= {spec.num_classes}")
+
+        from cnnpipe.models.presets import PRESETS
+        from cnnpipe.models.spec import check_layers
+
+        known = list(self.models) + [name for name in PRESETS if name not in self.models]
+        names = _candidates(self.model)
+        for index, name in enumerate(names):
+            if name not in known:
+                where = "model" if not isinstance(self.model, (list, Choice)) else \
+                    f"model[{index}]" if isinstance(self.model, list) else f"model.choice[{index}]"
+                raise _bad(f"{where}: unknown model {name!r}{suggest(name, known)}; "
+                           f"define it under models: or use a preset ({', '.join(PRESETS)})")
+        try:
+            for name, layers in self.models.items():
+                check_layers(f"models.{name}", list(layers), spec.image_shape, spec.num_classes)
+            for name in names:
+                if name in PRESETS and name not in self.models:
+                    check_layers(f"preset {name}", list(PRESETS[name]), spec.image_shape, spec.num_classes)
+        except ParamsError as err:
+            raise _bad(err.message) from None
+
+    def _check_search(self) -> None:
+        grid = self.grid
+        if grid.strategy == "halving":
+            shortest = min(_candidates(self.epochs))
+            if grid.min_epochs > shortest:
+                raise _bad(f"grid.min_epochs={grid.min_epochs} is more than epochs={shortest}: halving's first rung "
+                           "cannot be longer than a whole run; lower grid.min_epochs or raise epochs")
+        ranges = self.ranges
+        if ranges and grid.samples > grid.max_runs:
+            raise _bad(f"grid.samples={grid.samples} is more than grid.max_runs={grid.max_runs}; "
+                       "lower grid.samples or raise grid.max_runs")
+        size = self.grid_size
+        if size > grid.max_runs:
+            fix = "shorten a list, lower grid.samples" if ranges else "shorten a list"
+            raise _bad(f"the grid {self.describe_grid()} has {size} runs, more than grid.max_runs={grid.max_runs}; "
+                       f"{fix} or raise grid.max_runs")
+        if grid.strategy == "halving" and size < 2:
+            raise _bad("grid.strategy halving needs at least 2 points to compare, the grid has 1; "
+                       "give a key a list or a range (e.g. lr: [0.01, 0.001]) or use grid.strategy: exhaustive")
 
 
-# --------------------------------------------------------------------------- errors
+# ----------------------------------------------------------------- errors: pydantic's loc + msg -> one line
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
-    """`` (did you mean lr?)`` when a close match exists, else ``''``."""
+    """``, did you mean lr?`` when a close match exists, else ``''``."""
     match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
     return f", did you mean {match[0]}?" if match else ""
 
 
-def _loc(prefix: str, loc: Iterable[Any]) -> str:
-    out = prefix
+# pydantic's own messages (stable across 2.x), rewritten to this project's phrasing.
+_PHRASES: tuple[tuple[str, str], ...] = (
+    (r"Input should be greater than or equal to (.+)", r"must be >= \1"),
+    (r"Input should be greater than (.+)", r"must be > \1"),
+    (r"Input should be less than or equal to (.+)", r"must be <= \1"),
+    (r"Input should be less than (.+)", r"must be < \1"),
+    (r"Input should be a finite number.*", "must be a finite number"),
+    (r"Input should be a valid number.*", "must be a number"),
+    (r"Input should be a valid integer.*", "must be an integer"),
+    (r"Input should be a valid boolean.*", "must be true or false"),
+    (r"Input should be a valid string.*", "must be a string"),
+    (r"Input should be a valid (list|tuple|array).*", "must be a list"),
+    (r"Input should be a valid dictionary.*", "must be a mapping"),
+    (r"Input should be ('.*)", r"must be one of \1"),  # a Literal: 'adam', 'adamw' or 'sgd'
+    (r"Input should be (.*)", r"must be \1"),
+    (r"Field required", "is required"),
+    (r"(List|String|Dictionary) should have at least 1 .*", "must not be empty"),
+    (r"(List|Tuple) should have at (least|most) (\d+) items?.*", r"must have \2 \3 items"),
+)
+
+
+def _phrase(msg: str) -> tuple[str, bool]:
+    """(our wording, whether it still needs ``, got <input>``)."""
+    for pattern, replacement in _PHRASES:
+        match = re.fullmatch(pattern, msg, flags=re.DOTALL)
+        if match:
+            return match.expand(replacement), True
+    return msg, False  # one of ours (_bad): already complete
+
+
+def _path(loc: Iterable[Any]) -> str:
+    out = ""
     for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("function-after", "constrained-str", "literal['auto']", "int", "lax-or-strict", "strict-int"):
-            continue
-        else:
-            out = f"{out}.{part}" if out else str(part)
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
 
-_KIND = {
-    "float": "a number",
-    "int": "an integer",
-    "bool": "true or false",
-    "string": "a string",
-    "list": "a list",
-    "dict": "a mapping",
-}
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (sub)section at ``loc``, for "did you mean" suggestions."""
+    current: Any = Params
+    for part in loc:
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        current = annotation
+    return list(current.model_fields)
 
 
-def _translate(error: Mapping[str, Any], key: str, known: Iterable[str] = ()) -> str:
-    """One pydantic error -> ``key must be ..., got ...``."""
-    kind = error["type"]
-    ctx = error.get("ctx") or {}
-    got = error.get("input")
-    shown = json.dumps(got) if isinstance(got, (str, list, dict)) else _fmt(got)
-    if kind == "extra_forbidden":
-        parent, _, leaf = key.rpartition(".")
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    if len(loc) > 1 and loc[0] in TRAINING_KEYS:
+        loc = (loc[0], *loc[2:])  # drop the axis branch (value / list / the range kind)
+    msg = error["msg"]
+    if msg == "Extra inputs are not permitted":
+        parent = _path(loc[:-1])
         where = f" in {parent}" if parent else ""
-        return f"unknown key {leaf!r}{where}{suggest(leaf, known)}"
-    if key.startswith("grid.workers"):
-        return f"grid.workers must be 'auto' or an integer > 0, got {shown}"
-    if kind == "missing":
-        return f"{key} is required"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        ops = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-        bound = next(iter(ctx.values()))
-        return f"{key} must be {ops[kind]} {bound}, got {shown}"
-    if kind == "literal_error":
-        return f"{key} must be one of {ctx.get('expected')}, got {shown}"
-    if kind == "string_pattern_mismatch":
-        return f"{key} must be a 64-character lowercase hex SHA-256, got {shown}"
-    if kind in ("too_short", "too_long"):
-        return f"{key} must not be empty" if kind == "too_short" else f"{key} is too long"
-    for prefix, words in _KIND.items():
-        if kind.startswith(prefix):
-            return f"{key} must be {words}, got {shown}"
-    if kind.startswith("int_from_float"):
-        return f"{key} must be an integer, got {shown}"
-    return f"{key}: {error.get('msg', 'invalid')}, got {shown}"
+        return f"unknown key {loc[-1]!r}{where}{suggest(loc[-1], _keys_at(loc[:-1]))}"
+    text, needs_input = _phrase(msg)
+    if needs_input and "input" in error:
+        text += f", got {_shown(error['input'])}"
+    key = _path(loc)
+    if not key:
+        return text
+    return f"{key}{text}" if text.startswith((".", "[", ":")) else f"{key} {text}"  # ours may continue the key
 
 
-def _raise_from(exc: ValidationError, prefix: str, known: Iterable[str]) -> None:
+def error_line(exc: ValidationError) -> str:
+    """The one line a user sees for ``exc``: its first error (an unknown key first: a typo explains the rest)."""
     errors = exc.errors(include_url=False)
-    # A union (e.g. grid.workers) reports one error per branch: the last is the most specific.
-    error = errors[-1] if len(errors) > 1 and all(len(e["loc"]) and e["loc"][0] == errors[0]["loc"][0] for e in errors) else errors[0]
-    raise ParamsError(_translate(error, _loc(prefix, error["loc"]), known)) from None
+    extra = [e for e in errors if e["msg"] == "Extra inputs are not permitted"]
+    return _describe((extra or errors)[0])
 
 
-_FIELD_ADAPTERS: dict[str, TypeAdapter[Any]] = {}
-
-
-def _adapter(key: str) -> TypeAdapter[Any]:
-    if key not in _FIELD_ADAPTERS:
-        info = TrainingValues.model_fields[key]
-        annotation: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
-        _FIELD_ADAPTERS[key] = TypeAdapter(annotation)
-    return _FIELD_ADAPTERS[key]
-
-
-# --------------------------------------------------------------------------- loading
+# ----------------------------------------------------------------- loading
 
 
 def read_yaml(path: str | os.PathLike[str]) -> Any:
-    """Parse ``path`` with ``safe_load``; syntax errors name the line."""
+    """Parse ``path`` with ``safe_load`` (``None`` for an empty file); syntax errors name the line."""
     source = Path(path)
     try:
         text = source.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ParamsError(f"file not found; run from the project root or pass --params", source=str(path)) from None
+        raise ParamsError("file not found; run from the project root or pass --params", source=str(path)) from None
     except UnicodeDecodeError:
         raise ParamsError("not UTF-8 text", source=str(path)) from None
     try:
-        return yaml.safe_load(text) if text.strip() else {}
+        return yaml.safe_load(text)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -288,163 +699,14 @@ def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate already-parsed YAML; ``None`` is an empty file and is refused."""
     try:
-        return _parse(raw)
-    except ParamsError as err:
-        if err.source != source:
-            raise ParamsError(str(err).split(": ", 1)[1], source=source) from None
-        raise
-
-
-def _parse(raw: Any) -> Params:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"the top level must be a mapping of keys, got {type(raw).__name__}")
-    for key in raw:
-        if not isinstance(key, str):
-            raise ParamsError(f"keys must be strings, got {key!r}")
-        if key not in KNOWN_KEYS:
-            raise ParamsError(f"unknown key {key!r}{suggest(key, KNOWN_KEYS)}")
-
-    training: dict[str, tuple[Any, ...]] = {}
-    axes: list[str] = []
-    defaults = TrainingValues()
-    for key in TRAINING_KEYS:
-        value = raw.get(key, getattr(defaults, key))
-        if isinstance(value, list):
-            if not value:
-                raise ParamsError(f"{key} is an empty list; give at least one value (a list is a grid axis)")
-            values = [_validate_value(key, item, index) for index, item in enumerate(value)]
-            if len(set(map(_canon, values))) != len(values):
-                raise ParamsError(f"{key} lists a value twice; each grid value must be distinct")
-            training[key] = tuple(values)
-            if len(values) > 1:
-                axes.append(key)
-        elif isinstance(value, dict):
-            raise ParamsError(f"{key} must be a value or a list of values, got a mapping")
-        else:
-            training[key] = (_validate_value(key, value, None),)
-
-    sections: dict[str, Any] = {}
-    for name, model in SECTION_MODELS.items():
-        section = raw.get(name, {})
-        if section is None:
-            section = {}
-        if not isinstance(section, dict):
-            raise ParamsError(f"{name} must be a mapping of keys, got {json.dumps(section)}")
-        try:
-            sections[name] = model.model_validate(section)
-        except ValidationError as exc:
-            _raise_from(exc, name, _section_keys(model, exc))
-
-    select_by = raw.get("select_by", "val_loss")
-    if select_by not in ("val_loss", "val_top1"):
-        raise ParamsError(f"select_by must be one of 'val_loss', 'val_top1', got {json.dumps(select_by)}")
-    device = raw.get("device", "auto")
-    if device not in ("auto", "cpu", "cuda"):
-        raise ParamsError(f"device must be one of 'auto', 'cpu', 'cuda', got {json.dumps(device)}")
-
-    models = _parse_models(raw.get("models") or {})
-    params = Params(
-        training=training,
-        axes=tuple(axes),
-        select_by=select_by,
-        device=device,
-        models=models,
-        **sections,
-    )
-    _check_consistency(params)
-    return params
-
-
-def _canon(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
-def _validate_value(key: str, value: Any, index: int | None) -> Any:
-    where = key if index is None else f"{key}[{index}]"
-    if isinstance(value, (list, dict)):
-        raise ParamsError(f"{where} must be a single value, got {json.dumps(value)}")
-    if isinstance(value, bool) and TrainingValues.model_fields[key].annotation in (int, float):
-        raise ParamsError(f"{where} must be a number, got {_fmt(value)}")
-    try:
-        return _adapter(key).validate_python(value)
+        return Params.model_validate(raw)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        raise ParamsError(_translate(error, where)) from None
+        raise ParamsError(error_line(exc), source=source) from None
 
 
-def _section_keys(model: type[BaseModel], exc: ValidationError) -> list[str]:
-    """Field names of the (sub)section an unknown key was found in, for suggestions."""
-    loc = exc.errors()[0]["loc"]
-    current: Any = model
-    for part in loc[:-1]:
-        field = current.model_fields.get(part) if hasattr(current, "model_fields") else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            break
-        current = field.annotation
-    return list(getattr(current, "model_fields", {}))
-
-
-def _parse_models(raw_models: Any) -> dict[str, tuple[Any, ...]]:
-    if not isinstance(raw_models, dict):
-        raise ParamsError(f"models must map a model name to its list of layers, got {json.dumps(raw_models)}")
-    from cnnpipe.models.presets import PRESETS
-
-    out: dict[str, tuple[Any, ...]] = {}
-    for name, layers in raw_models.items():
-        if not isinstance(name, str) or not name:
-            raise ParamsError(f"models: model names must be non-empty strings, got {name!r}")
-        if name in PRESETS:
-            raise ParamsError(f"models.{name} clashes with the built-in preset of that name; rename it")
-        if not isinstance(layers, list) or not layers:
-            raise ParamsError(f"models.{name} must be a non-empty list of layers, got {json.dumps(layers)}")
-        out[name] = tuple(layers)
-    return out
-
-
-_MIRROR_SCHEMES = ("http://", "https://", "file://")
-
-
-def _check_consistency(params: Params) -> None:
-    """Cross-key checks: names resolve, shapes fit, the grid is not absurd."""
-    data = params.data
-    if data.dataset not in DATASETS:
-        raise ParamsError(f"data.dataset must be one of {list(DATASETS)}, got {json.dumps(data.dataset)}{suggest(data.dataset, DATASETS)}")
-    spec = get_dataset(data.dataset)
-    for index, mirror in enumerate(data.mirrors):
-        if "://" in mirror and not mirror.startswith(_MIRROR_SCHEMES):
-            scheme = mirror.split("://", 1)[0]
-            raise ParamsError(
-                f"data.mirrors[{index}] uses unsupported scheme {scheme!r} in {json.dumps(mirror)}; "
-                "use http://, https://, file:// or a folder path"
-            )
-    for k in params.eval.top_k:
-        if k > spec.num_classes:
-            raise ParamsError(f"eval.top_k has {k}, more than the {spec.num_classes} classes of {spec.name}; use k <= {spec.num_classes}")
-
-    from cnnpipe.models.presets import PRESETS
-    from cnnpipe.models.spec import check_layers
-
-    known_models = list(params.models) + list(PRESETS)
-    for index, name in enumerate(params.training["model"]):
-        if name not in known_models:
-            where = "model" if len(params.training["model"]) == 1 else f"model[{index}]"
-            raise ParamsError(f"{where}: unknown model {name!r}{suggest(name, known_models)}; define it under models: or use a preset ({', '.join(PRESETS)})")
-    for name, layers in params.models.items():
-        check_layers(f"models.{name}", list(layers), spec.image_shape, spec.num_classes)
-    for name in params.training["model"]:
-        if name in PRESETS:
-            check_layers(f"preset {name}", list(PRESETS[name]), spec.image_shape, spec.num_classes)
-
-    size = params.grid_size
-    if size > params.grid.max_runs:
-        axes = " x ".join(f"{key}({len(params.training[key])})" for key in params.axes)
-        raise ParamsError(f"the grid {axes} has {size} runs, more than grid.max_runs={params.grid.max_runs}; shorten a list or raise grid.max_runs")
-
-
-# --------------------------------------------------------------------------- grid
+# ----------------------------------------------------------------- one run
 
 
 def resolve_augment(augment: str, dataset: str) -> str:
@@ -454,19 +716,27 @@ def resolve_augment(augment: str, dataset: str) -> str:
     return "none" if get_dataset(dataset).digits else "crop_flip"
 
 
-def expand_grid(params: Params) -> list[RunConfig]:
-    """The Cartesian product of every training axis, in ``params.yaml`` order."""
-    keys = list(params.training)
-    runs = []
-    for combo in itertools.product(*(params.training[key] for key in keys)):
-        values = dict(zip(keys, combo))
-        values["augment"] = resolve_augment(values["augment"], params.data.dataset)
-        runs.append(
-            RunConfig(
-                values=TrainingValues(**values),
-                layers=params.layers_for(values["model"]),
-                axes=params.axes,
-                dataset=params.data.dataset,
-            )
-        )
-    return runs
+class RunConfig(_Strict):
+    """One search point: scalar training values plus the resolved architecture."""
+
+    values: TrainingValues
+    layers: tuple[Any, ...]  # the resolved layer spec of ``values.model`` (plain YAML data)
+    axes: tuple[str, ...] = ()  # training keys that vary across the search
+    dataset: str = "fashion-mnist"
+
+    @property
+    def run_id(self) -> str:
+        """Short stable id: hash of everything that changes what is trained."""
+        payload = {"values": self.values.model_dump(mode="json"), "layers": list(self.layers), "dataset": self.dataset}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    @property
+    def name(self) -> str:
+        """Readable name from the search axes, e.g. ``lr=0.01,batch_size=100``."""
+        keys = self.axes or ("model",)
+        return ",".join(f"{key}={_fmt(getattr(self.values, key))}" for key in keys)
+
+    def flat(self) -> dict[str, Any]:
+        """Training values as a flat dict (for tables and MLflow params)."""
+        return self.values.model_dump(mode="json")

@@ -77,12 +77,15 @@ def search_definition(params: Params) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, values in params.training.items():
         out[key] = list(values) if len(values) > 1 else values[0]
+    out.update({key: str(spec) for key, spec in params.ranges.items()})
     grid = params.grid
     out.update({"dataset": params.data.dataset, "select_by": params.select_by, "device": params.device,
                 "grid_size": params.grid_size, "grid_axes": ",".join(params.axes) or "none",
                 "strategy": grid.strategy})
     if grid.strategy == "halving":
         out.update({"eta": grid.eta, "min_epochs": grid.min_epochs})
+    if params.ranges:
+        out.update({"samples": grid.samples, "search_seed": grid.search_seed})
     return out
 
 

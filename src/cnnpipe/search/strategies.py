@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cnnpipe.params import GridParams
 from cnnpipe.search.selection import RunRecord, rung_score
 
 
@@ -38,17 +39,16 @@ class Exhaustive:
 
 @dataclass(frozen=True)
 class SuccessiveHalving:
-    eta: int
-    min_epochs: int
+    settings: GridParams  # eta, min_epochs; ``GridParams.rungs`` is the one definition of the rungs
     name = "halving"
+
+    @property
+    def eta(self) -> int:
+        return self.settings.eta
 
     def rungs(self, max_epochs: int) -> list[int]:
         """Epoch budgets: ``min_epochs * eta**k`` below ``max_epochs``, then ``max_epochs``."""
-        out, budget = [], self.min_epochs
-        while budget < max_epochs:
-            out.append(budget)
-            budget *= self.eta
-        return out + [max_epochs]
+        return list(self.settings.rungs(max_epochs))
 
     def keep(self, entering: int) -> int:
         """How many of ``entering`` trials are promoted: the best ``1/eta``, at least one."""
@@ -68,8 +68,14 @@ class SuccessiveHalving:
         return total
 
 
-def make_strategy(strategy: str, *, eta: int = 3, min_epochs: int = 1) -> Exhaustive | SuccessiveHalving:
-    return SuccessiveHalving(eta, min_epochs) if strategy == "halving" else Exhaustive()
+def make_strategy(settings: GridParams) -> Exhaustive | SuccessiveHalving:
+    """The strategy ``grid.strategy`` names."""
+    return SuccessiveHalving(settings) if settings.strategy == "halving" else Exhaustive()
+
+
+def halving(eta: int = 3, min_epochs: int = 1) -> SuccessiveHalving:
+    """Successive halving with these settings (benchmarks, tests)."""
+    return SuccessiveHalving(GridParams(strategy="halving", eta=eta, min_epochs=min_epochs))
 
 
 def promote(records: Sequence[RunRecord], keep: int, epoch: int, select_by: str) -> tuple[list[RunRecord], list[RunRecord]]:
