@@ -51,6 +51,7 @@ def main(args: argparse.Namespace) -> int:
 
     device = resolve_device(params.device)
     executor = grid.make_executor(params.grid, len(configs), report=None, device=device)  # ray missing: fail now
+    executor.start()  # a Ray cluster that is unreachable or refuses us: one line, before any data or MLflow run
     data = TrainData.load(PREPARED, splits=("train", "val"))
     grid.check_dataset(data, params)
     print(f"train: {len(configs)} run(s) on {describe(device)}, {data.dataset} "

@@ -1,8 +1,9 @@
 """Parallel grids on one machine: spawned worker processes, one MLflow writer, Ctrl-C.
 
-The same 2x2 grid is trained once in this process and once by two spawned
-workers (both with one torch thread, so the arithmetic is the same); results
-and weights must be bitwise equal, and MLflow must hold one parent and four
+The same 2x2 grid is trained as the stage plans it on two cores (``auto``:
+two spawned workers x one torch thread) and once in this process with the
+thread count ``make_executor`` plans for every backend; results and weights
+must be bitwise equal (the README's claim), and MLflow must hold one parent and four
 children with full per-epoch histories, all written by the parent process.
 Worker start-up (spawn + import torch) costs a few seconds, so the tests
 that start a pool are marked slow; the planning and plumbing tests are fast.
@@ -69,18 +70,20 @@ def train(configs, data, prepared, store, experiment, executor, **ctx_kwargs):
     tracker = open_tracker(settings(store, experiment))
     lines: list[str] = []
     with tracker.running():
-        ctx = grid.TrainContext(data=data, tracker=tracker, progress=False, num_threads=1, layer_stats=True,
-                                prepared_dir=prepared, **ctx_kwargs)
+        ctx = grid.TrainContext(data=data, tracker=tracker, progress=False, layer_stats=True,
+                                prepared_dir=prepared, **ctx_kwargs)  # threads: the executor's
         records = grid.train_grid(configs, ctx, executor=executor, report=lines.append)
     return tracker, records, lines
 
 
 @pytest.fixture(scope="module")
 def both(data, prepared, store):
-    """The 2x2 grid trained sequentially and by two worker processes (one torch thread each)."""
+    """The 2x2 grid as the stage runs it on 2 cores (auto), and one run at a time with the same threads per run."""
     configs = expand_grid(make_params())
-    sequential = train(configs, data, prepared, store, "sequential", executors.SequentialExecutor())
-    parallel = train(configs, data, prepared, store, "parallel", executors.ProcessExecutor(workers=2, threads=1))
+    pool = executors.make_executor(make_params().grid, len(configs), cores=2)
+    assert isinstance(pool, executors.ProcessExecutor) and (pool.workers, pool.threads) == (2, 1)
+    sequential = train(configs, data, prepared, store, "sequential", executors.SequentialExecutor(pool.threads))
+    parallel = train(configs, data, prepared, store, "parallel", pool)
     return sequential, parallel
 
 
@@ -104,6 +107,15 @@ def test_make_executor_picks_the_backend():
     assert isinstance(executors.make_executor(grid_params, 4, device="cuda", cores=16), executors.SequentialExecutor)
     assert isinstance(executors.make_executor(make_params(grid={"workers": 1}).grid, 4, cores=16),
                       executors.SequentialExecutor)
+
+
+def test_one_worker_runs_in_this_process_with_every_core_and_restores_the_thread_count():
+    one = executors.make_executor(make_params(grid={"workers": 1}).grid, 4, cores=2)
+    assert isinstance(one, executors.SequentialExecutor) and one.threads == 2
+    before = torch.get_num_threads()
+    seen = list(executors.SequentialExecutor(threads=1).map(lambda x: (x, torch.get_num_threads()), [(1,), (2,)]))
+    assert seen == [(1, 1), (2, 1)] and torch.get_num_threads() == before
+    assert list(executors.SequentialExecutor().map(lambda x: torch.get_num_threads(), [(1,)])) == [before]
 
 
 def test_ray_backend_without_ray_is_one_line(monkeypatch):
