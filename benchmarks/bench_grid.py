@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from summary import record
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -116,6 +118,7 @@ def main() -> None:
     print(f"{'variant':<64} {'median s':>9} {'speed-up':>9}")
     for label, seconds, ratio in rows:
         print(f"{label:<64} {seconds:>9.1f} {('%.2fx' % ratio) if ratio else '':>9}")
+        record("grid", label, seconds, "s (median)", ratio, "speed-up over the row above" if ratio else "")
     print(f"(medians of {args.repeats}; {args.epochs} epoch(s) per run; load before {before['loadavg_1_5_15']}, "
           f"after {after['loadavg_1_5_15']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
