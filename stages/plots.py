@@ -66,7 +66,8 @@ def main() -> int:
                               best_epoch=train.get("best_epoch"), title=f"Selected run: {run_name}",
                               stop_reason=stop_reason)
         plots.grid_curves(history, tmp / names["All grid runs"], grid=grid, selected_run_id=selected)
-        plots.grid_comparison(grid, tmp / names["Grid comparison"], selected_run_id=selected)
+        plots.grid_comparison(grid, tmp / names["Grid comparison"], select_by=train.get("select_by", "val_loss"),
+                              selected_run_id=selected)
         plots.per_class_bars(data["per_class.csv"], tmp / names["Per-class accuracy"],
                              title="Per-class accuracy: train vs test")
         counts = plots.confusion_from_pairs(confusion["actual"].astype(str), confusion["predicted"].astype(str), classes)
