@@ -125,6 +125,22 @@ def test_ray_backend_without_ray_is_one_line(monkeypatch):
     assert str(info.value) == "grid.backend is ray but ray is not installed; pip install 'cnnpipe[ray]'"
 
 
+def test_a_ray_address_where_nothing_listens_is_one_line_at_once():
+    """Not minutes of Ray retries and a process exit: a TCP check first (the stage prints this line, exit 1)."""
+    import socket
+
+    pytest.importorskip("ray")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    with pytest.raises(executors.ClusterError) as info:
+        executors.connect_ray(f"127.0.0.1:{port}")
+    assert str(info.value) == (f"cannot reach the Ray cluster at grid.ray_address 127.0.0.1:{port} (Connection refused); "
+                               f"start it (ray start --head --port={port}) or fix grid.ray_address")
+    assert executors._host_port("ray://head-node:10001") == ("head-node", 10001)
+    assert executors._host_port("[::1]:6379") == ("::1", 6379) and executors._host_port("auto") is None
+
+
 def test_a_run_error_crosses_processes_as_the_same_one_line_error():
     err = grid.RunError(3, "ParamsError", "params.yaml: lr must be > 0", 2)
     clone = pickle.loads(pickle.dumps(err))
