@@ -5,7 +5,7 @@ real prepared data (``data/prepared``, Fashion-MNIST: 54,000 train / 6,000
 val) with ``--epochs`` epochs per run (default 1, to keep it short), through
 the same ``grid.train_grid`` the train stage uses, with MLflow off:
 
-* sequential: one run after another in this process (torch's default threads);
+* sequential: one run after another in this process, with every core's thread (``grid.workers: 1``);
 * parallel: ``grid.workers`` processes (default: auto) with ``cores // workers``
   torch threads each, spawn, worker start-up and data loading included;
 * incremental: the grid with one more lr value, the default grid's runs
@@ -94,7 +94,7 @@ def main() -> None:
         print(f"parallel executor: {parallel.description}")
         for repeat in range(args.repeats):
             print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
-            results["sequential"].append(timed("sequential", executors.SequentialExecutor(), configs))
+            results["sequential"].append(timed("sequential", executors.SequentialExecutor(executors.cpu_cores()), configs))
             store = GridCache(RunCache(seeded), reuse=False) if repeat == 0 else None  # store only: timing unaffected
             results["parallel"].append(timed("parallel", parallel, configs, store))
         grown = executors.make_executor(settings, len(wider_configs), device="cpu")
