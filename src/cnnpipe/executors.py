@@ -438,7 +438,7 @@ def connect_ray(address: str, timeout_s: float = 5.0) -> None:
         try:
             socket.create_connection(where, timeout=timeout_s).close()
         except OSError as err:
-            reason = err.strerror or type(err).__name__
+            reason = err.strerror or str(err) or type(err).__name__
             raise ClusterError(f"cannot reach the Ray cluster at grid.ray_address {address} ({reason}); "
                                f"start it (ray start --head --port={where[1]}) or fix grid.ray_address") from None
     try:
