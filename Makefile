@@ -13,4 +13,4 @@ test: setup
 	@. .venv/bin/activate && MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true python -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	@. .venv/bin/activate && python benchmarks/run_all.py
+	@. .venv/bin/activate && python benchmarks/run_all.py $(BENCH_ARGS)

@@ -46,6 +46,7 @@ from cnnpipe.engine import TrainData, evaluate_logits, train_run  # noqa: E402
 from cnnpipe.models.build import build_model  # noqa: E402
 from cnnpipe.models.presets import PRESETS  # noqa: E402
 from cnnpipe.params import RunConfig, TrainingValues  # noqa: E402
+from summary import record  # noqa: E402
 
 RAW_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 RAW_DIRS = (Path("/usr/share/datasets/fashion-mnist"), ROOT / "data" / "raw" / "fashion-mnist")
@@ -194,6 +195,7 @@ def main() -> int:
     ]
     for label, key, base in rows:
         print(f"{label:<34}{med[key]:>16.0f}{med[key] / med[base]:>12.2f}x{len(results[key]):>6}")
+        record("engine", label, med[key], "images/s (median)", med[key] / med[base], base)
     print(f"\nengine reaches {med['engine'] / med['floor']:.0%} of the compute floor; load average now {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -5,7 +5,7 @@ real prepared data (``data/prepared``, Fashion-MNIST: 54,000 train / 6,000
 val) with ``--epochs`` epochs per run (default 1, to keep it short), through
 the same ``run_search`` the train stage uses, with MLflow off:
 
-* sequential: one run after another in this process (torch's default threads);
+* sequential: one run after another in this process, with every core's thread (``grid.workers: 1``);
 * parallel: ``grid.workers`` processes (default: auto) with ``cores // workers``
   torch threads each, spawn, worker start-up and data loading included;
 * incremental: the grid with one more lr value, the default grid's runs
@@ -26,6 +26,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from summary import record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +97,7 @@ def main() -> None:
         print(f"parallel executor: {parallel.description}")
         for repeat in range(args.repeats):
             print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
-            results["sequential"].append(timed("sequential", executors.SequentialExecutor(), configs))
+            results["sequential"].append(timed("sequential", executors.SequentialExecutor(executors.cpu_cores()), configs))
             store = GridCache(RunCache(seeded), reuse=False) if repeat == 0 else None  # store only: timing unaffected
             results["parallel"].append(timed("parallel", parallel, configs, store))
         grown = executors.make_executor(settings, len(wider_configs), device="cpu")
@@ -119,6 +121,7 @@ def main() -> None:
     print(f"{'variant':<64} {'median s':>9} {'speed-up':>9}")
     for label, seconds, ratio in rows:
         print(f"{label:<64} {seconds:>9.1f} {('%.2fx' % ratio) if ratio else '':>9}")
+        record("grid", label, seconds, "s (median)", ratio, "speed-up over the row above" if ratio else "")
     print(f"(medians of {args.repeats}; {args.epochs} epoch(s) per run; load before {before['loadavg_1_5_15']}, "
           f"after {after['loadavg_1_5_15']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from summary import record
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 COMMANDS: list[tuple[str, list[str]]] = [
@@ -51,6 +53,7 @@ def main() -> None:
     print(f"{'command':<44} {'median s':>9} {'x python':>9}")
     for label, seconds in medians.items():
         print(f"{label:<44} {seconds:>9.3f} {seconds / base:>8.1f}x")
+        record("startup", label, seconds, "s (median)", seconds / base, "python -c pass")
     load_after = os.getloadavg()
     print(f"(medians of {args.repeats}; {os.cpu_count()} cores; load before {[round(x, 2) for x in load_before]}, "
           f"after {[round(x, 2) for x in load_after]})")

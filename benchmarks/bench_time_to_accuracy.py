@@ -29,6 +29,7 @@ from cnnpipe.engine import EpochRecord, TrainData, evaluate_logits, train_run  #
 from cnnpipe.metrics import topk_accuracy  # noqa: E402
 from cnnpipe.models.presets import PRESETS  # noqa: E402
 from cnnpipe.params import RunConfig, TrainingValues  # noqa: E402
+from summary import record  # noqa: E402
 
 # Keep in sync with the comment above fashion_vgg in src/cnnpipe/models/presets.yaml.
 RECIPE = dict(model="fashion_vgg", optimizer="adamw", lr=0.005, weight_decay=0.05, batch_size=128,
@@ -75,6 +76,9 @@ def main() -> int:
     final = topk_accuracy(evaluate_logits(result.model, data.test.images, mean=data.mean, std=data.std), data.test.labels, (1,))[1]
     print(f"\nstatus {result.status} ({result.stop_reason}), best epoch {result.best_epoch}: "
           f"test top-1 {final:.4f} after {elapsed:.0f} s of training ({wall:.0f} s wall with per-epoch test evals)")
+    record("time_to_accuracy", f"fashion_vgg test top-1 after {len(result.history)} epoch(s)", final, "top-1")
+    record("time_to_accuracy", f"time to {args.target:.1%} test top-1", reached[1] if reached else float("nan"),
+           "s of training" if reached else "s (not reached)")
     if reached:
         print(f"target {args.target:.3f} first reached at epoch {reached[0]} after {reached[1]:.0f} s of training (test {reached[2]:.4f})")
     else:

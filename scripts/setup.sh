@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Idempotent setup: virtualenv, the project and its pinned deps, git + DVC,
-# the default local DVC remote. A second run takes about a second.
+# Idempotent setup: virtualenv, the project and the exact dependency versions
+# in requirements.lock (hash-checked), git + DVC, the default local DVC remote.
+# A second run takes about a second (nothing is reinstalled until
+# pyproject.toml or requirements.lock changes).
 #
 #   bash scripts/setup.sh          everything (what `make run` / `make test` call)
 #   bash scripts/setup.sh remote   only git + DVC + the default remote, with the
@@ -13,17 +15,21 @@ if [ "$MODE" != remote ]; then
   PY=${PYTHON:-python3}
   VENV=.venv
   STAMP=$VENV/.cnnpipe-installed
-  want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
+  want="$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)"
 
   if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating virtualenv $VENV"
     "$PY" -m venv "$VENV"
   fi
   if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-    echo "setup: installing cnnpipe and its pinned dependencies into $VENV (first time: ~4 min)"
+    echo "setup: installing the locked dependencies (requirements.lock) and cnnpipe into $VENV (first time: ~4 min)"
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     # pip -q still prints index warnings; keep the log readable.
-    "$VENV/bin/python" -m pip install -q -e '.[test]' 2> >(grep -v -e "is ignored: it is neither" -e "BuildBackendWarning" -e "return '\\n'.join" >&2)
+    quiet() { "$@" 2> >(grep -v -e "is ignored: it is neither" -e "BuildBackendWarning" -e "return '\\n'.join" >&2); }
+    # Every package at the locked version, each file checked against its sha256.
+    quiet "$VENV/bin/python" -m pip install -q --require-hashes -r requirements.lock
+    # Then the project itself, without resolving anything again (setuptools is in the lock).
+    quiet "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
     echo "$want" > "$STAMP"
   fi
 

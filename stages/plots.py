@@ -69,7 +69,8 @@ def main() -> int:
                               best_epoch=train.get("best_epoch"), title=f"Selected run: {run_name}",
                               stop_reason=stop_reason)
         plots.grid_curves(history, tmp / names["All grid runs"], grid=grid, selected_run_id=selected)
-        plots.grid_comparison(grid, tmp / names["Grid comparison"], selected_run_id=selected)
+        plots.grid_comparison(grid, tmp / names["Grid comparison"], select_by=train.get("select_by", "val_loss"),
+                              selected_run_id=selected)
         if halving:
             plots.halving_rungs(history, grid, tmp / names["Successive halving rungs"], selected_run_id=selected,
                                 select_by=params.select_by)

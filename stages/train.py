@@ -56,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
 
     device = resolve_device(params.device)
     executor = make_executor(params.grid, len(configs), device=device)  # ray missing: fail now
+    executor.start()  # a Ray cluster that is unreachable or refuses us: one line, before any data or MLflow run
     data = TrainData.load(PREPARED, splits=("train", "val"))
     runner.check_dataset(data, params)
     print(f"train: {len(configs)} run(s) on {describe(device)}, {data.dataset} "

@@ -303,6 +303,22 @@ def test_help_is_instant_and_lists_every_command() -> None:
     assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
 
 
+def test_a_broken_commands_module_is_shown_not_hidden(tmp_path: Path) -> None:
+    """Only optional third-party imports may be guarded: an ImportError in our own commands.py must surface."""
+    import shutil
+
+    import cnnpipe
+
+    shadow = tmp_path / "cnnpipe"
+    shutil.copytree(Path(cnnpipe.__file__).parent, shadow, ignore=shutil.ignore_patterns("__pycache__"))
+    (shadow / "commands.py").write_text("raise ImportError('commands.py is broken')\n")
+    env = clean_env(extra={"PYTHONPATH": str(tmp_path)})
+    done = subprocess.run([sys.executable, "-m", "cnnpipe", "--help"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0 and "ImportError: commands.py is broken" in done.stderr, done.stdout + done.stderr
+    assert "validate" not in done.stdout  # no help that silently lacks predict/runs/ui
+
+
 # --------------------------------------------------------------------------- export-images
 
 

@@ -1,8 +1,9 @@
 """Parallel grids on one machine: spawned worker processes, one MLflow writer, Ctrl-C.
 
-The same 2x2 grid is trained once in this process and once by two spawned
-workers (both with one torch thread, so the arithmetic is the same); results
-and weights must be bitwise equal, and MLflow must hold one parent and four
+The same 2x2 grid is trained as the stage plans it on two cores (``auto``:
+two spawned workers x one torch thread) and once in this process with the
+thread count ``make_executor`` plans for every backend; results and weights
+must be bitwise equal (the README's claim), and MLflow must hold one parent and four
 children with full per-epoch histories, all written by the parent process.
 Worker start-up (spawn + import torch) costs a few seconds, so the tests
 that start a pool are marked slow; the planning and plumbing tests are fast.
@@ -78,18 +79,20 @@ def train(configs, data, prepared, store, experiment, executor, **ctx_kwargs):
     tracker = open_tracker(settings(store, experiment))
     lines: list[str] = []
     with tracker.running():
-        ctx = TrainContext(data=data, tracker=tracker, progress=False, num_threads=1, layer_stats=True,
-                                prepared_dir=prepared, **ctx_kwargs)
+        ctx = TrainContext(data=data, tracker=tracker, progress=False, layer_stats=True,
+                                prepared_dir=prepared, **ctx_kwargs)  # threads: the executor's
         records = run_search(configs, ctx, executor=executor, report=lines.append)
     return tracker, records, lines
 
 
 @pytest.fixture(scope="module")
 def both(data, prepared, store):
-    """The 2x2 grid trained sequentially and by two worker processes (one torch thread each)."""
+    """The 2x2 grid as the stage runs it on 2 cores (auto), and one run at a time with the same threads per run."""
     configs = expand_grid(make_params())
-    sequential = train(configs, data, prepared, store, "sequential", executors.SequentialExecutor())
-    parallel = train(configs, data, prepared, store, "parallel", executors.ProcessExecutor(workers=2, threads=1))
+    pool = executors.make_executor(make_params().grid, len(configs), cores=2)
+    assert isinstance(pool, executors.ProcessExecutor) and (pool.workers, pool.threads) == (2, 1)
+    sequential = train(configs, data, prepared, store, "sequential", executors.SequentialExecutor(pool.threads))
+    parallel = train(configs, data, prepared, store, "parallel", pool)
     return sequential, parallel
 
 
@@ -115,11 +118,36 @@ def test_make_executor_picks_the_backend():
                       executors.SequentialExecutor)
 
 
+def test_one_worker_runs_in_this_process_with_every_core_and_restores_the_thread_count():
+    one = executors.make_executor(make_params(grid={"workers": 1}).grid, 4, cores=2)
+    assert isinstance(one, executors.SequentialExecutor) and one.threads == 2
+    before = torch.get_num_threads()
+    seen = list(executors.SequentialExecutor(threads=1).map(lambda x: (x, torch.get_num_threads()), [(1,), (2,)]))
+    assert seen == [(1, 1), (2, 1)] and torch.get_num_threads() == before
+    assert list(executors.SequentialExecutor().map(lambda x: torch.get_num_threads(), [(1,)])) == [before]
+
+
 def test_ray_backend_without_ray_is_one_line(monkeypatch):
     monkeypatch.setattr(executors, "ray_installed", lambda: False)
     with pytest.raises(CnnpipeError) as info:
         executors.make_executor(make_params(grid={"backend": "ray"}).grid, 4)
     assert str(info.value) == "grid.backend is ray but ray is not installed; pip install 'cnnpipe[ray]'"
+
+
+def test_a_ray_address_where_nothing_listens_is_one_line_at_once():
+    """Not minutes of Ray retries and a process exit: a TCP check first (the stage prints this line, exit 1)."""
+    import socket
+
+    pytest.importorskip("ray")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    with pytest.raises(executors.ClusterError) as info:
+        executors.connect_ray(f"127.0.0.1:{port}")
+    assert str(info.value) == (f"cannot reach the Ray cluster at grid.ray_address 127.0.0.1:{port} (Connection refused); "
+                               f"start it (ray start --head --port={port}) or fix grid.ray_address")
+    assert executors._host_port("ray://head-node:10001") == ("head-node", 10001)
+    assert executors._host_port("[::1]:6379") == ("::1", 6379) and executors._host_port("auto") is None
 
 
 def test_a_run_error_crosses_processes_as_the_same_one_line_error():

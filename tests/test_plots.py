@@ -96,6 +96,61 @@ def test_grid_comparison_with_a_diverged_run(tmp_path: Path) -> None:
     assert_png(path, (10, 1.6 + 0.42 * len(RUNS)))
 
 
+def ranking_grid() -> pd.DataFrame:
+    """val_loss and val_top1 disagree on the best run; r1 and r2 tie on val_loss."""
+    grid = make_grid()
+    grid["val_loss"] = [0.40, 0.30, 0.30, None]
+    grid["val_top1"] = [0.91, 0.85, 0.86, None]
+    return grid
+
+
+@pytest.mark.parametrize(("select_by", "order"), [("val_loss", ["r2", "r1", "r0", "r3"]),
+                                                   ("val_top1", ["r0", "r2", "r1", "r3"])])
+def test_grid_comparison_ranks_by_select_by_with_the_selected_run_on_top(select_by: str, order: list[str]) -> None:
+    """The same order as select_best: the metric, ties to the other metric then grid order; failures last."""
+    from cnnpipe.report import rank_runs
+
+    grid = ranking_grid()
+    assert list(rank_runs(grid, select_by)["run_id"]) == order
+    fig = plots.grid_comparison_figure(grid, select_by=select_by, selected_run_id=order[0])
+    names = dict(zip(grid["run_id"], grid["run_name"]))
+    ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]  # y axis inverted: first tick is the top bar
+    assert ticks == [f"{names[order[0]]}  (selected)", *(names[r] for r in order[1:])]
+    assert select_by in fig.axes[0].get_title()
+
+
+def test_rank_runs_matches_select_best_on_real_records() -> None:
+    """rank_runs reads grid.csv, select_best reads RunRecords: both must name the same run."""
+    from cnnpipe.engine import EpochRecord, RunResult
+    from cnnpipe.search import selection as grid_mod
+    from cnnpipe.search.space import expand as expand_grid
+    from cnnpipe.report import rank_runs
+    from synthetic import tiny_params
+
+    table = ranking_grid()
+    configs = expand_grid(tiny_params(lr=[0.1, 0.2, 0.3, 0.4], batch_size=32))
+    records = []
+    for i, row in table.iterrows():
+        ok = row["status"] == "finished"
+        best = EpochRecord(1, 0.5, 0.5, row["val_loss"], row["val_top1"], 0.99, 0.01, 1.0, 1.0) if ok else None
+        result = RunResult(run_id=configs[i].run_id, status=row["status"], stop_reason="", best_epoch=1 if ok else None,
+                           best=best, history=[best] if ok else [], epochs_run=1, seconds=1.0, images_per_s=1.0,
+                           model=object() if ok else None, device="cpu")
+        records.append(grid_mod.RunRecord(i + 1, configs[i], result))
+    for select_by in ("val_loss", "val_top1"):
+        best = grid_mod.select_best(records, select_by)
+        assert table["run_id"][best.index - 1] == rank_runs(table, select_by)["run_id"].iloc[0]
+
+
+def test_curves_label_train_metrics_as_measured_while_training(tmp_path: Path) -> None:
+    fig_labels = [label for _, series, _, _ in plots.CURVE_PANELS for column, label, _ in series]
+    assert plots.TRAIN_LABEL in fig_labels and "augmented" in plots.TRAIN_LABEL and "train mode" in plots.TRAIN_LABEL
+    assert all(label == plots.VAL_LABEL for _, series, _, _ in plots.CURVE_PANELS
+               for column, label, _ in series if column.startswith("val"))
+    assert all(label == plots.TRAIN_LABEL for _, series, _, _ in plots.CURVE_PANELS
+               for column, label, _ in series if column.startswith("train"))
+
+
 def test_per_class_bars(tmp_path: Path) -> None:
     assert_png(plots.per_class_bars(make_per_class(), tmp_path / "pc.png"), (9, 1.6 + 0.5 * len(CLASSES)))
 

@@ -225,14 +225,14 @@ def test_halving_survivor_is_bitwise_the_exhaustive_run_and_every_trial_is_track
     tracker = open_tracker(MlflowParams(tracking_uri=store, experiment="halving"))
     lines: list[str] = []
     with tracker.running():
-        halving = search(data, configs, tmp_path / "a", strategy=halving(eta=2, min_epochs=1),
-                         tracker=tracker, lines=lines)
+        trials = search(data, configs, tmp_path / "a", strategy=halving(eta=2, min_epochs=1),
+                        tracker=tracker, lines=lines)
     # 4 trials -> 2 at epoch 1 -> 1 at epoch 2 -> trained to epoch 4
-    assert [rec.pruned for rec in halving].count(False) == 1
-    assert sorted(rec.result.epochs_run for rec in halving) == [1, 1, 2, 4]
+    assert [rec.pruned for rec in trials].count(False) == 1
+    assert sorted(rec.result.epochs_run for rec in trials) == [1, 1, 2, 4]
     assert any(line.startswith("rung 1/3: 4 trial(s) to epoch 1") for line in lines)
     assert any(line.startswith("rung 1 done: promoted ") for line in lines)
-    best = select_best([rec for rec in halving if not rec.pruned], "val_loss")
+    best = select_best([rec for rec in trials if not rec.pruned], "val_loss")
     exhaustive = search(data, [best.cfg], tmp_path / "b")
     assert metrics_of(best.result.history) == metrics_of(exhaustive[0].result.history)
     assert same_weights(weights(best), weights(exhaustive[0]))

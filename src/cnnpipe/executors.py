@@ -25,6 +25,7 @@ import contextlib
 import os
 import queue as queue_mod
 import signal
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,10 @@ RAY_MISSING = "grid.backend is ray but ray is not installed; pip install 'cnnpip
 
 class WorkerDied(CnnpipeError):
     """A worker process vanished (killed by the OS, usually out of memory)."""
+
+
+class ClusterError(CnnpipeError):
+    """The Ray cluster in ``grid.ray_address`` cannot be reached or refused the connection."""
 
 
 # --------------------------------------------------------------------------- data for workers
@@ -120,6 +125,10 @@ class Executor(Protocol):
     parallel: bool
     description: str
 
+    def start(self) -> None:
+        """Acquire what runs need before any data is loaded (Ray: connect); idempotent."""
+        ...
+
     def data_source(self, data: "TrainData", folder: Path | None) -> DataSource | None: ...
 
     def map(self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]],
@@ -127,11 +136,23 @@ class Executor(Protocol):
 
 
 class SequentialExecutor:
-    """One run after another in this process (also the choice on a GPU: it is the bottleneck)."""
+    """One run after another in this process (also the choice on a GPU: it is the bottleneck).
+
+    ``threads``: torch intra-op threads for each run (``None``: leave torch's
+    setting alone). ``make_executor`` passes the same count a pool worker
+    would get for the same cores and ``grid.workers``, so the arithmetic (and
+    with it every bit of the result) does not depend on the backend.
+    """
 
     workers = 1
     parallel = False
-    description = "one run at a time in this process"
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+        self.description = "one run at a time in this process" + (f" x {threads} torch thread(s)" if threads else "")
+
+    def start(self) -> None:
+        """Nothing to start (the Ray backend connects here)."""
 
     def data_source(self, data: "TrainData", folder: Path | None) -> DataSource | None:
         return None  # runs see the parent's TrainData directly
@@ -139,7 +160,17 @@ class SequentialExecutor:
     def map(self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]],
             on_event: Callable[[Event], None] | None = None) -> Iterator[Any]:
         for item in items:
-            yield fn(*item, emit=on_event) if on_event is not None else fn(*item)
+            with _threads(self.threads):
+                result = fn(*item, emit=on_event) if on_event is not None else fn(*item)
+            yield result
+
+
+def _threads(threads: int | None) -> contextlib.AbstractContextManager[Any]:
+    if threads is None:
+        return contextlib.nullcontext()
+    from cnnpipe.device import thread_limit
+
+    return thread_limit(threads)
 
 
 # ---- local process pool
@@ -194,6 +225,9 @@ class ProcessExecutor:
         self.workers = workers
         self.threads = threads
         self.description = f"{workers} worker processes x {threads} torch thread(s)"
+
+    def start(self) -> None:
+        """Nothing to start before ``map`` (the pool lives only as long as one ``map``)."""
 
     def data_source(self, data: "TrainData", folder: Path | None) -> DataSource:
         return PreparedSource(Path(folder).resolve(), data.fingerprint) if folder is not None else InlineSource(data)
@@ -292,13 +326,15 @@ class RayExecutor:
     # -- lifecycle
 
     def start(self) -> None:
+        """Connect (or start a local Ray) and plan; a cluster that is unreachable or refuses us is one line."""
         import ray
 
         if not ray.is_initialized():
             if self.address:
-                ray.init(address=self.address, log_to_driver=False)
+                connect_ray(self.address)
             else:
-                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+                # the same core count as the local backend (the affinity mask: containers, taskset)
+                ray.init(num_cpus=cpu_cores(), include_dashboard=False, log_to_driver=False)
                 self._started = True
         cpus = int(ray.cluster_resources().get("CPU", 1))
         per_node = max([int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")] or [cpus])
@@ -378,11 +414,62 @@ class RayExecutor:
             self.stop()
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``host:port`` or ``ray://host:port``; None for ``auto`` and other forms."""
+    rest = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def connect_ray(address: str, timeout_s: float = 5.0) -> None:
+    """``ray.init(address)``, with a one-line ``ClusterError`` instead of Ray's retries, traceback and exit.
+
+    A TCP check first: an address where nothing listens would otherwise keep
+    Ray retrying for minutes and then exit the process. Ray 2.60 refuses a
+    driver without the cluster's token when token authentication is on, and
+    never turns it on by itself for an explicit address.
+    """
+    import ray
+
+    where = _host_port(address)
+    if where is not None:
+        try:
+            socket.create_connection(where, timeout=timeout_s).close()
+        except OSError as err:
+            reason = err.strerror or str(err) or type(err).__name__
+            raise ClusterError(f"cannot reach the Ray cluster at grid.ray_address {address} ({reason}); "
+                               f"start it (ray start --head --port={where[1]}) or fix grid.ray_address") from None
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except (Exception, SystemExit) as err:  # Ray exits (SystemExit) when the address never answers
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            fix = ("RAY_AUTH_MODE=token is set: check that RAY_AUTH_TOKEN (or ~/.ray/auth_token) holds the "
+                   "cluster's token (`ray get-auth-token` on the head)")
+        else:
+            fix = ("a cluster with token authentication (Ray 2.60 `ray start --head` when the head has a token) "
+                   "needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<`ray get-auth-token` on the head>; "
+                   "else check the address and `ray status` on the head")
+        detail = " ".join(str(err).split())[:160] or type(err).__name__
+        raise ClusterError(f"the Ray cluster at grid.ray_address {address} refused the connection ({detail}); "
+                           f"{fix}") from None
+
+
 # --------------------------------------------------------------------------- choosing
 
 
 def plan_parallelism(requested: int | str, runs: int, cores: int) -> tuple[int, int]:
-    """``(runs at once, torch threads per run)``: ``auto`` = one run per core, cores shared evenly."""
+    """``(runs at once, torch threads per run)``: ``auto`` = one run per core, at most one per run.
+
+    The cores are shared evenly: ``cores // workers`` threads per run, also
+    when that is one run at a time in this process. A run's thread count
+    decides its float summation order, so it is planned here once for every
+    backend: the same params, cores and ``grid.workers`` give bitwise-equal
+    results whichever executor runs them.
+    """
     want = min(runs, cores) if requested == "auto" else int(requested)
     workers = max(1, min(want, runs))
     return workers, max(1, cores // workers)
@@ -399,7 +486,8 @@ def make_executor(settings: "GridParams", runs: int, *, device: str = "cpu", cor
 
     local: ``auto`` is one process per core (at most one per run), each with
     ``cores // workers`` torch threads; on a GPU ``auto`` is 1 (runs would
-    only queue for the same device). One worker means no pool at all.
+    only queue for the same device). One worker means no pool at all: runs
+    go one after another in this process, with all ``cores`` threads.
     ray: checked here (without importing ray), so a missing extra is one
     line before any data is loaded.
     """
@@ -413,5 +501,5 @@ def make_executor(settings: "GridParams", runs: int, *, device: str = "cpu", cor
         requested = 1
     workers, threads = plan_parallelism(requested, runs, cores)
     if workers <= 1:
-        return SequentialExecutor()
+        return SequentialExecutor(threads)
     return ProcessExecutor(workers, threads)

@@ -110,11 +110,6 @@ def class_scores(confusion: torch.Tensor) -> ClassScores:
     )
 
 
-def per_class_accuracy(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Share of each class's images predicted correctly (0 for a class with no images)."""
-    return class_scores(confusion_matrix(predicted, labels, num_classes)).accuracy
-
-
 @dataclass(frozen=True)
 class Mistakes:
     """The most confident wrong predictions, most confident first."""

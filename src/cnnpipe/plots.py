@@ -30,7 +30,15 @@ TEST_COLOR = "#ff7f0e"
 BEST_COLOR = "#555555"
 SELECTED_COLOR = "#2ca02c"
 OTHER_COLOR = "#9bb7d4"
-METRIC_LABELS = {"val_top1": "validation top-1 accuracy", "val_top5": "validation top-5 accuracy"}
+METRIC_LABELS = {"val_top1": "validation top-1 accuracy", "val_top5": "validation top-5 accuracy",
+                 "val_loss": "validation loss"}
+# train_loss / train_top1 are running means over the epoch's batches as they were trained (train mode: dropout
+# on, batch-norm batch statistics; augmented images; label-smoothed loss); the validation curves are clean
+# (eval mode, after the epoch). Labelled so nobody reads the gap between them as over- or underfitting alone.
+TRAIN_LABEL = "train (as trained: augmented, train mode)"
+VAL_LABEL = "validation (clean, eval mode)"
+CURVES_NOTE = ("train curves: running mean over each epoch's batches as trained (augmentation, dropout/batch-norm "
+               "in train mode, label smoothing in the loss); validation: after each epoch, eval mode, no augmentation")
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
@@ -80,9 +88,9 @@ def _mark_best(ax, epoch: int | None, label: bool) -> None:
 # --------------------------------------------------------------------------- learning curves
 
 CURVE_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...], str, bool], ...] = (
-    ("Loss", (("train_loss", "train", TRAIN_COLOR), ("val_loss", "validation", VAL_COLOR)), "cross-entropy loss", False),
-    ("Top-1 accuracy", (("train_top1", "train", TRAIN_COLOR), ("val_top1", "validation", VAL_COLOR)), "top-1 accuracy", True),
-    ("Validation top-5 accuracy", (("val_top5", "validation", VAL_COLOR),), "top-5 accuracy", True),
+    ("Loss", (("train_loss", TRAIN_LABEL, TRAIN_COLOR), ("val_loss", VAL_LABEL, VAL_COLOR)), "cross-entropy loss", False),
+    ("Top-1 accuracy", (("train_top1", TRAIN_LABEL, TRAIN_COLOR), ("val_top1", VAL_LABEL, VAL_COLOR)), "top-1 accuracy", True),
+    ("Validation top-5 accuracy", (("val_top5", VAL_LABEL, VAL_COLOR),), "top-5 accuracy", True),
 )
 
 
@@ -121,6 +129,7 @@ def learning_curves(
         ax.legend(loc="best", fontsize=9)
     subtitle = _stop_text(best_epoch, len(history), stop_reason)
     fig.suptitle(f"{title}\n{subtitle}" if subtitle else title, fontsize=13)
+    fig.supxlabel(CURVES_NOTE, fontsize=9, color="#444444")
     return _save(fig, path)
 
 
@@ -180,7 +189,7 @@ def grid_curves(
             for column, label, _ in series:
                 if column not in run:
                     continue
-                style = "--" if label == "train" else "-"
+                style = "--" if column.startswith("train") else "-"
                 ax.plot(run["epoch"], run[column], color=colors[run_id], linestyle=style, linewidth=width,
                         marker=marker, markersize=3, alpha=0.95 if selected else 0.8)
             val_column = series[-1][0]
@@ -206,14 +215,15 @@ def grid_curves(
     handles = [Line2D([], [], color=colors[r], linewidth=2.6 if r == selected_run_id else 1.6, label=label(r))
                for r in run_ids]
     styles = [
-        Line2D([], [], color="black", linestyle="--", label="train"),
-        Line2D([], [], color="black", linestyle="-", label="validation"),
+        Line2D([], [], color="black", linestyle="--", label=TRAIN_LABEL),
+        Line2D([], [], color="black", linestyle="-", label=VAL_LABEL),
         Line2D([], [], color="grey", marker="o", markeredgecolor="black", linestyle="none", label="best epoch"),
     ]
     axes[0].legend(handles=styles, loc="upper right", fontsize=9)
     fig.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), fontsize=9,
                frameon=False, title="runs (colour)", title_fontsize=9)
-    fig.suptitle(f"All grid runs ({len(run_ids)})", fontsize=13)
+    fig.suptitle(f"All grid runs ({len(run_ids)})\ntrain (dashed): running mean as trained, augmented, train mode; "
+                 "validation (solid): clean, eval mode", fontsize=12)
     return _save(fig, path)
 
 
@@ -353,40 +363,59 @@ def grid_comparison(
     grid: pd.DataFrame,
     path: str | os.PathLike[str],
     *,
-    metric: str = "val_top1",
+    select_by: str = "val_loss",
     selected_run_id: str | None = None,
 ) -> Path:
-    """Every grid run's validation top-1 (at its best epoch), best on top, as labelled bars.
+    """Every grid run's ``select_by`` (at its best epoch) as labelled bars, ranked as the train stage selects.
 
-    Failed or diverged runs without a value are listed last with their status.
+    The selected (green) run is on top; failed or diverged runs are listed last with their status.
     """
-    table = grid.copy()
-    table["_value"] = pd.to_numeric(table[metric], errors="coerce")
-    table = table.sort_values("_value", ascending=False, na_position="last", kind="stable")
+    return _save(grid_comparison_figure(grid, select_by=select_by, selected_run_id=selected_run_id), path)
+
+
+def grid_comparison_figure(grid: pd.DataFrame, *, select_by: str = "val_loss",
+                           selected_run_id: str | None = None) -> Figure:
+    from cnnpipe.report import rank_runs
+
+    table = rank_runs(grid, select_by)
+    loss = select_by == "val_loss"
+    other = "val_top1" if loss else "val_loss"
     n = len(table)
     fig = Figure(figsize=(10, 1.6 + 0.42 * n), layout="constrained")
     ax = fig.subplots()
     y = np.arange(n)
-    values = table["_value"].fillna(0.0).to_numpy()
+    raw = pd.to_numeric(table[select_by], errors="coerce")
+    second = pd.to_numeric(table[other], errors="coerce") if other in table else pd.Series(np.nan, index=table.index)
+    values = raw.fillna(0.0).to_numpy()
     colors = [SELECTED_COLOR if r == selected_run_id else OTHER_COLOR for r in table["run_id"]]
     ax.barh(y, values, color=colors, edgecolor="#333333", linewidth=0.5)
     statuses = table["status"] if "status" in table else pd.Series(["finished"] * n, index=table.index)
-    for yi, value, raw, status in zip(y, values, table["_value"], statuses):
-        text = f"{value:.2%}" if pd.notna(raw) else str(status)
-        if pd.notna(raw) and status not in ("finished", None) and str(status) != "nan":
-            text += f" ({status})"
-        ax.text(value + 0.005, yi, text, va="center", fontsize=9)
+    top = float(values.max()) if n and values.max() > 0 else 1.0
+    span = 1.0 if not loss else top
+    for yi, value, main, extra, status in zip(y, values, raw, second, statuses):
+        if pd.notna(main):
+            text = f"{main:.4f} (top-1 {extra:.2%})" if loss and pd.notna(extra) else (
+                f"{main:.2%} (loss {extra:.4f})" if pd.notna(extra) else (f"{main:.4f}" if loss else f"{main:.2%}"))
+            if status not in ("finished", None) and str(status) != "nan":
+                text += f" ({status})"
+        else:
+            text = str(status)
+        ax.text(value + 0.005 * span, yi, text, va="center", fontsize=9)
     labels = [f"{name}  (selected)" if r == selected_run_id else str(name)
               for name, r in zip(table["run_name"], table["run_id"])]
     ax.set_yticks(y, labels)
     ax.invert_yaxis()  # best on top
-    ax.set_xlim(0, 1.12)  # from zero: bar lengths stay honest; labels give the exact values
-    ax.set_xticks(np.linspace(0, 1, 6))
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-    ax.set_xlabel(f"{METRIC_LABELS.get(metric, metric)} at each run's best epoch")
-    ax.set_title(f"Grid runs ranked by {METRIC_LABELS.get(metric, metric)} ({n} runs; green: selected)")
+    if loss:
+        ax.set_xlim(0, top * 1.35)  # from zero: bar lengths stay honest; labels give the exact values
+    else:
+        ax.set_xlim(0, 1.12)
+        ax.set_xticks(np.linspace(0, 1, 6))
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    name = METRIC_LABELS.get(select_by, select_by)
+    ax.set_xlabel(f"{name} at each run's best epoch ({'lower' if loss else 'higher'} is better)")
+    ax.set_title(f"{n} grid runs ranked by select_by: {select_by} (green: selected)")
     ax.grid(True, axis="x", alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- successive halving

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 CACHE_DIRNAME = ".cnnpipe-cache"
 # Modules whose source decides what a run trains to; editing any invalidates the cache.
 TRAINING_MODULES = (
-    "engine", "models/build", "models/spec", "params", "metrics", "device", "augment",
+    "engine", "models/build", "models/spec", "params", "metrics", "device",
 )
 FORMAT = "cnnpipe-runcache/1"
 HISTOGRAMS = "layer_histograms.png"

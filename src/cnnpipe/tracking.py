@@ -38,7 +38,6 @@ from cnnpipe.paths import project_root, work_dir
 
 if TYPE_CHECKING:
     import pandas as pd
-    from matplotlib.figure import Figure
     from mlflow import MlflowClient
 
     from cnnpipe.params import MlflowParams
@@ -235,7 +234,7 @@ class NullTracker:
 
     def end_child(self, run_id: str | None, *, status: str, reason: str = "", metrics: Mapping[str, float] | None = None,
                   tags: Mapping[str, str] | None = None, texts: Mapping[str, str] | None = None,
-                  files: list[Path] | None = None, figures: Mapping[str, "Figure"] | None = None) -> None:
+                  files: list[Path] | None = None) -> None:
         return None
 
     def log_model(self, run_id: str | None, local_dir: Path, *, description: str = "", tags: Mapping[str, str] | None = None) -> str | None:
@@ -372,7 +371,7 @@ class MlflowTracker(NullTracker):
 
     def end_child(self, run_id: str | None, *, status: str, reason: str = "", metrics: Mapping[str, float] | None = None,
                   tags: Mapping[str, str] | None = None, texts: Mapping[str, str] | None = None,
-                  files: list[Path] | None = None, figures: Mapping[str, "Figure"] | None = None) -> None:
+                  files: list[Path] | None = None) -> None:
         """Final metrics, artifacts and the terminal status (FINISHED / FAILED / KILLED)."""
         if not run_id:
             return
@@ -385,8 +384,6 @@ class MlflowTracker(NullTracker):
         for path in files or []:
             if Path(path).is_file():
                 self._call("log_artifact", self.client.log_artifact, run_id, str(path))
-        for name, figure in (figures or {}).items():
-            self._call("log_figure", self.client.log_figure, run_id, figure, name)
         self._terminate(run_id, status)
 
     def log_model(self, run_id: str | None, local_dir: Path, *, description: str = "", tags: Mapping[str, str] | None = None) -> str | None:

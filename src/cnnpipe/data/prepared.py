@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -188,7 +188,3 @@ def load_split(prepared_dir: str | os.PathLike[str], split: str, *, verify: bool
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= stats.num_classes):
         raise DataError(f"{path} has labels outside 0..{stats.num_classes - 1}; re-run the prepare stage")
     return Split(images=images, labels=labels)
-
-
-def to_jsonable(stats: PreparedStats) -> dict[str, Any]:
-    return asdict(stats)
