@@ -163,61 +163,46 @@ def _check_pair(raw: Any, kind: str, *, positive: bool = False) -> Any:
     return raw
 
 
-class LogUniform(_Strict, Generic[T]):
-    """Draw ``exp(uniform(log lo, log hi))``: for scale-like keys (``lr``, ``weight_decay``)."""
+class _Interval(_Strict):
+    """A ``{kind: [lo, hi]}`` range; the field is named after its kind so the YAML reads naturally."""
 
-    kind: ClassVar[str] = "log_uniform"
-    log_uniform: tuple[T, T]
+    kind: ClassVar[str]
+    positive: ClassVar[bool] = False  # lo must be > 0 (a log scale)
 
     @model_validator(mode="before")
     @classmethod
     def _pair(cls, raw: Any) -> Any:
-        return _check_pair(raw, "log_uniform", positive=True)
+        return _check_pair(raw, cls.kind, positive=cls.positive)
 
     @property
     def bounds(self) -> tuple[Any, Any]:
-        return self.log_uniform
+        return getattr(self, self.kind)
 
     def __str__(self) -> str:
-        return f"log_uniform[{_fmt(self.log_uniform[0])}, {_fmt(self.log_uniform[1])}]"
+        lo, hi = self.bounds
+        return f"{self.kind}[{_fmt(lo)}, {_fmt(hi)}]"
 
 
-class Uniform(_Strict, Generic[T]):
+class LogUniform(_Interval, Generic[T]):
+    """Draw ``exp(uniform(log lo, log hi))``: for scale-like keys (``lr``, ``weight_decay``)."""
+
+    kind: ClassVar[str] = "log_uniform"
+    positive: ClassVar[bool] = True
+    log_uniform: tuple[T, T]
+
+
+class Uniform(_Interval, Generic[T]):
     """Draw uniformly from [lo, hi]."""
 
     kind: ClassVar[str] = "uniform"
     uniform: tuple[T, T]
 
-    @model_validator(mode="before")
-    @classmethod
-    def _pair(cls, raw: Any) -> Any:
-        return _check_pair(raw, "uniform")
 
-    @property
-    def bounds(self) -> tuple[Any, Any]:
-        return self.uniform
-
-    def __str__(self) -> str:
-        return f"uniform[{_fmt(self.uniform[0])}, {_fmt(self.uniform[1])}]"
-
-
-class IntUniform(_Strict, Generic[T]):
+class IntUniform(_Interval, Generic[T]):
     """Draw a whole number from lo..hi, both included."""
 
     kind: ClassVar[str] = "int_uniform"
     int_uniform: tuple[T, T]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _pair(cls, raw: Any) -> Any:
-        return _check_pair(raw, "int_uniform")
-
-    @property
-    def bounds(self) -> tuple[Any, Any]:
-        return self.int_uniform
-
-    def __str__(self) -> str:
-        return f"int_uniform[{self.int_uniform[0]}, {self.int_uniform[1]}]"
 
 
 def _distinct(values: list[Any]) -> list[Any]:
