@@ -129,6 +129,10 @@ class Executor(Protocol):
         """Acquire what runs need before any data is loaded (Ray: connect); idempotent."""
         ...
 
+    def stop(self) -> None:
+        """Release it after the last ``map`` (successive halving maps once per rung); idempotent."""
+        ...
+
     def data_source(self, data: "TrainData", folder: Path | None) -> DataSource | None: ...
 
     def map(self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]],
@@ -153,6 +157,9 @@ class SequentialExecutor:
 
     def start(self) -> None:
         """Nothing to start (the Ray backend connects here)."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
 
     def data_source(self, data: "TrainData", folder: Path | None) -> DataSource | None:
         return None  # runs see the parent's TrainData directly
@@ -228,6 +235,9 @@ class ProcessExecutor:
 
     def start(self) -> None:
         """Nothing to start before ``map`` (the pool lives only as long as one ``map``)."""
+
+    def stop(self) -> None:
+        """Nothing to stop (each ``map`` shuts its pool down)."""
 
     def data_source(self, data: "TrainData", folder: Path | None) -> DataSource:
         return PreparedSource(Path(folder).resolve(), data.fingerprint) if folder is not None else InlineSource(data)
@@ -411,7 +421,6 @@ class RayExecutor:
             if events is not None:
                 with contextlib.suppress(Exception):
                     events.shutdown()
-            self.stop()
 
 
 def _host_port(address: str) -> tuple[str, int] | None:

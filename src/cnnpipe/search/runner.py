@@ -160,4 +160,5 @@ def run_search(
         raise
     finally:
         log.close()
+        executor.stop()  # after the last rung: Ray stays connected between rungs
     return [records[index] for index in sorted(records)]
