@@ -438,7 +438,44 @@ class MlflowTracker(NullTracker):
 # --------------------------------------------------------------------------- opening
 
 
+def store_lock_path(uri: str) -> Path | None:
+    """``<folder>/.<db name>.lock`` beside a sqlite store (``<root>/.mlflow.db.lock``); None for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return db.parent / f".{db.name}.lock"
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the store's lock file (sqlite only; a no-op elsewhere).
+
+    MLflow creates (or upgrades) a sqlite store's schema on the first client
+    that touches it, and two processes doing so at once fail with ``table ...
+    already exists``: queue workers, parallel ``dvc exp run``s and grid
+    workers all start at the same moment on a fresh project. The lock
+    serialises that first touch; once the schema exists it is held for a
+    millisecond.
+    """
+    path = store_lock_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no flock, MLflow's own retry is all there is
+        fcntl = None  # type: ignore[assignment]
+    if path is None or fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def _make_client(uri: str) -> "MlflowClient":
+    """A client whose tracking and registry stores exist (schema created under ``store_lock``)."""
     import logging
 
     if uri.startswith(("http://", "https://")):
@@ -450,7 +487,14 @@ def _make_client(uri: str) -> "MlflowClient":
         logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if store_lock_path(uri) is None:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with store_lock(uri):
+        # The client opens the tracking store at once and the registry store on
+        # first use; opening either creates or upgrades its tables.
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_registered_models(max_results=1)
+    return client
 
 
 def ensure_experiment(client: "MlflowClient", name: str, artifact_location: str | None) -> str:
