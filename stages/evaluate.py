@@ -30,6 +30,8 @@ def main() -> int:
         top_k=params.eval.top_k,
         batch_size=params.eval.batch_size,
         mistakes=params.eval.mistakes,
+        device=params.device,
+        tta=params.eval.tta,
     )
     paths = write_reports(evaluation, REPORTS)
     print(summary_line(evaluation), flush=True)

@@ -86,6 +86,7 @@ class EvalParams(_Strict):
     top_k: list[PositiveInt] = Field(default_factory=lambda: [1, 5], min_length=1)
     batch_size: PositiveInt = 1000
     mistakes: NonNegInt = 25
+    tta: Literal["auto", "none", "flip"] = "auto"  # test-time augmentation (see cnnpipe.evaluation)
 
 
 class MlflowParams(_Strict):

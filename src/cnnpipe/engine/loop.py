@@ -40,6 +40,7 @@ from cnnpipe.device import configure_backend, is_cuda, resolve_device, thread_li
 from cnnpipe.engine.augment import augment, norm_constants, normalize
 from cnnpipe.engine.data import TrainData
 from cnnpipe.engine.early_stopping import EarlyStopping
+from cnnpipe.engine.inference import has_conv, inference_copy
 from cnnpipe.engine.optim import build_optimizer, build_scheduler, current_lr
 from cnnpipe.engine.records import EpochRecord, RunResult
 from cnnpipe.engine.resume import load_resume_state, save_resume_state
@@ -63,11 +64,6 @@ def use_channels_last(model: nn.Module, device: str) -> bool:
     """
     del device  # same answer on both: kept in the signature for when they differ
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def _is_channels_last(model: nn.Module) -> bool:
-    return any(p.ndim == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
-               for p in model.parameters())
 
 
 def _autocast(device: str) -> contextlib.AbstractContextManager[Any]:
@@ -136,37 +132,37 @@ def evaluate_logits(
     std: list[float] | tuple[float, ...],
     batch_size: int = 1000,
     device: str = "cpu",
+    tta: str = "none",
 ) -> torch.Tensor:
     """Float32 logits (N x classes, on the CPU) for uint8 N x C x H x W images.
 
-    Eval mode and no autograd; the model's train/eval mode is restored after.
-    ``device`` is where the forward passes run (the model is expected there).
-    A conv net is switched to channels_last in place (same outputs up to float
-    rounding): a checkpoint loads NCHW, and NHWC evaluates the tutorial net
-    ~2.4x faster on 2 CPU cores.
+    Runs an inference copy of ``model`` (``engine.inference``: BatchNorm
+    folded, channels_last, eval mode), so the caller's model is untouched.
+    ``device`` is where the forward passes run (the model is expected there);
+    the split moves there once. ``tta="flip"`` averages the probabilities of
+    each image and its mirror image and returns their log (test-time
+    augmentation; ``cross_entropy`` and ``softmax`` read it like logits).
     """
     device = resolve_device(device)
     scale, shift = norm_constants(mean, std, device)
-    was_training = model.training
-    model.eval()
-    if use_channels_last(model, device) and not _is_channels_last(model):
-        model.to(memory_format=torch.channels_last)
-    channels_last = _is_channels_last(model)
-    outputs = []
-    try:
-        for start in range(0, images_uint8.shape[0], batch_size):
-            x = images_uint8[start:start + batch_size].to(device, non_blocking=True)
-            x = normalize(x, scale, shift)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device):
-                logits = model(x)
-            outputs.append(logits.float())
-    finally:
-        model.train(was_training)
-    if not outputs:
-        return torch.zeros(0, 0)
-    return torch.cat(outputs).cpu()
+    channels_last = has_conv(model)
+    net = inference_copy(model, channels_last=channels_last)
+    images = images_uint8.to(device, non_blocking=True)
+    out: torch.Tensor | None = None
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size]
+        if channels_last:  # uint8 first: the float batch is born NHWC, no float copy
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalize(x, scale, shift)
+        with _autocast(device):
+            logits = net(x).float()
+            if tta == "flip":
+                probs = logits.softmax(1).add_(net(x.flip(3)).float().softmax(1)).mul_(0.5)
+                logits = probs.clamp_min_(1e-12).log_()
+        if out is None:
+            out = torch.empty(images.shape[0], logits.shape[1], dtype=torch.float32)
+        out[start:start + logits.shape[0]].copy_(logits)
+    return out if out is not None else torch.zeros(0, 0)
 
 
 def _val_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
