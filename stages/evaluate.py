@@ -24,6 +24,10 @@ def main() -> int:
     from cnnpipe.params import load_params
 
     params = load_params()
+    if params.mlflow.enabled:
+        from cnnpipe import tracking
+
+        tracking.warm_up(params.mlflow)  # mlflow's import and store open overlap with the forward passes
     evaluation = evaluate_checkpoint(
         CHECKPOINT,
         PREPARED,
@@ -41,8 +45,6 @@ def main() -> int:
         if not ids.get("mlflow_parent_run_id"):
             print("mlflow: models/best has no MLflow run ids (trained with mlflow.enabled: false); not logged")
         else:
-            from cnnpipe import tracking
-
             test_metrics = {
                 (key if key.startswith("test_") else f"test_{key}"): value
                 for key, value in evaluation.numeric_metrics.items()

@@ -42,6 +42,10 @@ def main() -> int:
     from cnnpipe.report import write_readme
 
     params = load_params()
+    if params.mlflow.enabled:
+        from cnnpipe import tracking
+
+        tracking.warm_up(params.mlflow)  # mlflow's import and store open overlap with the drawing
     data = _read_inputs()
     train, grid, history = data["train.json"], data["grid.csv"], data["history.csv"]
     selected = train.get("run_id")
@@ -86,9 +90,8 @@ def main() -> int:
 
         parent = train["mlflow_parent_run_id"]
         # same layout as on disk, so the README's relative figure links work in the MLflow UI too
-        if (tracking.log_evaluation(params.mlflow, parent_run_id=parent, files=list(figures.values()),
-                                    artifact_path="report/figures")
-                and tracking.log_evaluation(params.mlflow, parent_run_id=parent, files=[README], artifact_path="report")):
+        if tracking.log_evaluation(params.mlflow, parent_run_id=parent, files=list(figures.values()),
+                                   artifact_path="report/figures", artifacts={"report": [README]}):
             print(f"mlflow: figures and README logged to parent run {parent} (artifacts: report/)")
     return 0
 

@@ -23,6 +23,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -497,6 +498,38 @@ def _make_client(uri: str) -> "MlflowClient":
     return client
 
 
+_CLIENTS: dict[str, "MlflowClient"] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def client_for(uri: str) -> "MlflowClient":
+    """One client per store and process: the later stages log several times, and a client costs seconds to start."""
+    with _CLIENTS_LOCK:
+        if uri not in _CLIENTS:
+            _CLIENTS[uri] = _make_client(uri)
+        return _CLIENTS[uri]
+
+
+def warm_up(settings: "MlflowParams", *, root: Path | None = None) -> threading.Thread | None:
+    """Import mlflow and open the store in a background thread while the stage computes.
+
+    ``evaluate`` and ``plots`` spend their time in torch/matplotlib code that
+    releases the GIL; importing mlflow (~1-3 s) and opening the store overlap
+    with it instead of following it. Errors are left for the real call to
+    report (one line, as always); nothing is started when tracking is off.
+    """
+    if not settings.enabled:
+        return None
+
+    def work() -> None:
+        with contextlib.suppress(Exception):
+            client_for(preflight(settings, root=root).uri)  # type: ignore[union-attr]
+
+    thread = threading.Thread(target=work, name="mlflow-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def ensure_experiment(client: "MlflowClient", name: str, artifact_location: str | None) -> str:
     """The experiment's id, creating it (with our artifact root) when new; restores a deleted one."""
     from mlflow.exceptions import MlflowException
@@ -595,11 +628,14 @@ def open_tracker(settings: "MlflowParams", *, target: TrackingTarget | None = No
 
 def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child_run_id: str | None = None,
                    metrics: Mapping[str, float] | None = None, files: list[Path] | None = None,
-                   artifact_path: str = "evaluation", root: Path | None = None) -> bool:
+                   artifact_path: str = "evaluation", artifacts: Mapping[str, list[Path]] | None = None,
+                   root: Path | None = None) -> bool:
     """Add a later stage's results to the runs ``train`` created (ids from train.json / the sidecar).
 
     ``metrics`` go to the best child and the parent (one ``log_batch`` each),
-    ``files`` to the parent under ``artifact_path``. Returns False, with one
+    ``files`` to the parent under ``artifact_path`` and ``artifacts`` (artifact
+    path -> files) beside them, through one client per process (``client_for``,
+    started early by ``warm_up``). Returns False, with one
     note, when tracking is off or the runs are not in this store (e.g. the
     checkpoint was trained against another store); an unreachable store is a
     ``TrackingError`` like in ``train``.
@@ -610,9 +646,10 @@ def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child
     assert target is not None
     from mlflow.exceptions import MlflowException
 
-    tracker = MlflowTracker(uri=target.uri, experiment_id="", parent_run_id=parent_run_id, _parent_open=False)
     run_ids = [run for run in (child_run_id, parent_run_id) if run]
     try:
+        tracker = MlflowTracker(uri=target.uri, experiment_id="", parent_run_id=parent_run_id, _parent_open=False,
+                                _client=client_for(target.uri))
         for run_id in run_ids:
             tracker.client.get_run(run_id)
     except MlflowException as err:
@@ -622,7 +659,8 @@ def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child
         return False
     for run_id in run_ids:
         tracker._batch(run_id, metrics=metrics)
-    for path in files or []:
-        if Path(path).is_file():
-            tracker._call("log_artifact", tracker.client.log_artifact, parent_run_id, str(path), artifact_path)
+    for folder, paths in {artifact_path: list(files or []), **dict(artifacts or {})}.items():
+        for path in paths:
+            if Path(path).is_file():
+                tracker._call("log_artifact", tracker.client.log_artifact, parent_run_id, str(path), folder)
     return True
