@@ -23,7 +23,11 @@ def main() -> int:
     from cnnpipe.evaluation import evaluate_checkpoint, summary_line, write_reports
     from cnnpipe.params import load_params
 
+    from cnnpipe import cores
+
     params = load_params()
+    cores.claim()
+    cores.rebalance()  # concurrent experiments on this machine share its cores
     if params.mlflow.enabled:
         from cnnpipe import tracking
 

@@ -39,7 +39,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cnnpipe import grid, results, runcache, tracking
+    from cnnpipe import cores, grid, results, runcache, tracking
     from cnnpipe.params import expand_grid, load_params
 
     params = load_params()
@@ -50,6 +50,7 @@ def main(args: argparse.Namespace) -> int:
     from cnnpipe.engine import TrainData
 
     device = resolve_device(params.device)
+    cores.claim()  # concurrent experiments on this machine share its cores
     executor = grid.make_executor(params.grid, len(configs), report=None, device=device)  # ray missing: fail now
     data = TrainData.load(PREPARED, splits=("train", "val"))
     grid.check_dataset(data, params)

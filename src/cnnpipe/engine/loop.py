@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnpipe.cores import rebalance
 from cnnpipe.device import configure_backend, is_cuda, resolve_device, thread_limit
 from cnnpipe.engine.augment import augment, norm_constants, normalize
 from cnnpipe.engine.data import TrainData
@@ -210,7 +211,20 @@ def train_run(
     configure_backend(dev)
     fork_devices = [torch.device(dev).index or 0] if is_cuda(dev) else []
     with thread_limit(num_threads), torch.random.fork_rng(devices=fork_devices):
+        if num_threads is None and not is_cuda(dev):  # concurrent trains share the cores (cnnpipe.cores)
+            on_epoch = _rebalancing(on_epoch)
         return _train(cfg, data, dev, on_epoch, resume_dir, progress, layer_stats)
+
+
+def _rebalancing(on_epoch: OnEpoch | None) -> OnEpoch:
+    """``on_epoch`` that first re-reads this process's core share (a no-op unless the stage claimed one)."""
+    rebalance()
+
+    def hook(record: EpochRecord, model: nn.Module) -> None:
+        rebalance()
+        if on_epoch is not None:
+            on_epoch(record, model)
+    return hook
 
 
 @dataclass
