@@ -63,6 +63,7 @@ class TrainingValues(_Strict):
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     augment: Augment = "auto"
     seed: NonNegInt = 42
+    ema: Annotated[float, Field(ge=0, lt=1)] = 0.0  # weight moving-average decay; 0 = off (cnnpipe.engine.ema)
 
 
 TRAINING_KEYS: tuple[str, ...] = tuple(TrainingValues.model_fields)

@@ -41,6 +41,7 @@ from cnnpipe.device import configure_backend, is_cuda, resolve_device, thread_li
 from cnnpipe.engine.augment import augment, norm_constants, normalize
 from cnnpipe.engine.data import TrainData
 from cnnpipe.engine.early_stopping import EarlyStopping
+from cnnpipe.engine.ema import make_ema
 from cnnpipe.engine.inference import has_conv, inference_copy
 from cnnpipe.engine.optim import build_optimizer, build_scheduler, current_lr
 from cnnpipe.engine.records import EpochRecord, RunResult
@@ -344,6 +345,8 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
     generator = torch.Generator().manual_seed(v.seed)
     stopper = EarlyStopping(v.monitor, v.patience, v.min_delta)
     stats = LayerStats(model, dev) if want_stats else None
+    ema = make_ema(model, optimizer, v.ema)  # validate, early-stop and keep the averaged weights when on
+    scored = ema.module if ema is not None else model
     history: list[EpochRecord] = []
     prior_seconds = 0.0
     train_images = 0
@@ -366,6 +369,8 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         train_images = int(state["train_images"])
         train_seconds = float(state["train_seconds"])
         stop_reason = state["stop_reason"]
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
 
     show = _progress_enabled(progress)
     status = "finished"
@@ -387,7 +392,7 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
             status, stop_reason = "diverged", ep.diverged
             break
         eval_start = time.perf_counter()
-        logits = evaluate_logits(model, val_x, mean=data.mean, std=data.std, batch_size=max(v.batch_size, 1000), device=dev)
+        logits = evaluate_logits(scored, val_x, mean=data.mean, std=data.std, batch_size=max(v.batch_size, 1000), device=dev)
         val_loss, val_top1, val_top5 = _val_metrics(logits, data.val.labels)
         if not math.isfinite(val_loss):
             status = "diverged"
@@ -400,7 +405,7 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
             layer_stats=stats.collect() if stats is not None else {},
         )
         history.append(record)
-        stopper.update(val_loss if v.monitor == "val_loss" else val_top1, epoch, model)
+        stopper.update(val_loss if v.monitor == "val_loss" else val_top1, epoch, scored)
         if stopper.should_stop and epoch < v.epochs:
             stop_reason = "early_stopping"
         if resume_dir is not None:
@@ -414,6 +419,7 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
                 "early": stopper.state_dict(), "history": [r.to_dict() for r in history],
                 "seconds": prior_seconds + time.perf_counter() - started,
                 "train_images": train_images, "train_seconds": train_seconds, "stop_reason": stop_reason,
+                "ema": ema.state_dict() if ema is not None else None,
             })
         if on_epoch is not None:
             on_epoch(record, model)
