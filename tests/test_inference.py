@@ -95,9 +95,10 @@ def test_flip_tta_averages_the_mirror_images_probabilities() -> None:
 
 
 def test_tta_auto_follows_the_dataset_and_the_train_subset_is_fixed() -> None:
-    assert resolve_tta("auto", "fashion-mnist") == "flip" and resolve_tta("auto", "cifar10") == "flip"
-    assert resolve_tta("auto", "mnist") == "none" and resolve_tta("auto", "kmnist") == "none"
-    assert resolve_tta("none", "cifar10") == "none" and resolve_tta("flip", "mnist") == "flip"
+    assert resolve_tta("auto", "fashion-mnist", "crop_flip") == "flip" and resolve_tta("auto", "cifar10", "flip") == "flip"
+    assert resolve_tta("auto", "fashion-mnist", "none") == "none" and resolve_tta("auto", "cifar10", "crop") == "none"
+    assert resolve_tta("auto", "mnist", "crop_flip") == "none" and resolve_tta("auto", "kmnist", None) == "none"
+    assert resolve_tta("none", "cifar10", "flip") == "none" and resolve_tta("flip", "mnist", "none") == "flip"
     assert train_subset(500, 1000) is None
     first, again = train_subset(54_000), train_subset(54_000)
     assert torch.equal(first, again) and len(first) == 10_000 and len(set(first.tolist())) == 10_000
