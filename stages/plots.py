@@ -36,7 +36,7 @@ def _read_inputs() -> dict:
 
 def main() -> int:
     from cnnpipe import plots
-    from cnnpipe.data.prepared import load_split, load_stats
+    from cnnpipe.data.prepared import load_images_numpy, load_stats
     from cnnpipe.fsutil import atomic_dir
     from cnnpipe.params import TRAINING_KEYS, load_params
     from cnnpipe.report import write_readme
@@ -75,9 +75,8 @@ def main() -> int:
                              title="Per-class accuracy: train vs test")
         counts = plots.confusion_from_pairs(confusion["actual"].astype(str), confusion["predicted"].astype(str), classes)
         plots.confusion_heatmap(counts, classes, tmp / names["Confusion matrix"])
-        test = load_split(PREPARED, "test")
         index = mistakes["index"].to_numpy(dtype=int)
-        plots.mistakes_grid(test.images.numpy()[index], mistakes["actual"].astype(str).tolist(),
+        plots.mistakes_grid(load_images_numpy(PREPARED, "test")[index], mistakes["actual"].astype(str).tolist(),
                             mistakes["predicted"].astype(str).tolist(), mistakes["confidence"].tolist(),
                             tmp / names["Most confident mistakes"])
     figures = {caption: FIGURES / name for caption, name in names.items()}
