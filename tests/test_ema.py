@@ -53,3 +53,21 @@ def test_engine_validates_and_returns_the_averaged_weights(data: TrainData) -> N
     # what was validated (and selected) is what is returned
     logits = evaluate_logits(averaged.model, data.val.images, mean=data.mean, std=data.std)
     assert float(F.cross_entropy(logits, data.val.labels)) == pytest.approx(averaged.best.val_loss, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_an_interrupted_ema_run_resumes_to_the_same_result(data: TrainData, tmp_path: Path) -> None:
+    from test_engine import Interrupt, metrics_of, same_weights
+
+    cfg = make_cfg(epochs=3, augment="crop_flip", schedule="onecycle", patience=5, ema=0.95)
+    straight = train_run(cfg, data, **QUIET)
+
+    def stop_after_first(record, model) -> None:
+        if record.epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, data, resume_dir=tmp_path / "state", on_epoch=stop_after_first, **QUIET)
+    resumed = train_run(cfg, data, resume_dir=tmp_path / "state", **QUIET)
+    assert metrics_of(resumed.history) == metrics_of(straight.history)  # the average was resumed too
+    assert same_weights(resumed.model.state_dict(), straight.model.state_dict())
