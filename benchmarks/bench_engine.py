@@ -160,6 +160,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eval-repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--eval-only", action="store_true", help="skip the three training measurements")
     args = parser.parse_args()
 
     data = TrainData.load(args.prepared)
@@ -169,8 +170,9 @@ def main() -> int:
     results: dict[str, list[float]] = {"tutorial": [], "engine": [], "floor": [], "eval_dataloader": [], "eval_engine": []}
     with tempfile.TemporaryDirectory(prefix="bench-fmnist-") as tmp:
         root = torchvision_root(Path(tmp))
-        engine_epoch(data, args.threads)  # warm-up: oneDNN primitive caches, allocator
-        for rep in range(args.repeats):
+        if not args.eval_only:
+            engine_epoch(data, args.threads)  # warm-up: oneDNN primitive caches, allocator
+        for rep in range(0 if args.eval_only else args.repeats):
             for name, fn in (("tutorial", lambda: tutorial_epoch(root, args.threads)),
                              ("engine", lambda: engine_epoch(data, args.threads)),
                              ("floor", lambda: floor_epoch(data, args.threads))):
@@ -183,7 +185,7 @@ def main() -> int:
             results["eval_dataloader"].append(eval_dataloader(root, model, args.threads))
             results["eval_engine"].append(eval_engine(data, model, args.threads))
 
-    med = {name: statistics.median(values) for name, values in results.items()}
+    med = {name: statistics.median(values) if values else float("nan") for name, values in results.items()}
     print()
     print(f"{'measurement':<34}{'median images/s':>16}{'vs tutorial':>13}{'runs':>6}")
     rows = [

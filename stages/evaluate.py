@@ -23,13 +23,23 @@ def main() -> int:
     from cnnpipe.evaluation import evaluate_checkpoint, summary_line, write_reports
     from cnnpipe.params import load_params
 
+    from cnnpipe import cores
+
     params = load_params()
+    cores.claim()
+    cores.rebalance()  # concurrent experiments on this machine share its cores
+    if params.mlflow.enabled:
+        from cnnpipe import tracking
+
+        tracking.warm_up(params.mlflow)  # mlflow's import and store open overlap with the forward passes
     evaluation = evaluate_checkpoint(
         CHECKPOINT,
         PREPARED,
         top_k=params.eval.top_k,
         batch_size=params.eval.batch_size,
         mistakes=params.eval.mistakes,
+        device=params.device,
+        tta=params.eval.tta,
     )
     paths = write_reports(evaluation, REPORTS)
     print(summary_line(evaluation), flush=True)
@@ -39,8 +49,6 @@ def main() -> int:
         if not ids.get("mlflow_parent_run_id"):
             print("mlflow: models/best has no MLflow run ids (trained with mlflow.enabled: false); not logged")
         else:
-            from cnnpipe import tracking
-
             test_metrics = {
                 (key if key.startswith("test_") else f"test_{key}"): value
                 for key, value in evaluation.numeric_metrics.items()

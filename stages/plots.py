@@ -36,12 +36,16 @@ def _read_inputs() -> dict:
 
 def main() -> int:
     from cnnpipe import plots
-    from cnnpipe.data.prepared import load_split, load_stats
+    from cnnpipe.data.prepared import load_images_numpy, load_stats
     from cnnpipe.fsutil import atomic_dir
     from cnnpipe.params import TRAINING_KEYS, load_params
     from cnnpipe.report import write_readme
 
     params = load_params()
+    if params.mlflow.enabled:
+        from cnnpipe import tracking
+
+        tracking.warm_up(params.mlflow)  # mlflow's import and store open overlap with the drawing
     data = _read_inputs()
     train, grid, history = data["train.json"], data["grid.csv"], data["history.csv"]
     selected = train.get("run_id")
@@ -78,9 +82,8 @@ def main() -> int:
                              title="Per-class accuracy: train vs test")
         counts = plots.confusion_from_pairs(confusion["actual"].astype(str), confusion["predicted"].astype(str), classes)
         plots.confusion_heatmap(counts, classes, tmp / names["Confusion matrix"])
-        test = load_split(PREPARED, "test")
         index = mistakes["index"].to_numpy(dtype=int)
-        plots.mistakes_grid(test.images.numpy()[index], mistakes["actual"].astype(str).tolist(),
+        plots.mistakes_grid(load_images_numpy(PREPARED, "test")[index], mistakes["actual"].astype(str).tolist(),
                             mistakes["predicted"].astype(str).tolist(), mistakes["confidence"].tolist(),
                             tmp / names["Most confident mistakes"])
     figures = {caption: FIGURES / name for caption, name in names.items()}
@@ -93,9 +96,8 @@ def main() -> int:
 
         parent = train["mlflow_parent_run_id"]
         # same layout as on disk, so the README's relative figure links work in the MLflow UI too
-        if (tracking.log_evaluation(params.mlflow, parent_run_id=parent, files=list(figures.values()),
-                                    artifact_path="report/figures")
-                and tracking.log_evaluation(params.mlflow, parent_run_id=parent, files=[README], artifact_path="report")):
+        if tracking.log_evaluation(params.mlflow, parent_run_id=parent, files=list(figures.values()),
+                                   artifact_path="report/figures", artifacts={"report": [README]}):
             print(f"mlflow: figures and README logged to parent run {parent} (artifacts: report/)")
     return 0
 

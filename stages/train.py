@@ -39,7 +39,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cnnpipe import results, runcache, tracking
+    from cnnpipe import cores, results, runcache, tracking
     from cnnpipe.params import load_params
     from cnnpipe.search import log, runner, space, strategies
     from cnnpipe.search.runstate import RunStateStore
@@ -55,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
     from cnnpipe.executors import make_executor
 
     device = resolve_device(params.device)
+    cores.claim()  # with CNNPIPE_SHARE_CORES=1, concurrent experiments on this machine share its cores
     executor = make_executor(params.grid, len(configs), device=device)  # ray missing: fail now
     executor.start()  # a Ray cluster that is unreachable or refuses us: one line, before any data or MLflow run
     data = TrainData.load(PREPARED, splits=("train", "val"))

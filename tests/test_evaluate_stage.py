@@ -186,3 +186,18 @@ def test_stage_logs_test_metrics_to_best_child_and_parent(project: Path, tmp_pat
         assert "train_top1" not in logged  # only test_ metrics are added
     artifacts = {a.path for a in client.list_artifacts(tracker.parent_run_id, "evaluation")}
     assert {"evaluation/metrics.json", "evaluation/per_class.csv", "evaluation/mistakes.csv"} <= artifacts
+
+
+def test_evaluate_honours_device_tta_and_labels_the_train_count(project: Path) -> None:
+    import torch
+
+    from cnnpipe.errors import ParamsError
+
+    plain = evaluate_checkpoint(project / "models/best", project / "data/prepared", device="cpu", tta="none")
+    flipped = evaluate_checkpoint(project / "models/best", project / "data/prepared", device="cpu", tta="flip")
+    assert plain.metrics["tta"] == "none" and flipped.metrics["tta"] == "flip"
+    assert plain.metrics["train_images"] == 300 and plain.metrics["test_images"] == N_TEST
+    assert plain.metrics["test_loss"] != flipped.metrics["test_loss"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ParamsError, match="no CUDA GPU"):
+            evaluate_checkpoint(project / "models/best", project / "data/prepared", device="cuda")

@@ -125,3 +125,25 @@ def _as_tensor(images: np.ndarray):
     import torch
 
     return torch.from_numpy(images[:, None])
+
+
+def test_numpy_images_equal_the_tensor_split_and_are_verified(tmp_path) -> None:
+    """The plots stage reads test images without torch: same pixels, same refusal of a changed file."""
+    import numpy as np
+    import pytest as _pytest
+
+    from cnnpipe.data.prepared import load_images_numpy, load_split
+    from cnnpipe.errors import DataError
+    from synthetic import make_prepared
+
+    folder = tmp_path / "prepared"
+    make_prepared(folder, n_train=30, n_val=10, n_test=12)
+    images = load_images_numpy(folder, "test")
+    assert images.dtype == np.uint8 and images.shape == (12, 1, 28, 28)
+    np.testing.assert_array_equal(images, load_split(folder, "test").images.numpy())
+    path = folder / "test.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with _pytest.raises(DataError, match="does not match stats.json"):
+        load_images_numpy(folder, "test")

@@ -485,9 +485,10 @@ def plan_parallelism(requested: int | str, runs: int, cores: int) -> tuple[int, 
 
 
 def cpu_cores() -> int:
+    from cnnpipe.cores import share
     from cnnpipe.device import default_threads
 
-    return default_threads()
+    return share(default_threads())  # this process's share when concurrent trains claimed cores (cnnpipe.cores)
 
 
 def make_executor(settings: "GridParams", runs: int, *, device: str = "cpu", cores: int | None = None) -> Executor:

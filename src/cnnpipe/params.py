@@ -130,6 +130,7 @@ class TrainingValues(_Strict):
     label_smoothing: UnitFloat = 0.0
     augment: Augment = "none"
     seed: NonNegInt = 42
+    ema: UnitFloat = 0.0  # weight moving-average decay; 0 = off (cnnpipe.engine.ema)
 
 
 TRAINING_KEYS: tuple[str, ...] = tuple(TrainingValues.model_fields)
@@ -369,6 +370,7 @@ class EvalParams(_Strict):
     top_k: list[PositiveInt] = Field(default_factory=lambda: [1, 5], min_length=1)
     batch_size: PositiveInt = 1000
     mistakes: NonNegInt = 25
+    tta: Literal["auto", "none", "flip"] = "auto"  # test-time augmentation (see cnnpipe.evaluation)
 
 
 class MlflowParams(_Strict):
@@ -434,6 +436,7 @@ class Params(_Strict):
     label_smoothing: Axis[UnitFloat] = 0.0
     augment: Axis[Augment] = "none"
     seed: Axis[NonNegInt] = 42
+    ema: Axis[UnitFloat] = 0.0
     # Not axes.
     select_by: Metric = "val_loss"
     device: Device = "auto"

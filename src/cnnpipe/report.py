@@ -125,7 +125,11 @@ def render_readme(
 
     lines += ["", "## Test metrics", "",
               f"The selected model scored once on the held-out test set ({metrics.get('test_images', '?')} images, "
-              "never used to choose the run), next to the splits it learned from and was selected on.", "",
+              "never used to choose the run), next to the splits it learned from and was selected on"
+              + (f"; the train column scores a fixed seeded subset of {metrics['train_images']:,} training images"
+                 if isinstance(metrics.get("train_images"), int) else "")
+              + (f"; test-time augmentation: {metrics['tta']}" if metrics.get("tta") not in (None, "none") else "")
+              + ".", "",
               _metric_table(metrics)]
 
     if not per_class.empty:

@@ -23,6 +23,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -458,7 +459,44 @@ class MlflowTracker(NullTracker):
 # --------------------------------------------------------------------------- opening
 
 
+def store_lock_path(uri: str) -> Path | None:
+    """``<folder>/.<db name>.lock`` beside a sqlite store (``<root>/.mlflow.db.lock``); None for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return db.parent / f".{db.name}.lock"
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the store's lock file (sqlite only; a no-op elsewhere).
+
+    MLflow creates (or upgrades) a sqlite store's schema on the first client
+    that touches it, and two processes doing so at once fail with ``table ...
+    already exists``: queue workers, parallel ``dvc exp run``s and grid
+    workers all start at the same moment on a fresh project. The lock
+    serialises that first touch; once the schema exists it is held for a
+    millisecond.
+    """
+    path = store_lock_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no flock, MLflow's own retry is all there is
+        fcntl = None  # type: ignore[assignment]
+    if path is None or fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def _make_client(uri: str) -> "MlflowClient":
+    """A client whose tracking and registry stores exist (schema created under ``store_lock``)."""
     import logging
 
     if uri.startswith(("http://", "https://")):
@@ -470,7 +508,46 @@ def _make_client(uri: str) -> "MlflowClient":
         logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if store_lock_path(uri) is None:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with store_lock(uri):
+        # The client opens the tracking store at once and the registry store on
+        # first use; opening either creates or upgrades its tables.
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_registered_models(max_results=1)
+    return client
+
+
+_CLIENTS: dict[str, "MlflowClient"] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def client_for(uri: str) -> "MlflowClient":
+    """One client per store and process: the later stages log several times, and a client costs seconds to start."""
+    with _CLIENTS_LOCK:
+        if uri not in _CLIENTS:
+            _CLIENTS[uri] = _make_client(uri)
+        return _CLIENTS[uri]
+
+
+def warm_up(settings: "MlflowParams", *, root: Path | None = None) -> threading.Thread | None:
+    """Import mlflow and open the store in a background thread while the stage computes.
+
+    ``evaluate`` and ``plots`` spend their time in torch/matplotlib code that
+    releases the GIL; importing mlflow (~1-3 s) and opening the store overlap
+    with it instead of following it. Errors are left for the real call to
+    report (one line, as always); nothing is started when tracking is off.
+    """
+    if not settings.enabled:
+        return None
+
+    def work() -> None:
+        with contextlib.suppress(Exception):
+            client_for(preflight(settings, root=root).uri)  # type: ignore[union-attr]
+
+    thread = threading.Thread(target=work, name="mlflow-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def ensure_experiment(client: "MlflowClient", name: str, artifact_location: str | None) -> str:
@@ -571,11 +648,14 @@ def open_tracker(settings: "MlflowParams", *, target: TrackingTarget | None = No
 
 def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child_run_id: str | None = None,
                    metrics: Mapping[str, float] | None = None, files: list[Path] | None = None,
-                   artifact_path: str = "evaluation", root: Path | None = None) -> bool:
+                   artifact_path: str = "evaluation", artifacts: Mapping[str, list[Path]] | None = None,
+                   root: Path | None = None) -> bool:
     """Add a later stage's results to the runs ``train`` created (ids from train.json / the sidecar).
 
     ``metrics`` go to the best child and the parent (one ``log_batch`` each),
-    ``files`` to the parent under ``artifact_path``. Returns False, with one
+    ``files`` to the parent under ``artifact_path`` and ``artifacts`` (artifact
+    path -> files) beside them, through one client per process (``client_for``,
+    started early by ``warm_up``). Returns False, with one
     note, when tracking is off or the runs are not in this store (e.g. the
     checkpoint was trained against another store); an unreachable store is a
     ``TrackingError`` like in ``train``.
@@ -586,9 +666,10 @@ def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child
     assert target is not None
     from mlflow.exceptions import MlflowException
 
-    tracker = MlflowTracker(uri=target.uri, experiment_id="", parent_run_id=parent_run_id, _parent_open=False)
     run_ids = [run for run in (child_run_id, parent_run_id) if run]
     try:
+        tracker = MlflowTracker(uri=target.uri, experiment_id="", parent_run_id=parent_run_id, _parent_open=False,
+                                _client=client_for(target.uri))
         for run_id in run_ids:
             tracker.client.get_run(run_id)
     except MlflowException as err:
@@ -598,7 +679,8 @@ def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child
         return False
     for run_id in run_ids:
         tracker._batch(run_id, metrics=metrics)
-    for path in files or []:
-        if Path(path).is_file():
-            tracker._call("log_artifact", tracker.client.log_artifact, parent_run_id, str(path), artifact_path)
+    for folder, paths in {artifact_path: list(files or []), **dict(artifacts or {})}.items():
+        for path in paths:
+            if Path(path).is_file():
+                tracker._call("log_artifact", tracker.client.log_artifact, parent_run_id, str(path), folder)
     return True

@@ -188,3 +188,25 @@ def load_split(prepared_dir: str | os.PathLike[str], split: str, *, verify: bool
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= stats.num_classes):
         raise DataError(f"{path} has labels outside 0..{stats.num_classes - 1}; re-run the prepare stage")
     return Split(images=images, labels=labels)
+
+
+def load_images_numpy(prepared_dir: str | os.PathLike[str], split: str) -> "np.ndarray":
+    """One split's uint8 images (N x C x H x W) as numpy, hash-verified, without importing torch.
+
+    The plots stage draws a handful of test images; importing torch for them
+    cost it more than all its other reading together.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    stats = load_stats(prepared_dir)
+    path = Path(prepared_dir) / f"{split}.safetensors"
+    if not path.is_file() or sha256_file(path) != stats.files.get(path.name):
+        raise DataError(f"{path} is missing or does not match stats.json; re-run the prepare stage (dvc repro -f prepare)")
+    try:
+        images = load_file(str(path)).get("images")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DataError(f"{path} is unreadable ({err}); re-run the prepare stage") from None
+    if images is None or tuple(images.shape[1:]) != tuple(stats.image_shape):
+        raise DataError(f"{path} does not hold {stats.image_shape} images; re-run the prepare stage")
+    return images

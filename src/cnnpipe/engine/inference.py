@@ -1,0 +1,117 @@
+"""An inference-only copy of a trained model: same function, less arithmetic.
+
+Scoring never needs autograd, batch statistics or the training layout, so
+``inference_copy`` gives ``evaluate_logits`` a deep copy (the caller's model,
+which may still be training, is never touched) with:
+
+* every BatchNorm that directly follows a Conv2d or Linear folded into it
+  (``torch.nn.utils.fusion``), and one after ``Conv2d -> MaxPool2d`` when
+  its per-channel scale is positive (a positive scale commutes with max):
+  one affine pass per layer fewer;
+* ``ReLU -> MaxPool`` pairs swapped to ``MaxPool -> ReLU`` (both are
+  monotone, so the outputs are identical) so the ReLU touches 4x fewer
+  values;
+* channels_last (NHWC) for conv nets, which oneDNN runs fastest on the CPU
+  and cuDNN on CUDA.
+
+Outputs equal the original model's in eval mode up to float rounding (the
+folded weights are rounded once).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+from cnnpipe.models.build import BasicBlock
+
+_FOLDABLE = ((nn.Conv2d, nn.BatchNorm2d, fuse_conv_bn_eval), (nn.Linear, nn.BatchNorm1d, fuse_linear_bn_eval))
+
+
+def _fold(layer: nn.Module, norm: nn.Module) -> nn.Module | None:
+    """``layer`` with ``norm`` folded in, or None when the pair cannot be folded."""
+    if not getattr(norm, "track_running_stats", False) or norm.running_mean is None:
+        return None
+    for layer_type, norm_type, fuse in _FOLDABLE:
+        if type(layer) is layer_type and type(norm) is norm_type:
+            return fuse(layer, norm)
+    return None
+
+
+def _positive_scale(norm: nn.Module) -> bool:
+    """True for an eval BatchNorm2d whose per-channel scale is > 0 everywhere (then it commutes with max pooling)."""
+    if type(norm) is not nn.BatchNorm2d or norm.running_var is None:
+        return False
+    weight = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
+    return bool((weight > 0).all())
+
+
+def _optimise_sequential(seq: nn.Sequential) -> None:
+    """Fold (layer, norm) pairs and swap (ReLU, MaxPool2d) pairs in place."""
+    modules = list(seq.children())
+    out: list[nn.Module] = []
+    i = 0
+    while i < len(modules):
+        here = modules[i]
+        after = modules[i + 1] if i + 1 < len(modules) else None
+        folded = _fold(here, after) if after is not None else None
+        if folded is not None:
+            out.append(folded)
+            i += 2
+            continue
+        third = modules[i + 2] if i + 2 < len(modules) else None
+        if type(after) is nn.MaxPool2d and third is not None and _positive_scale(third):
+            folded = _fold(here, third)  # conv -> pool -> BN: a positive per-channel scale commutes with max
+            if folded is not None:
+                out.extend([folded, after])
+                i += 3
+                continue
+        if isinstance(here, nn.ReLU) and type(after) is nn.MaxPool2d:
+            out.extend([after, here])
+            i += 2
+            continue
+        out.append(here)
+        i += 1
+    for key in list(seq._modules):
+        del seq._modules[key]
+    for index, module in enumerate(out):
+        seq.add_module(str(index), module)
+
+
+def _optimise_block(block: BasicBlock) -> None:
+    """``BasicBlock.forward`` applies bn1(conv1(x)) and bn2(conv2(x)): fold both pairs."""
+    for conv_name, bn_name in (("conv1", "bn1"), ("conv2", "bn2")):
+        folded = _fold(getattr(block, conv_name), getattr(block, bn_name))
+        if folded is not None:
+            setattr(block, conv_name, folded)
+            setattr(block, bn_name, nn.Identity())
+
+
+def has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+@torch.no_grad()
+def inference_copy(model: nn.Module, *, channels_last: bool | None = None) -> nn.Module:
+    """An eval-mode deep copy of ``model`` with BatchNorm folded (see the module docstring).
+
+    ``channels_last`` defaults to "the model has a Conv2d". Only structures
+    whose forward order is known are rewritten (``nn.Sequential`` children,
+    ``BasicBlock``); anything else is copied unchanged.
+    """
+    net = copy.deepcopy(model).eval()
+    for module in list(net.modules()):
+        if isinstance(module, nn.Sequential):
+            _optimise_sequential(module)
+        elif isinstance(module, BasicBlock):
+            _optimise_block(module)
+    for param in net.parameters():
+        param.requires_grad_(False)
+    if channels_last is None:
+        channels_last = has_conv(net)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
