@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError
 
-from cnnpipe.data.registry import DATASETS, get_dataset
+from cnnpipe.data.registry import DATASETS, REGISTRY_SOURCE, DatasetSpec, folder_spec, get_dataset
 from cnnpipe.errors import ParamsError
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -80,6 +80,20 @@ class DataParams(_Strict):
     mirrors: list[str] = Field(default_factory=list)
     checksums: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(default_factory=dict)
     download: DownloadParams = Field(default_factory=DownloadParams)
+    # Your own images (dataset: folder); the benchmark datasets ignore these. See cnnpipe.data.folder.
+    source: str = REGISTRY_SOURCE  # a class-per-folder tree, a .zip/.tar.gz of one, or an http(s) URL of that
+    image_size: list[PositiveInt] = Field(default_factory=lambda: [64, 64])  # [height, width]
+    channels: Literal[1, 3] = 3
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None  # pins an archive source
+    strict: StrictBool = False  # refuse (instead of skip) unreadable or non-image files
+    max_pixels: PositiveInt = 50_000_000  # refuse any image larger than this (decompression bombs)
+    dedupe: StrictBool = True  # drop val/test images whose exact bytes are also in an earlier split
+
+    def spec(self) -> DatasetSpec:
+        """The registry entry for ``dataset``; for ``folder``, at ``channels`` x ``image_size``."""
+        spec = get_dataset(self.dataset)
+        return folder_spec(self.image_size, self.channels) if spec.is_folder else spec
 
 
 class EvalParams(_Strict):
@@ -407,7 +421,9 @@ def _check_consistency(params: Params) -> None:
     data = params.data
     if data.dataset not in DATASETS:
         raise ParamsError(f"data.dataset must be one of {list(DATASETS)}, got {json.dumps(data.dataset)}{suggest(data.dataset, DATASETS)}")
-    spec = get_dataset(data.dataset)
+    if get_dataset(data.dataset).is_folder:
+        _check_folder(data)
+    spec = data.spec()
     for index, mirror in enumerate(data.mirrors):
         if "://" in mirror and not mirror.startswith(_MIRROR_SCHEMES):
             scheme = mirror.split("://", 1)[0]
@@ -416,7 +432,7 @@ def _check_consistency(params: Params) -> None:
                 "use http://, https://, file:// or a folder path"
             )
     for k in params.eval.top_k:
-        if k > spec.num_classes:
+        if spec.classes and k > spec.num_classes:  # a folder's classes are counted by prepare
             raise ParamsError(f"eval.top_k has {k}, more than the {spec.num_classes} classes of {spec.name}; use k <= {spec.num_classes}")
 
     from cnnpipe.models.presets import PRESETS
@@ -428,15 +444,35 @@ def _check_consistency(params: Params) -> None:
             where = "model" if len(params.training["model"]) == 1 else f"model[{index}]"
             raise ParamsError(f"{where}: unknown model {name!r}{suggest(name, known_models)}; define it under models: or use a preset ({', '.join(PRESETS)})")
     for name, layers in params.models.items():
-        check_layers(f"models.{name}", list(layers), spec.image_shape, spec.num_classes)
+        check_layers(f"models.{name}", list(layers), spec.image_shape, spec.num_classes or 2)
     for name in params.training["model"]:
         if name in PRESETS:
-            check_layers(f"preset {name}", list(PRESETS[name]), spec.image_shape, spec.num_classes)
+            check_layers(f"preset {name}", list(PRESETS[name]), spec.image_shape, spec.num_classes or 2)
 
     size = params.grid_size
     if size > params.grid.max_runs:
         axes = " x ".join(f"{key}({len(params.training[key])})" for key in params.axes)
         raise ParamsError(f"the grid {axes} has {size} runs, more than grid.max_runs={params.grid.max_runs}; shorten a list or raise grid.max_runs")
+
+
+def _check_folder(data: DataParams) -> None:
+    """``dataset: folder`` needs a source of its own and a sane image size."""
+    if data.source == REGISTRY_SOURCE:
+        raise ParamsError("data.dataset is folder but data.source still names the benchmark registry; set data.source "
+                          "to your class-per-folder images (a folder, a .zip/.tar.gz, or an http(s) URL of one)")
+    if "://" in data.source and not data.source.startswith(("http://", "https://")):
+        scheme = data.source.split("://", 1)[0]
+        raise ParamsError(f"data.source uses unsupported scheme {scheme!r}; use a folder path, an archive path or an http(s) URL")
+    if len(data.image_size) != 2 or max(data.image_size) > 8192:
+        raise ParamsError(f"data.image_size must be [height, width], each 1..8192, got {json.dumps(data.image_size)}")
+    from cnnpipe.data.archive import is_archive_name
+
+    remote = data.source.startswith(("http://", "https://"))
+    if data.sha256 and not (remote or is_archive_name(data.source)):
+        raise ParamsError("data.sha256 pins an archive, but data.source is a folder (DVC tracks a folder's content); "
+                          "remove data.sha256 or point data.source at a .zip/.tar.gz")
+    if remote and not is_archive_name(data.source.split("?", 1)[0]):
+        raise ParamsError(f"data.source {json.dumps(data.source)} must name a .zip, .tar, .tar.gz or .tgz archive")
 
 
 # --------------------------------------------------------------------------- grid
