@@ -12,7 +12,6 @@ the disk. Extraction goes to a temp folder that replaces the target whole.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import tarfile
 import zipfile
@@ -104,7 +103,7 @@ def _extract_zip(path: Path, writer: _Writer) -> None:
                 writer.junk += 1
                 continue
             mode = info.external_attr >> 16
-            if mode and not stat.S_ISREG(mode):  # a symlink (or device) stored by a Unix zip tool
+            if stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # a symlink (or device) stored by a Unix zip tool
                 writer.links.append(str(rel))
                 continue
             with archive.open(info) as stream:
@@ -149,6 +148,5 @@ def safe_extract(path: str | os.PathLike[str], dest: str | os.PathLike[str], *,
                 raise DataError(f"{source.name}: cannot unpack into {dest} ({err.strerror}); free some space or fix permissions") from None
             raise DataError(f"{source.name}: not a readable archive ({type(err).__name__}: {err}); re-download it") from None
         if writer.files == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(f"{source.name}: the archive holds no files; check data.source")
     return Extracted(writer.files, writer.bytes, writer.links, writer.junk)

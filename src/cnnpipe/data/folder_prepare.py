@@ -214,7 +214,7 @@ def prepare_folder(
     check_memory(len(entries), shape, memory_budget or physical_memory() // MEMORY_SHARE)
 
     images, hashes, reasons = _decode_all(entries, shape, max_pixels, workers or min(8, os.cpu_count() or 1), progress)
-    skipped = [(entries[i].rel, r) for i, r in enumerate(reasons) if r is not None]
+    skipped = sorted((entries[i].rel, r) for i, r in enumerate(reasons) if r is not None)
     if skipped and strict:
         shown = _shown([f"{f}: {r}" for f, r in skipped])
         raise DataError(f"{tree.root}: {len(skipped)} unreadable image file(s) ({shown}); fix or remove them, "
