@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from cnnpipe.data.archive import safe_extract
 from cnnpipe.data.folder_prepare import REPORT_FILE, prepare_folder
@@ -23,34 +22,9 @@ from cnnpipe.data.folder_source import IMAGES, MANIFEST, prepare_source
 from cnnpipe.data.prepared import load_split, load_stats
 from cnnpipe.errors import DataError, ParamsError
 from cnnpipe.params import parse_params
+from fixtures_images import COLORS, image_bytes, make_tree
 from fixtures_raw import http_server, no_proxy  # noqa: F401 - fixtures
 from project_builder import ROOT
-
-COLORS = {"cat": (220, 40, 40), "dog": (40, 220, 40), "owl": (40, 40, 220)}
-
-
-def image_bytes(color: tuple[int, int, int], *, seed: int, size: tuple[int, int] = (40, 30), fmt: str = "PNG",
-                mode: str = "RGB") -> bytes:
-    rng = np.random.default_rng(seed)
-    array = np.clip(np.array(color) + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    img = Image.fromarray(array)
-    if mode != "RGB":
-        img = img.convert(mode)
-    out = io.BytesIO()
-    img.save(out, format=fmt)
-    return out.getvalue()
-
-
-def make_tree(root: Path, per_class: dict[str, int], *, start: int = 0) -> Path:
-    """``root/<class>/<i>.png|jpg`` (alternating formats), distinct images per class."""
-    for cls, count in per_class.items():
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(start, start + count):
-            fmt = "PNG" if i % 2 else "JPEG"
-            suffix = ".png" if fmt == "PNG" else ".jpg"
-            (root / cls / f"{i:03d}{suffix}").write_bytes(image_bytes(COLORS[cls], seed=hash((cls, i)) % 10_000, fmt=fmt))
-    return root
-
 
 def prep(source: Path, out: Path, **kwargs):  # type: ignore[no-untyped-def]
     settings = dict(image_size=[16, 16], channels=3, val_fraction=0.2, test_fraction=0.2, split_seed=0) | kwargs
@@ -60,7 +34,7 @@ def prep(source: Path, out: Path, **kwargs):  # type: ignore[no-untyped-def]
 def test_one_tree_prepares_sorted_classes_stratified_splits_and_a_report(tmp_path):
     tree = make_tree(tmp_path / "imgs", {"owl": 10, "cat": 10, "dog": 10})
     out = tmp_path / "prepared"
-    result = prep(tree, out, samples_path=tmp_path / "samples.png", val_fraction=0.25)
+    result = prep(tree, out, val_fraction=0.25)
     stats = load_stats(out)
     assert stats.dataset == "folder" and stats.classes == ["cat", "dog", "owl"]  # sorted folder names
     assert stats.image_shape == [3, 16, 16] and stats.sizes == {"train": 18, "val": 6, "test": 6}
@@ -73,7 +47,6 @@ def test_one_tree_prepares_sorted_classes_stratified_splits_and_a_report(tmp_pat
     assert (means.argmax(dim=1) == splits["train"].labels).all()
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["per_class"]["cat"] == {"found": 10, "kept": 10, "skipped": 0, "train": 6, "val": 2, "test": 2}
-    assert (tmp_path / "samples.png").stat().st_size > 0
     again = prep(tree, tmp_path / "again", val_fraction=0.25)
     assert again.stats.files == result.stats.files  # deterministic for a seed
 
