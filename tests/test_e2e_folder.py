@@ -9,25 +9,26 @@ import pytest
 import yaml
 
 from fixtures_images import COLORS, image_bytes, make_tree
-from project_builder import DVC, pipeline_project, run_ok
+from project_builder import DVC, commit_all, pipeline_project, run_ok
 from synthetic import TINY
 
 
 @pytest.mark.slow
 def test_dvc_repro_trains_on_a_dvc_added_folder_and_reruns_prepare_when_it_changes(tmp_path: Path) -> None:
-    project = pipeline_project(tmp_path / "project", "unused", {})
+    project = pipeline_project(tmp_path / "project", "unused", {},
+                               params={"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01]})
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["data"].update({"dataset": "folder", "source": "my_images", "image_size": [16, 16], "channels": 3,
-                           "mirrors": [], "checksums": {}, "val_fraction": 0.25, "test_fraction": 0.25})
-    params.update({"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01]})
-    params["eval"]["top_k"] = [1, 2]
+    params["data"].update({"mirrors": [], "checksums": {}, "val_fraction": 0.25, "test_fraction": 0.25})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_all(project, "pipeline")
     make_tree(project / "my_images", {"cat": 8, "dog": 8})
     (project / "my_images" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
 
+    # The README's commands ("Your own images"), with a small image size for speed.
     run_ok([DVC, "add", "-q", "my_images"], project)
-    out = run_ok([DVC, "repro"], project, timeout=600).stdout
-    assert "skipped 1 unreadable image(s): dog/broken.jpg (unreadable" in out or "dog/broken.jpg (not an image)" in out
+    out = run_ok([DVC, "exp", "run", "-S", "data.dataset=folder", "-S", "data.source=my_images",
+                  "-S", "data.image_size=[16,16]", "-S", "eval.top_k=[1,2]"], project, timeout=900).stdout
+    assert "skipped 1 unreadable image(s): dog/broken.jpg" in out
     stats = json.loads((project / "data/prepared/stats.json").read_text())
     assert stats["dataset"] == "folder" and stats["classes"] == ["cat", "dog"] and stats["image_shape"] == [3, 16, 16]
     assert sum(stats["sizes"].values()) == 16
