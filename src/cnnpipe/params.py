@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError
 
-from cnnpipe.data.registry import DATASETS, REGISTRY_SOURCE, DatasetSpec, folder_spec, get_dataset
+from cnnpipe.data.registry import DATASETS, REGISTRY_SOURCE, DatasetSpec, folder_spec, get_dataset, is_archive_name
 from cnnpipe.errors import ParamsError
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -465,13 +465,11 @@ def _check_folder(data: DataParams) -> None:
         raise ParamsError(f"data.source uses unsupported scheme {scheme!r}; use a folder path, an archive path or an http(s) URL")
     if len(data.image_size) != 2 or max(data.image_size) > 8192:
         raise ParamsError(f"data.image_size must be [height, width], each 1..8192, got {json.dumps(data.image_size)}")
-    from cnnpipe.data.archive import is_archive_name
-
     remote = data.source.startswith(("http://", "https://"))
     if data.sha256 and not (remote or is_archive_name(data.source)):
         raise ParamsError("data.sha256 pins an archive, but data.source is a folder (DVC tracks a folder's content); "
                           "remove data.sha256 or point data.source at a .zip/.tar.gz")
-    if remote and not is_archive_name(data.source.split("?", 1)[0]):
+    if remote and not is_archive_name(data.source):
         raise ParamsError(f"data.source {json.dumps(data.source)} must name a .zip, .tar, .tar.gz or .tgz archive")
 
 

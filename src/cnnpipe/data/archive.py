@@ -22,16 +22,10 @@ from typing import IO
 from cnnpipe.errors import DataError
 from cnnpipe.fsutil import atomic_dir
 
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 MAX_MEMBERS = 2_000_000
 MAX_BYTES = 64 * 1024**3  # what an archive may expand to
 CHUNK = 1 << 20
 JUNK_PARTS = ("__MACOSX",)
-
-
-def is_archive_name(name: str) -> bool:
-    """Whether ``name`` ends like an archive cnnpipe can unpack."""
-    return name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
 @dataclass(frozen=True)

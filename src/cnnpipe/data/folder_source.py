@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnnpipe.data.archive import is_archive_name, safe_extract
+from cnnpipe.data.archive import safe_extract
 from cnnpipe.data.folder import tree_digest
-from cnnpipe.data.registry import FOLDER, RawFile, get_dataset
+from cnnpipe.data.registry import FOLDER, RawFile, get_dataset, is_archive_name
 from cnnpipe.data.sources import REMOTE_SCHEMES, Source
 from cnnpipe.errors import DataError
 from cnnpipe.fsutil import atomic_dir, atomic_write_json

@@ -56,6 +56,12 @@ FOLDER = "folder"  # data.dataset for class-per-folder images (data.source)
 FOLDER_FORMAT = "image-folder"
 # What ``data.source`` is for the benchmark datasets: this file lists their upstream sources.
 REGISTRY_SOURCE = "src/cnnpipe/data/registry.py"
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")  # what a folder dataset's data.source may be packed as
+
+
+def is_archive_name(name: str) -> bool:
+    """Whether ``name`` (a path or URL) ends like an archive cnnpipe can unpack."""
+    return name.split("?", 1)[0].lower().endswith(ARCHIVE_SUFFIXES)
 
 _IDX_ROLES = ("train_images", "train_labels", "test_images", "test_labels")
 _IDX_NAMES = (
