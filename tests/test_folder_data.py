@@ -266,3 +266,16 @@ def test_export_as_folders_round_trips_to_the_same_splits_labels_and_order(tmp_p
         before, after = load_split(tmp_path / "prepared", split), load_split(tmp_path / "again", split)
         assert np.array_equal(before.images.numpy(), after.images.numpy())
         assert np.array_equal(before.labels.numpy(), after.labels.numpy())
+
+
+def test_a_local_archive_source_is_unpacked_like_a_downloaded_one(tmp_path):
+    archive = _zip(tmp_path / "pets.zip", _tree_members())  # e.g. what `dvc import-url URL pets.zip` put there
+    raw = tmp_path / "raw" / "folder"
+    lines = prepare_source(str(archive), raw, echo=None).lines
+    assert any(line.startswith("unpinned: add `data.sha256: ") for line in lines)
+    assert sorted(p.relative_to(raw / IMAGES).as_posix() for p in (raw / IMAGES).rglob("*.png"))[:2] == [
+        "my_images/cat/0.png", "my_images/cat/1.png"]
+    archive.write_bytes(archive.read_bytes()[:200])  # truncated
+    with pytest.raises(DataError, match=r"could not get pets.zip: .*truncated or corrupt zip"):
+        prepare_source(str(archive), tmp_path / "raw2", echo=None)
+    assert archive.exists() and not (tmp_path / "raw2").exists()
