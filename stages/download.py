@@ -2,6 +2,8 @@
 
 Sources, in order: data.mirrors, OS-packaged copies (e.g. Debian's
 /usr/share/datasets), upstream. See cnnpipe.data.download for the rules.
+For `data.dataset: folder` (your own images), data.source is fingerprinted in
+place or, for an archive, fetched and unpacked: see cnnpipe.data.folder_source.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ def main() -> int:
     spec = get_dataset(data.dataset)
     dest = Path("data/raw") / spec.name
     start = time.perf_counter()
+    if spec.is_folder:
+        from cnnpipe.data.folder_source import prepare_source
+
+        done = prepare_source(data.source, dest, sha256=data.sha256, timeout=data.download.timeout,
+                              retries=data.download.retries, echo=lambda line: print(f"download: {line}"))
+        print(f"download: folder: {done.manifest['files']:,} files from {data.source} ({time.perf_counter() - start:.1f} s)")
+        return 0
     fetched = download_dataset(
         spec,
         dest,

@@ -45,7 +45,9 @@ def _show_model(args: argparse.Namespace) -> int:
     from cnnpipe.params import load_params
 
     params = load_params(args.params)
-    dataset = get_dataset(args.dataset or params.data.dataset)
+    dataset = get_dataset(args.dataset) if args.dataset else params.data.spec()
+    if dataset.is_folder and not dataset.classes:  # your own images: classes are counted by prepare
+        dataset = _folder_classes(dataset)
     if args.name in params.models:
         layers, where = list(params.models[args.name]), f"models.{args.name}"
     elif args.name in PRESETS:
@@ -56,6 +58,20 @@ def _show_model(args: argparse.Namespace) -> int:
     infos = normalize_layers(where, layers, dataset.image_shape, dataset.num_classes)
     print(summary_text(f"{args.name} on {dataset.name} {'x'.join(map(str, dataset.image_shape))}", infos, dataset.image_shape))
     return 0
+
+
+def _folder_classes(dataset):  # type: ignore[no-untyped-def]
+    """The folder dataset with the prepared classes when ``data/prepared`` holds it, else 2 placeholders."""
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    try:
+        stats = json.loads(Path("data/prepared/stats.json").read_text())
+        classes = tuple(stats["classes"]) if stats.get("dataset") == "folder" else ()
+    except (OSError, ValueError, KeyError):
+        classes = ()
+    return replace(dataset, classes=classes or ("class 0", "class 1"))
 
 
 def build_parser() -> argparse.ArgumentParser:

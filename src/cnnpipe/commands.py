@@ -29,8 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export-images", help="write prepared images as PNG files (to try predict on)")
     p.add_argument("out", help="folder to write into (created if missing)")
-    p.add_argument("--split", choices=("train", "val", "test"), default="test", help="which split (default: test)")
-    p.add_argument("-n", "--count", type=int, default=8, help="how many images, from the first (default: 8)")
+    p.add_argument("--split", choices=("train", "val", "test", "all"), default="test",
+                   help="which split (default: test; all: every split, with --layout folders)")
+    p.add_argument("-n", "--count", type=int, default=None,
+                   help="how many images per split, from the first (default: 8; with --layout folders: all)")
+    p.add_argument("--layout", choices=("flat", "folders"), default="flat",
+                   help="flat: <split>_<index>_<class>.png (default); folders: <split>/<NN-class>/<index>.png, "
+                        "a class-per-folder tree that data.dataset: folder trains on with the same labels and order")
     p.add_argument("--prepared", default="data/prepared", help="prepared-data folder (default: data/prepared)")
     p.set_defaults(func=_export_images)
 
@@ -66,41 +71,22 @@ def collect_images(paths: list[str]) -> list[Path]:
     return found
 
 
-def load_image(path: Path, shape: tuple[int, int, int]) -> tuple[Any, list[str]]:
+def load_image(path: Path, shape: tuple[int, int, int], *, note_resize: bool = True) -> tuple[Any, list[str]]:
     """Read ``path`` as a uint8 C x H x W array matching ``shape``; return notes on conversions.
 
     Anything the model did not see in training (colour vs grayscale, another
     size, 16-bit depth, transparency) is converted *and said*, so a surprising
-    prediction has a visible reason.
+    prediction has a visible reason. The conversion is ``prepare``'s own
+    (cnnpipe.data.images), so a folder-trained model sees what it trained on;
+    such a model resized every training image, so resizing is not noted.
     """
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from cnnpipe.data.images import ImageProblem, to_array
 
     channels, height, width = shape
-    notes: list[str] = []
     try:
-        with Image.open(path) as img:
-            img.load()
-            mode = "L" if channels == 1 else "RGB"
-            if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit: rescale instead of clipping at 255
-                wide = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
-                notes.append("scaled 16-bit to 8-bit")
-            if img.mode != mode:
-                if not (img.mode in ("L", "P", "1") and mode == "L"):
-                    notes.append(f"converted {img.mode} to {'grayscale' if mode == 'L' else 'RGB'}")
-                img = img.convert(mode)
-            if img.size != (width, height):
-                notes.append(f"resized {img.size[0]}x{img.size[1]} to {width}x{height}")
-                img = img.resize((width, height), Image.Resampling.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-        raise CnnpipeError(f"{path}: not a readable image ({type(err).__name__}); give a PNG or JPEG file") from None
-    if array.ndim == 2:
-        array = array[None]
-    else:
-        array = array.transpose(2, 0, 1)
-    return array, notes
+        return to_array(path, channels, (height, width), note_resize=note_resize)
+    except ImageProblem as err:
+        raise CnnpipeError(f"{path}: not a readable image ({err.reason}); give a PNG or JPEG file") from None
 
 
 def predict_files(model_dir: str, files: list[Path], top_k: int) -> list[dict[str, Any]]:
@@ -115,11 +101,12 @@ def predict_files(model_dir: str, files: list[Path], top_k: int) -> list[dict[st
     sidecar = checkpoint.sidecar
     classes = list(sidecar["classes"])
     shape = tuple(sidecar["in_shape"])
+    trained_resized = sidecar.get("dataset") == "folder"  # prepare resized every training image to in_shape
     if not 1 <= top_k <= len(classes):
         raise CnnpipeError(f"--top-k must be between 1 and {len(classes)} (the number of classes), got {top_k}")
     arrays, notes = [], []
     for path in files:
-        array, note = load_image(path, shape)  # type: ignore[arg-type]
+        array, note = load_image(path, shape, note_resize=not trained_resized)  # type: ignore[arg-type]
         arrays.append(array)
         notes.append(note)
     images = torch.from_numpy(np.stack(arrays))
@@ -156,34 +143,68 @@ def _predict(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- export-images
 
 
-def export_images(prepared: str, split: str, count: int, out: Path) -> list[Path]:
-    """Write the first ``count`` images of ``split`` as ``<split>_<index>_<class>.png`` (the true class in the name)."""
+def _pil_image(array: Any) -> Any:
     from PIL import Image
 
-    from cnnpipe.data.prepared import load_split, load_stats
+    return Image.fromarray(array[0], mode="L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0), mode="RGB")
 
-    if count < 1:
+
+def _safe_name(label: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in label).strip("-") or "class"
+
+
+def class_folder_names(classes: list[str]) -> list[str]:
+    """``03-Dress``: the index prefix makes sorted folder order the label order (and keeps names unique)."""
+    width = len(str(len(classes) - 1))
+    return [f"{index:0{width}d}-{_safe_name(name)}" for index, name in enumerate(classes)]
+
+
+def export_images(prepared: str, split: str, count: int | None, out: Path, layout: str = "flat") -> list[Path]:
+    """Write prepared images as PNGs.
+
+    ``flat``: the first ``count`` images of ``split`` as ``<split>_<index>_<class>.png``.
+    ``folders``: ``<out>/<split>/<NN-class>/<index>.png`` (every split for ``all``); file names
+    are the position in the split, which the folder dataset sorts by, so preparing the tree
+    with ``data.dataset: folder`` gives back the same splits, labels and order.
+    """
+    from cnnpipe.data.prepared import SPLITS, load_split, load_stats
+
+    if count is not None and count < 1:
         raise CnnpipeError(f"-n must be at least 1, got {count}")
+    if split == "all" and layout != "folders":
+        raise CnnpipeError("--split all needs --layout folders (a flat folder would mix the splits)")
     stats = load_stats(prepared)
-    data = load_split(prepared, split)
-    out.mkdir(parents=True, exist_ok=True)
+    folders = class_folder_names(stats.classes)
     written = []
-    for index in range(min(count, len(data))):
-        array = data.images[index].numpy()
-        image = Image.fromarray(array[0], mode="L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0), mode="RGB")
-        label = stats.classes[int(data.labels[index])]
-        safe = "".join(ch if ch.isalnum() else "-" for ch in label).strip("-")
-        path = out / f"{split}_{index:05d}_{safe}.png"
-        image.save(path)
-        written.append(path)
+    for name in (SPLITS if split == "all" else (split,)):
+        data = load_split(prepared, name)
+        limit = len(data) if count is None and layout == "folders" else min(count or 8, len(data))
+        width = max(5, len(str(len(data))))
+        if layout == "folders":
+            for folder in folders:
+                (out / name / folder).mkdir(parents=True, exist_ok=True)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+        for index in range(limit):
+            label = int(data.labels[index])
+            if layout == "folders":
+                path = out / name / folders[label] / f"{index:0{width}d}.png"
+            else:
+                path = out / f"{name}_{index:05d}_{_safe_name(stats.classes[label])}.png"
+            _pil_image(data.images[index].numpy()).save(path)
+            written.append(path)
     return written
 
 
 def _export_images(args: argparse.Namespace) -> int:
     if not (Path(args.prepared) / "stats.json").is_file():
         raise CnnpipeError(f"{args.prepared} has no prepared data; run the prepare stage first (dvc repro prepare)")
-    written = export_images(args.prepared, args.split, args.count, Path(args.out))
-    print(f"wrote {len(written)} {args.split} image(s) to {args.out}/ (true class in each file name)")
+    written = export_images(args.prepared, args.split, args.count, Path(args.out), args.layout)
+    if args.layout == "folders":
+        print(f"wrote {len(written)} image(s) to {args.out}/ as a class-per-folder tree "
+              f"(train it: data.dataset: folder, data.source: {args.out})")
+    else:
+        print(f"wrote {len(written)} {args.split} image(s) to {args.out}/ (true class in each file name)")
     return 0
 
 

@@ -46,7 +46,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from cnnpipe.data.registry import DATASETS, get_dataset
+from cnnpipe.data.registry import DATASETS, REGISTRY_SOURCE, DatasetSpec, folder_spec, get_dataset, is_archive_name
 from cnnpipe.errors import ParamsError
 
 
@@ -357,6 +357,15 @@ class DataParams(_Strict):
     mirrors: list[Annotated[str, AfterValidator(_mirror)]] = Field(default_factory=list)
     checksums: dict[str, Annotated[str, AfterValidator(_sha256)]] = Field(default_factory=dict)
     download: DownloadParams = Field(default_factory=DownloadParams)
+    # Your own images (dataset: folder); the benchmark datasets ignore these. See cnnpipe.data.folder.
+    source: str = REGISTRY_SOURCE  # a class-per-folder tree, a .zip/.tar.gz of one, or an http(s) URL of that
+    image_size: list[PositiveInt] = Field(default_factory=lambda: [64, 64])  # [height, width]
+    channels: Literal[1, 3] = 3
+    test_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False), BeforeValidator(_no_bool)] = 0.2
+    sha256: Annotated[str, AfterValidator(_sha256)] | None = None  # pins an archive source
+    strict: StrictBool = False  # refuse (instead of skip) unreadable or non-image files
+    max_pixels: PositiveInt = 50_000_000  # refuse any image larger than this (decompression bombs)
+    dedupe: StrictBool = True  # drop val/test images whose exact bytes are also in an earlier split
 
     @field_validator("dataset")
     @classmethod
@@ -364,6 +373,33 @@ class DataParams(_Strict):
         if name not in DATASETS:
             raise _bad(f"must be one of {list(DATASETS)}, got {json.dumps(name)}{suggest(name, DATASETS)}")
         return name
+
+    @model_validator(mode="after")
+    def _folder_source(self) -> "DataParams":
+        """``dataset: folder`` needs a source of its own and a sane image size."""
+        if not get_dataset(self.dataset).is_folder:
+            return self
+        source = self.source
+        if source == REGISTRY_SOURCE:
+            raise _bad(".dataset is folder but data.source still names the benchmark registry; set data.source "
+                       "to your class-per-folder images (a folder, a .zip/.tar.gz, or an http(s) URL of one)")
+        if "://" in source and not source.startswith(("http://", "https://")):
+            raise _bad(f".source uses unsupported scheme {source.split('://', 1)[0]!r}; use a folder path, "
+                       "an archive path or an http(s) URL")
+        if len(self.image_size) != 2 or max(self.image_size) > 8192:
+            raise _bad(f".image_size must be [height, width], each 1..8192, got {json.dumps(self.image_size)}")
+        remote = source.startswith(("http://", "https://"))
+        if self.sha256 and not (remote or is_archive_name(source)):
+            raise _bad(".sha256 pins an archive, but data.source is a folder (DVC tracks a folder's content); "
+                       "remove data.sha256 or point data.source at a .zip/.tar.gz")
+        if remote and not is_archive_name(source):
+            raise _bad(f".source {json.dumps(source)} must name a .zip, .tar, .tar.gz or .tgz archive")
+        return self
+
+    def spec(self) -> DatasetSpec:
+        """The registry entry for ``dataset``; for ``folder``, at ``channels`` x ``image_size``."""
+        spec = get_dataset(self.dataset)
+        return folder_spec(self.image_size, self.channels) if spec.is_folder else spec
 
 
 class EvalParams(_Strict):
@@ -530,9 +566,10 @@ class Params(_Strict):
         return self
 
     def _check_models(self) -> None:
-        spec = get_dataset(self.data.dataset)
+        spec = self.data.spec()
+        classes = spec.num_classes or 2  # a folder's classes are counted by prepare (which checks top_k then)
         for k in self.eval.top_k:
-            if k > spec.num_classes:
+            if spec.classes and k > spec.num_classes:
                 raise _bad(f"eval.top_k has {k}, more than the {spec.num_classes} classes of {spec.name}; use k <= {spec.num_classes}")
 
         from cnnpipe.models.presets import PRESETS
@@ -548,10 +585,10 @@ class Params(_Strict):
                            f"define it under models: or use a preset ({', '.join(PRESETS)})")
         try:
             for name, layers in self.models.items():
-                check_layers(f"models.{name}", list(layers), spec.image_shape, spec.num_classes)
+                check_layers(f"models.{name}", list(layers), spec.image_shape, classes)
             for name in names:
                 if name in PRESETS and name not in self.models:
-                    check_layers(f"preset {name}", list(PRESETS[name]), spec.image_shape, spec.num_classes)
+                    check_layers(f"preset {name}", list(PRESETS[name]), spec.image_shape, classes)
         except ParamsError as err:
             raise _bad(err.message) from None
 

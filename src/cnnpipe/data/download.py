@@ -76,13 +76,13 @@ class Fetched:
 # --------------------------------------------------------------------------- verification
 
 
-def _judge(raw: RawFile, check: RawCheck, pins: Mapping[str, str]) -> Fetched | None:
+def _judge(raw: RawFile, check: RawCheck, pins: Mapping[str, str], pin_key: str = "data.checksums") -> Fetched | None:
     """Accept a format-checked copy by archive MD5, else by content SHA-256."""
     if raw.md5 and check.md5 == raw.md5:
         return Fetched(raw.name, None, "upstream MD5")
     expected = pins.get(raw.name) or raw.content_sha256
     if expected and check.content_sha256 == expected:
-        where = "data.checksums" if raw.name in pins else "registry"
+        where = pin_key if raw.name in pins else "registry"
         note = "archive MD5 differs from upstream's: re-compressed, same data" if raw.md5 else ""
         return Fetched(raw.name, None, f"content SHA-256 ({where})", note)
     return None
@@ -94,10 +94,14 @@ def verify_file(path: Path, spec: DatasetSpec, raw: RawFile, pins: Mapping[str, 
         check = inspect_raw(path, fmt=spec.format, role=raw.role, image_shape=spec.image_shape)
     except RawFormatError as err:
         raise (_Transient if err.truncated else _Rejected)(err.reason) from None
-    verdict = _judge(raw, check, pins)
+    verdict = _judge(raw, check, pins, "data.sha256" if spec.is_folder else "data.checksums")
     if verdict is None:
+        if spec.is_folder and not pins.get(raw.name):  # your own archive: pinning (data.sha256) is optional
+            return Fetched(raw.name, None, f"readable {check.detail}; unpinned")
         if not (raw.md5 or pins.get(raw.name) or raw.content_sha256):
             raise _Rejected("no checksum known; pin it in data.checksums")
+        if spec.is_folder:
+            raise _Rejected(f"SHA-256 {check.content_sha256} is not data.sha256's")
         raise _Rejected("checksum mismatch")
     return verdict
 
@@ -240,10 +244,9 @@ def fetch_file(
                     tried.append(f"{source} ({err}{times})")
                     break
                 time.sleep(min(backoff * (2**attempt), MAX_BACKOFF))
-    raise DataError(
-        f"{spec.name}: could not get {raw.name}: {', '.join(tried) or 'no sources'}; "
-        "add a mirror in data.mirrors (a folder or URL holding the files) or check your network"
-    )
+    fix = ("check data.source and data.sha256, or your network" if spec.is_folder
+           else "add a mirror in data.mirrors (a folder or URL holding the files) or check your network")
+    raise DataError(f"{spec.name}: could not get {raw.name}: {', '.join(tried) or 'no sources'}; {fix}")
 
 
 def _present(path: Path, spec: DatasetSpec, raw: RawFile, pins: Mapping[str, str],

@@ -278,6 +278,46 @@ def _inspect_cifar(path: Path) -> RawCheck:
     return RawCheck(md5, sha, f"CIFAR-10 tar.gz: 5 train batches + test batch{extra}")
 
 
+def _inspect_image_archive(path: Path) -> RawCheck:
+    """A .zip/.tar(.gz) of images: hashes of the file as stored, and a read of every member (CRC, truncation)."""
+    import zipfile
+
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            md5.update(chunk)
+            sha.update(chunk)
+    head = _head(path)
+    if head.lstrip().lower().startswith((b"<!doctype", b"<html", b"<?xml")):
+        raise RawFormatError("HTML page instead of an archive (an error page served with status 200?)")
+    if not head:
+        raise RawFormatError("empty file", truncated=True)
+    name = path.name.lower()
+    try:
+        if head.startswith(b"PK"):
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+                count = len(archive.infolist())
+            if bad is not None:
+                raise RawFormatError(f"corrupt: zip member {bad} fails its CRC check")
+            detail = f"zip of {count} members"
+        else:
+            count = 0
+            with tarfile.open(path, mode="r:*") as archive:
+                for _ in archive:
+                    count += 1
+            detail = f"tar of {count} members"
+    except zipfile.BadZipFile as err:
+        raise RawFormatError(f"truncated or corrupt zip ({err})", truncated=True) from None
+    except (tarfile.ReadError, EOFError, zlib.error, OSError) as err:
+        text = str(err)
+        truncated = "unexpected end" in text or isinstance(err, EOFError) or "compressed file ended" in text
+        if name.endswith(".zip") and not truncated:
+            raise RawFormatError(f"not a zip file (starts with {head[:8]!r})") from None
+        raise RawFormatError(f"{'truncated' if truncated else 'not a readable tar archive'} ({text})", truncated=truncated) from None
+    return RawCheck(md5.hexdigest(), sha.hexdigest(), detail)
+
+
 def inspect_raw(
     path: str | os.PathLike[str],
     *,
@@ -295,6 +335,8 @@ def inspect_raw(
         return _inspect_idx(source, role, image_shape)
     if fmt == "cifar-python":
         return _inspect_cifar(source)
+    if fmt == "image-folder":
+        return _inspect_image_archive(source)
     raise ValueError(f"unknown raw format {fmt!r}")
 
 

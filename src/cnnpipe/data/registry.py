@@ -24,7 +24,7 @@ class RawFile:
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    format: str  # "idx-gz" (MNIST family) or "cifar-python" (CIFAR tar.gz of pickled batches)
+    format: str  # "idx-gz" (MNIST family), "cifar-python" (CIFAR tar.gz of pickled batches) or "image-folder"
     urls: tuple[str, ...]  # base URLs tried in order; file names are appended
     files: tuple[RawFile, ...]
     image_shape: tuple[int, int, int]  # C, H, W
@@ -40,12 +40,28 @@ class DatasetSpec:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def is_folder(self) -> bool:
+        """Your own class-per-folder images: shape from params, classes known only after ``prepare``."""
+        return self.format == FOLDER_FORMAT
+
     def file(self, role: str) -> RawFile:
         for raw in self.files:
             if raw.role == role:
                 return raw
         raise KeyError(f"{self.name} has no {role} file")
 
+
+FOLDER = "folder"  # data.dataset for class-per-folder images (data.source)
+FOLDER_FORMAT = "image-folder"
+# What ``data.source`` is for the benchmark datasets: this file lists their upstream sources.
+REGISTRY_SOURCE = "src/cnnpipe/data/registry.py"
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")  # what a folder dataset's data.source may be packed as
+
+
+def is_archive_name(name: str) -> bool:
+    """Whether ``name`` (a path or URL) ends like an archive cnnpipe can unpack."""
+    return name.split("?", 1)[0].lower().endswith(ARCHIVE_SUFFIXES)
 
 _IDX_ROLES = ("train_images", "train_labels", "test_images", "test_labels")
 _IDX_NAMES = (
@@ -159,8 +175,25 @@ DATASETS: dict[str, DatasetSpec] = {
             test_size=10000,
             homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
         ),
+        DatasetSpec(
+            name=FOLDER,
+            format=FOLDER_FORMAT,
+            urls=(),
+            files=(),
+            image_shape=(3, 64, 64),  # placeholder: data.channels x data.image_size (see folder_spec)
+            classes=(),  # the folder names, found by the prepare stage
+            homepage="",  # README: "Your own images"
+        ),
     )
 }
+
+
+def folder_spec(image_size: tuple[int, int] | list[int], channels: int, classes: tuple[str, ...] = ()) -> DatasetSpec:
+    """The folder dataset at ``channels`` x ``image_size`` (classes, when known, from ``stats.json``)."""
+    from dataclasses import replace
+
+    height, width = (int(d) for d in image_size)
+    return replace(DATASETS[FOLDER], image_shape=(int(channels), height, width), classes=tuple(classes))
 
 
 def dataset_names() -> list[str]:

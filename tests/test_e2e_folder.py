@@ -1,0 +1,51 @@
+"""Your own images end to end: `dvc add` a class-per-folder tree, `dvc repro`, predict; an added image re-runs prepare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures_images import COLORS, image_bytes, make_tree
+from project_builder import DVC, commit_all, pipeline_project, run_ok
+from synthetic import TINY
+
+
+@pytest.mark.slow
+def test_dvc_repro_trains_on_a_dvc_added_folder_and_reruns_prepare_when_it_changes(tmp_path: Path) -> None:
+    project = pipeline_project(tmp_path / "project", "unused", {},
+                               params={"model": "tiny", "models": {"tiny": TINY}, "lr": 0.05})
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"].update({"mirrors": [], "checksums": {}, "val_fraction": 0.25, "test_fraction": 0.25})
+    params["mlflow"]["enabled"] = False  # tracking is covered elsewhere; keep this test short
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_all(project, "pipeline")
+    make_tree(project / "my_images", {"cat": 8, "dog": 8})
+    (project / "my_images" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+
+    # The README's commands ("Your own images"), with a small image size for speed.
+    run_ok([DVC, "add", "-q", "my_images"], project)
+    out = run_ok([DVC, "exp", "run", "-S", "data.dataset=folder", "-S", "data.source=my_images",
+                  "-S", "data.image_size=[16,16]", "-S", "eval.top_k=[1,2]"], project, timeout=900).stdout
+    assert "skipped 1 unreadable image(s): dog/broken.jpg" in out
+    stats = json.loads((project / "data/prepared/stats.json").read_text())
+    assert stats["dataset"] == "folder" and stats["classes"] == ["cat", "dog"] and stats["image_shape"] == [3, 16, 16]
+    assert sum(stats["sizes"].values()) == 16
+    model = json.loads((project / "models/best/model.json").read_text())
+    assert model["classes"] == ["cat", "dog"] and model["in_shape"] == [3, 16, 16] and model["dataset"] == "folder"
+    assert "test_top1" in json.loads((project / "reports/metrics.json").read_text())
+
+    photo = tmp_path / "photo.jpg"  # another size, RGB: resized like the training images, without a warning
+    photo.write_bytes(image_bytes(COLORS["dog"], seed=4242, size=(90, 60), fmt="JPEG"))
+    done = run_ok([str(Path(DVC).parent / "cnnpipe"), "predict", str(photo), "--top-k", "2"], project)
+    assert done.stderr == "" and "dog" in done.stdout and "cat" in done.stdout
+
+    (project / "my_images" / "cat" / "new.png").write_bytes(image_bytes(COLORS["cat"], seed=777))
+    run_ok([DVC, "add", "-q", "my_images"], project)
+    status = run_ok([DVC, "status", "download"], project).stdout
+    assert "my_images" in status and "modified" in status
+    again = run_ok([DVC, "repro", "prepare"], project, timeout=600).stdout
+    assert "Running stage 'prepare'" in again
+    assert sum(json.loads((project / "data/prepared/stats.json").read_text())["sizes"].values()) == 17
