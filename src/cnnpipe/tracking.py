@@ -50,6 +50,9 @@ REACH_TIMEOUT_S = 3.0
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 ROLE = "cnnpipe.role"
 LOCK_RETRIES = 4
+# The MLflow 3 UI opens an experiment without this tag in its GenAI view (traces, judges);
+# "custom_model_development" (a value of the UI's ExperimentKind) opens the runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # A tracking server that goes away mid-grid must not stall training for minutes
 # (MLflow's defaults: 7 retries, backoff factor 2, 120 s timeout). The stage's own
 # client uses these unless the user set the variables.
@@ -235,7 +238,8 @@ class NullTracker:
                   files: list[Path] | None = None, figures: Mapping[str, "Figure"] | None = None) -> None:
         return None
 
-    def log_model(self, run_id: str | None, local_dir: Path, *, description: str = "", tags: Mapping[str, str] | None = None) -> str | None:
+    def log_model(self, run_id: str | None, local_dir: Path, *, description: str = "", tags: Mapping[str, str] | None = None,
+                  prepared_dir: Path | None = None) -> str | None:
         return None
 
     def log_parent(self, *, params: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None,
@@ -366,37 +370,71 @@ class MlflowTracker(NullTracker):
             self._call("log_figure", self.client.log_figure, run_id, figure, name)
         self._terminate(run_id, status)
 
-    def log_model(self, run_id: str | None, local_dir: Path, *, description: str = "", tags: Mapping[str, str] | None = None) -> str | None:
-        """Log a checkpoint folder under ``model/`` and register it as a new model version.
+    def log_model(self, run_id: str | None, local_dir: Path, *, description: str = "", tags: Mapping[str, str] | None = None,
+                  prepared_dir: Path | None = None) -> str | None:
+        """Log a checkpoint folder as an MLflow pyfunc model under ``model/`` and register it.
 
-        The version's source is the artifact URI of that ``model/`` folder (safetensors
-        + JSON sidecar: nothing pickled). Returns ``"<name>/<version>"`` or None.
+        The model is built "from code" (``cnnpipe.serving``): safetensors + JSON
+        as artifacts, nothing pickled. Weights already registered (same SHA-256)
+        add no version: the existing one is reused. On the main line of work
+        (not a queued experiment) the ``champion`` alias moves to the version.
+        Returns ``"<name>/<version>"`` or None.
         """
-        from mlflow.exceptions import MlflowException
+        import tempfile
 
-        if not run_id:
-            return None
-        self._call("log_artifacts", self.client.log_artifacts, run_id, str(local_dir), "model")
-        if not self.registered_model or self.lost is not None:
+        from cnnpipe.checkpoint import read_sidecar
+        from cnnpipe.serving import registry
+        from cnnpipe.serving.mlflow_model import save_pyfunc
+
+        if not run_id or self.lost is not None:
             return None
         name = self.registered_model
-        try:
-            self.client.create_registered_model(name, description="CNN classifiers trained by cnnpipe (safetensors + model.json)")
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                if not self.keep_going:
-                    raise TrackingError(f"MLflow could not create registered model {name!r}: {_one_line(err.message)}; set mlflow.registered_model: null to skip registering") from None
-                self._failed(f"MLflow could not create registered model {name!r}: {_one_line(err.message)}")
-                return None
+        sha = read_sidecar(local_dir)["weights_sha256"]
+        if name and self._ensure_registered_model(name):
+            existing = self._call("search_model_versions", registry.find_version, self.client, name, sha)
+            if existing is not None:
+                print(f"mlflow: weights unchanged since {name}/{existing.version}; no new version", flush=True)
+                return self._crown(name, existing.version)
+        with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as tmp:
+            folder = Path(tmp) / "model"
+            self._call("save_model", save_pyfunc, local_dir, folder, prepared_dir=prepared_dir)
+            if folder.is_dir():
+                self._call("log_artifacts", self.client.log_artifacts, run_id, str(folder), "model")
+        if not name or self.lost is not None:
+            return None
         run = self._call("get_run", self.client.get_run, run_id)
         if run is None:
             return None
         source = run.info.artifact_uri.rstrip("/") + "/model"
         version = self._call(
             "create_model_version", self.client.create_model_version, name, source, run_id,
-            tags=dict(tags or {}), description=description or None, await_creation_for=0,
+            tags={registry.WEIGHTS_TAG: sha, **registry.link_tags(self.base_tags), **(tags or {})}, description=description or None, await_creation_for=0,
         )
-        return f"{name}/{version.version}" if version is not None else None
+        return self._crown(name, version.version) if version is not None else None
+
+    def _ensure_registered_model(self, name: str) -> bool:
+        """Create the registered model unless it exists; False (or TrackingError) if the store refuses."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="CNN classifiers trained by cnnpipe: MLflow pyfunc "
+                                                "models (safetensors + model.json, nothing pickled)")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                message = f"MLflow could not create registered model {name!r}: {_one_line(err.message)}"
+                if not self.keep_going:
+                    raise TrackingError(f"{message}; set mlflow.registered_model: null to skip registering") from None
+                self._failed(message)
+                return False
+        return True
+
+    def _crown(self, name: str, version: str) -> str:
+        """``champion`` -> this version on the main line of work; the ``"<name>/<version>"`` label."""
+        from cnnpipe.serving import registry
+
+        if registry.is_main_line():
+            self._call("set_registered_model_alias", registry.set_champion, self.client, name, version)
+        return f"{name}/{version}"
 
     # ----------------------------------------------------------- parent
 
@@ -454,19 +492,26 @@ def _make_client(uri: str) -> "MlflowClient":
 
 
 def ensure_experiment(client: "MlflowClient", name: str, artifact_location: str | None) -> str:
-    """The experiment's id, creating it (with our artifact root) when new; restores a deleted one."""
+    """The experiment's id, creating it (with our artifact root) when new; restores a deleted one.
+
+    It is marked a model-training experiment (``EXPERIMENT_KIND``), also when an
+    older cnnpipe created it without a kind, so the MLflow UI opens on its runs
+    table instead of the GenAI (traces) view.
+    """
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location, tags=dict([EXPERIMENT_KIND]))
         except MlflowException as err:  # created concurrently by another queue worker
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise TrackingError(f"MLflow could not create experiment {name!r}: {_one_line(err.message)}") from None
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND[0] not in experiment.tags:  # a kind the user chose stays
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
