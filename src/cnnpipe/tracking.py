@@ -596,11 +596,14 @@ def open_tracker(settings: "MlflowParams", *, target: TrackingTarget | None = No
 
 def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child_run_id: str | None = None,
                    metrics: Mapping[str, float] | None = None, files: list[Path] | None = None,
-                   artifact_path: str = "evaluation", root: Path | None = None) -> bool:
+                   artifact_path: str = "evaluation", root: Path | None = None,
+                   weights_sha256: str | None = None, model_tags: Mapping[str, str] | None = None) -> bool:
     """Add a later stage's results to the runs ``train`` created (ids from train.json / the sidecar).
 
     ``metrics`` go to the best child and the parent (one ``log_batch`` each),
-    ``files`` to the parent under ``artifact_path``. Returns False, with one
+    ``files`` to the parent under ``artifact_path``; ``model_tags`` (with
+    ``metrics``) go to the registered version holding ``weights_sha256``.
+    Returns False, with one
     note, when tracking is off or the runs are not in this store (e.g. the
     checkpoint was trained against another store); an unreachable store is a
     ``TrackingError`` like in ``train``.
@@ -626,4 +629,30 @@ def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child
     for path in files or []:
         if Path(path).is_file():
             tracker._call("log_artifact", tracker.client.log_artifact, parent_run_id, str(path), artifact_path)
+    if settings.registered_model and weights_sha256:
+        _tag_version(tracker, settings.registered_model, weights_sha256,
+                     {**registry_metric_tags(metrics or {}), **(model_tags or {})})
     return True
+
+
+def registry_metric_tags(metrics: Mapping[str, float]) -> dict[str, str]:
+    from cnnpipe.serving.registry import version_tags
+
+    return {key: value for key, value in version_tags({}, dict(metrics)).items() if key != "params"}
+
+
+def _tag_version(tracker: MlflowTracker, name: str, weights_sha256: str, tags: Mapping[str, str]) -> None:
+    """Add ``tags`` to the version of ``name`` whose weights are ``weights_sha256`` (if registered here)."""
+    from mlflow.exceptions import MlflowException
+
+    from cnnpipe.serving.registry import find_version
+
+    try:
+        version = find_version(tracker.client, name, weights_sha256)
+    except MlflowException:
+        version = None
+    if version is None:
+        print(f"mlflow: no version of {name} holds these weights; its tags are not updated", flush=True)
+        return
+    for key, value in tags.items():
+        tracker._call("set_model_version_tag", tracker.client.set_model_version_tag, name, version.version, key, value)

@@ -67,3 +67,70 @@ def link_tags(run_tags: dict[str, str]) -> dict[str, str]:
     """The DVC experiment name and git commit of the run (from ``tracking.context_tags``)."""
     links = {"dvc.exp_name": run_tags.get("dvc.exp_name"), "git.commit": run_tags.get("mlflow.source.git.commit")}
     return {key: value for key, value in links.items() if value}
+
+
+# --------------------------------------------------------------------------- models:/ URIs
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, alias, version)."""
+    from cnnpipe.errors import CnnpipeError
+
+    rest = uri[len("models:/"):].strip("/") if uri.startswith("models:/") else ""
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        if name and alias and "/" not in alias:
+            return name, alias, None
+    elif "/" in rest:
+        name, _, version = rest.rpartition("/")
+        if name and version.isdigit():
+            return name, None, version
+    raise CnnpipeError(f"{uri!r} is not a registered-model URI; use models:/NAME@ALIAS or models:/NAME/VERSION "
+                       f"(e.g. models:/cnnpipe-classifier@{CHAMPION})")
+
+
+def get_version(client: "MlflowClient", uri: str, store: str) -> "ModelVersion":
+    """The version a ``models:/`` URI names, or one CnnpipeError line saying what is missing."""
+    from mlflow.exceptions import MlflowException
+
+    from cnnpipe.errors import CnnpipeError
+
+    name, alias, version = parse_models_uri(uri)
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise
+        known = [f"{v.version}" for v in client.search_model_versions(f"name = '{name}'")]
+        have = f"versions {', '.join(sorted(known, key=int))}" if known else "no versions"
+        raise CnnpipeError(f"{uri}: not in the model registry at {store} ({name} has {have}); "
+                           "run the pipeline (dvc repro) or check the name/alias") from None
+
+
+def describe_version(client: "MlflowClient", uri: str, store: str) -> tuple[str, dict[str, Any]]:
+    """A header line for ``cnnpipe show-model models:/...`` and the version's ``model.json``."""
+    import json
+    import tempfile
+
+    from mlflow.artifacts import download_artifacts
+
+    version = get_version(client, uri, store)
+    aliases = ", ".join(version.aliases) or "none"
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-show-") as tmp:
+        path = download_artifacts(artifact_uri=f"{version.source.rstrip('/')}/artifacts/checkpoint/model.json",
+                                  dst_path=tmp, tracking_uri=store)
+        sidecar = json.loads(Path(path).read_text(encoding="utf-8"))
+    tags = version.tags
+    header = (f"{uri} = {version.name} version {version.version} (aliases: {aliases}; run {version.run_id}; "
+              f"git {tags.get('git.commit', '?')[:10]}; dvc exp {tags.get('dvc.exp_name', '-')}; "
+              f"val_top1 {tags.get('val_top1', '?')}, test_top1 {tags.get('test_top1', '?')})")
+    return header, sidecar
+
+
+def download_checkpoint(client: "MlflowClient", uri: str, store: str, dst: str | os.PathLike[str]) -> Path:
+    """The checkpoint folder (safetensors + model.json) of the version ``uri`` names, downloaded into ``dst``."""
+    from mlflow.artifacts import download_artifacts
+
+    version = get_version(client, uri, store)
+    return Path(download_artifacts(artifact_uri=f"{version.source.rstrip('/')}/artifacts/checkpoint",
+                                   dst_path=str(dst), tracking_uri=store))
