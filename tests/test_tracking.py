@@ -252,8 +252,9 @@ def tiny_checkpoint(folder: Path, seed: int) -> Path:
     return folder
 
 
-def test_model_is_a_pyfunc_from_code_registered_once_per_weights(store, tmp_path):
+def test_model_is_a_pyfunc_from_code_registered_once_per_weights(store, tmp_path, monkeypatch):
     client = client_for(store)
+    monkeypatch.setenv("DVC_EXP_NAME", "tidy-kiwi")  # as `dvc exp run` sets it
     tracker = open_tracker(settings(store, "registry", registered_model="tiny-classifier"))
     first_ckpt, other_ckpt = tiny_checkpoint(tmp_path / "a", seed=1), tiny_checkpoint(tmp_path / "b", seed=2)
     with tracker.running():
@@ -267,7 +268,7 @@ def test_model_is_a_pyfunc_from_code_registered_once_per_weights(store, tmp_path
     sidecar = json.loads((first_ckpt / "model.json").read_text())
     assert version.run_id == child and version.source.endswith("/model")
     assert version.tags == {"run_id": "abc", "cnnpipe.weights_sha256": sidecar["weights_sha256"],
-                            "git.commit": tracker.base_tags["mlflow.source.git.commit"]}
+                            "git.commit": tracker.base_tags["mlflow.source.git.commit"], "dvc.exp_name": "tidy-kiwi"}
     assert client.get_registered_model("tiny-classifier").aliases == {"champion": 2}  # follows the last execution
     logged = {a.path for a in client.list_artifacts(child, "model")}
     assert {"model/MLmodel", "model/pyfunc_model.py", "model/artifacts", "model/code",
