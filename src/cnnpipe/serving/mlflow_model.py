@@ -9,7 +9,9 @@ installed), a signature, an input example and explicit pip requirements
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
 CODE_FILE = Path(pyfunc_model.__file__)
 PACKAGE_DIR = CODE_FILE.parents[1]  # src/cnnpipe, shipped under code/
+PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 EXAMPLE_IMAGES = 2  # rows of the input example (kept small: it is stored as JSON in the model)
 # What loading and predicting import (checked by tests/test_serving.py in a fresh process).
 REQUIREMENTS = ("mlflow", "torch", "safetensors", "numpy", "pandas", "pydantic", "pyyaml", "tqdm")
@@ -96,15 +99,41 @@ def save_pyfunc(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     return Path(out_dir)
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No INFO lines or progress bars from MLflow's input-example check in the stage's output."""
+    import logging
+
+    logger = logging.getLogger("mlflow.pyfunc")
+    level, bar = logger.level, os.environ.get(PROGRESS_BAR)
+    logger.setLevel(logging.WARNING)
+    os.environ[PROGRESS_BAR] = "false"
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bar is None:
+            os.environ.pop(PROGRESS_BAR, None)
+        else:
+            os.environ[PROGRESS_BAR] = bar
+
+
 def _save(checkpoint_dir: Path, out_dir: str | os.PathLike[str], sidecar: dict[str, Any], example: Any) -> None:
+    """``mlflow.pyfunc.save_model`` from code.
+
+    The first call in a process spends seconds in MLflow's check of the pins
+    against the installed packages (it scans every distribution); later calls
+    take ~0.5 s.
+    """
     import mlflow.pyfunc
 
-    mlflow.pyfunc.save_model(
-        path=str(out_dir),
-        python_model=str(CODE_FILE),
-        artifacts={pyfunc_model.ARTIFACT: str(checkpoint_dir)},
-        code_paths=[str(PACKAGE_DIR)],
-        signature=signature(sidecar),
-        input_example=example,
-        pip_requirements=pip_requirements(),
-    )
+    with _quiet():
+        mlflow.pyfunc.save_model(
+            path=str(out_dir),
+            python_model=str(CODE_FILE),
+            artifacts={pyfunc_model.ARTIFACT: str(checkpoint_dir)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature(sidecar),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+        )
