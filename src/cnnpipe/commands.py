@@ -109,7 +109,7 @@ def predict_files(model_dir: str, files: list[Path], top_k: int) -> list[dict[st
     import torch
 
     from cnnpipe.checkpoint import load_checkpoint
-    from cnnpipe.engine import evaluate_logits
+    from cnnpipe.serving.classify import probabilities
 
     checkpoint = load_checkpoint(model_dir)
     sidecar = checkpoint.sidecar
@@ -122,9 +122,7 @@ def predict_files(model_dir: str, files: list[Path], top_k: int) -> list[dict[st
         array, note = load_image(path, shape)  # type: ignore[arg-type]
         arrays.append(array)
         notes.append(note)
-    images = torch.from_numpy(np.stack(arrays))
-    logits = evaluate_logits(checkpoint.model, images, mean=sidecar["mean"], std=sidecar["std"])
-    probs = torch.softmax(logits.float(), dim=1)
+    probs = torch.from_numpy(probabilities(checkpoint, np.stack(arrays)))  # the pyfunc model's numbers too
     values, indices = probs.topk(top_k, dim=1)
     results = []
     for path, note, vals, idxs in zip(files, notes, values.tolist(), indices.tolist()):
