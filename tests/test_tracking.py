@@ -252,6 +252,7 @@ def tiny_checkpoint(folder: Path, seed: int) -> Path:
     return folder
 
 
+@pytest.mark.slow  # the first pyfunc save in a process: MLflow scans every installed package
 def test_model_is_a_pyfunc_from_code_registered_once_per_weights(store, tmp_path, monkeypatch):
     client = client_for(store)
     monkeypatch.setenv("DVC_EXP_NAME", "tidy-kiwi")  # as `dvc exp run` sets it
@@ -281,6 +282,7 @@ def test_model_is_a_pyfunc_from_code_registered_once_per_weights(store, tmp_path
     assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel and "python_model.pkl" not in mlmodel
 
 
+@pytest.mark.slow  # the first pyfunc save in a process: MLflow scans every installed package
 def test_queued_experiments_do_not_move_the_champion(store, tmp_path, monkeypatch):
     client = client_for(store)
     tracker = open_tracker(settings(store, "queued", registered_model="queued-classifier"))
