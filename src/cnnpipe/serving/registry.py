@@ -114,6 +114,7 @@ def describe_version(client: "MlflowClient", uri: str, store: str) -> tuple[str,
 
     from mlflow.artifacts import download_artifacts
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a CLI answer, not a progress bar
     version = get_version(client, uri, store)
     aliases = ", ".join(version.aliases) or "none"
     with tempfile.TemporaryDirectory(prefix="cnnpipe-show-") as tmp:
@@ -131,6 +132,7 @@ def download_checkpoint(client: "MlflowClient", uri: str, store: str, dst: str |
     """The checkpoint folder (safetensors + model.json) of the version ``uri`` names, downloaded into ``dst``."""
     from mlflow.artifacts import download_artifacts
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     version = get_version(client, uri, store)
     return Path(download_artifacts(artifact_uri=f"{version.source.rstrip('/')}/artifacts/checkpoint",
                                    dst_path=str(dst), tracking_uri=store))
