@@ -313,6 +313,19 @@ def test_experiment_opens_as_model_training_in_the_ui(store):
     assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
 
 
+def test_ui_url_opens_the_experiment_in_the_model_training_view(store):
+    from cnnpipe.tracking import ui_url
+
+    tracker = open_tracker(settings(store, "ui-url"))
+    tracker.end_parent()
+    target = resolve_target(f"sqlite:///{store / 'mlflow.db'}")
+    base = "http://127.0.0.1:5000"
+    assert ui_url(target, "ui-url", base) == f"{base}/#/experiments/{tracker.experiment_id}?workflowType=machine_learning"
+    assert ui_url(target, "never-created", base) == f"{base}/#/?workflowType=machine_learning"
+    missing = resolve_target(f"sqlite:///{store / 'absent' / 'mlflow.db'}")
+    assert ui_url(missing, "ui-url", base) == f"{base}/#/?workflowType=machine_learning"
+
+
 def test_tracker_pickles_for_worker_processes(store):
     tracker = open_tracker(settings(store, "pickle"))
     clone = pickle.loads(pickle.dumps(tracker))

@@ -241,7 +241,7 @@ def ui_command(tracking_uri: str, artifact_root: str | None, host: str, port: in
 
 def _ui(args: argparse.Namespace) -> int:
     from cnnpipe.params import load_params
-    from cnnpipe.tracking import resolve_store
+    from cnnpipe.tracking import resolve_store, ui_url
 
     params = load_params(args.params)
     store = resolve_store(params.mlflow)
@@ -257,8 +257,8 @@ def _ui(args: argparse.Namespace) -> int:
         raise CnnpipeError(f"port {args.port} on {args.host} is in use (another MLflow UI?); "
                            f"open http://{args.host}:{args.port} or pass --port N")
     command = ui_command(store.tracking_uri, store.artifact_location, args.host, args.port, args.workers)
-    print(f"MLflow UI for {store.tracking_uri}: http://{args.host}:{args.port}  "
-          "(Ctrl-C to stop; it answers after ~25 s)", flush=True)
+    url = ui_url(store, params.mlflow.experiment, f"http://{args.host}:{args.port}")  # opens on the runs table
+    print(f"MLflow UI for {store.tracking_uri}: {url}  (Ctrl-C to stop; it answers after ~25 s)", flush=True)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     # Become the server (exec, not a child): Ctrl-C, `kill PID` or a closed terminal
     # then reach mlflow itself instead of orphaning it on the port.

@@ -53,6 +53,7 @@ LOCK_RETRIES = 4
 # The MLflow 3 UI opens an experiment without this tag in its GenAI view (traces, judges);
 # "custom_model_development" (a value of the UI's ExperimentKind) opens the runs table.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_WORKFLOW = "workflowType=machine_learning"  # the 3.17 UI's own switch; see ui_url
 # A tracking server that goes away mid-grid must not stall training for minutes
 # (MLflow's defaults: 7 retries, backoff factor 2, 120 s timeout). The stage's own
 # client uses these unless the user set the variables.
@@ -141,6 +142,30 @@ def check_reachable(target: TrackingTarget, timeout: float = REACH_TIMEOUT_S) ->
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise TrackingError(f"cannot create the MLflow store folder {folder} ({err.strerror}); {fix}") from None
+
+
+def ui_url(target: TrackingTarget, experiment: str, base: str) -> str:
+    """The UI page of ``experiment`` in MLflow 3's "Model training" view (its runs table).
+
+    The 3.17 UI picks GenAI vs Model training from ``?workflowType=`` (else the
+    browser's last choice, GenAI at first), whatever the experiment's kind tag
+    says. The experiment id is read from a sqlite store without importing mlflow.
+    """
+    import sqlite3
+
+    experiment_id = None
+    if target.uri.startswith("sqlite:///"):
+        db = Path(target.uri[len("sqlite:///"):])
+        with contextlib.suppress(sqlite3.Error):
+            connection = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+            try:
+                row = connection.execute("SELECT experiment_id FROM experiments WHERE name = ? "
+                                         "AND lifecycle_stage = 'active'", (experiment,)).fetchone()
+            finally:
+                connection.close()
+            experiment_id = row[0] if row else None
+    page = f"#/experiments/{experiment_id}" if experiment_id is not None else "#/"
+    return f"{base}/{page}?{UI_WORKFLOW}"
 
 
 # --------------------------------------------------------------------------- helpers
