@@ -4,8 +4,9 @@ Reads ``models/best/`` (safetensors checkpoint + sidecar), ``data/prepared/``
 and the ``eval``/``mlflow`` params; writes ``reports/metrics.json`` (DVC
 metrics), ``reports/per_class.csv``, ``reports/confusion.csv`` (one row per
 test image, for DVC's confusion template) and ``reports/mistakes.csv``.
-Test metrics are added (``test_`` prefix) to the MLflow runs train created:
-the best child and its parent.
+Test metrics are added (``test_`` prefix) to the MLflow runs train created
+(the best child and its parent) and, as tags, to the registered model version
+holding these weights, with the ``dvc.lock`` hash of ``models/best``.
 """
 
 from __future__ import annotations
@@ -54,12 +55,18 @@ def main() -> int:
                 for key, value in evaluation.numeric_metrics.items()
                 if key.startswith(("test_", "macro_")) and key != "test_images"
             }
+            from cnnpipe.checkpoint import read_sidecar
+            from cnnpipe.serving.registry import LOCK_TAG, dvc_lock_hash
+
+            lock_hash = dvc_lock_hash()  # DVC locked train before running evaluate
             logged = tracking.log_evaluation(
                 params.mlflow,
                 parent_run_id=ids["mlflow_parent_run_id"],
                 child_run_id=ids.get("mlflow_run_id"),
                 metrics=test_metrics,
                 files=[paths["metrics.json"], paths["per_class.csv"], paths["mistakes.csv"]],
+                weights_sha256=read_sidecar(CHECKPOINT)["weights_sha256"],
+                model_tags={LOCK_TAG: lock_hash} if lock_hash else None,
             )
             if logged:
                 print(f"mlflow: test metrics logged to run {ids.get('mlflow_run_id')} and parent {ids['mlflow_parent_run_id']}")

@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
                                     cache=cache, states=states, report=lambda line: print(line, flush=True))
         best = select_best([rec for rec in records if not rec.pruned], params.select_by)
         published = results.publish(records, best, data, tracker, select_by=params.select_by,
-                                    best_dir=BEST_DIR, reports_dir=REPORTS)
+                                    best_dir=BEST_DIR, reports_dir=REPORTS, prepared_dir=PREPARED)
 
     print(results.summary_table(records, best, params.select_by))
     print(published.describe(), flush=True)

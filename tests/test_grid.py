@@ -229,7 +229,9 @@ def test_best_model_round_trips_through_models_best(tracked_grid, store, data, t
     assert published.model_version == "grid-test-model/1"
     version = client.get_model_version("grid-test-model", "1")
     assert version.run_id == best.mlflow_run_id
-    assert {a.path for a in client.list_artifacts(best.mlflow_run_id, "model")} >= {"model/model.safetensors", "model/model.json", "model/summary.txt"}
+    assert {a.path for a in client.list_artifacts(best.mlflow_run_id, "model")} >= {"model/MLmodel", "model/artifacts"}
+    assert {a.path for a in client.list_artifacts(best.mlflow_run_id, "model/artifacts/checkpoint")} == {
+        "model/artifacts/checkpoint/model.safetensors", "model/artifacts/checkpoint/model.json"}
     parent = client.get_run(tracker.parent_run_id)
     assert parent.data.tags["best_run_id"] == best.cfg.run_id and parent.data.tags["best_mlflow_run_id"] == best.mlflow_run_id
     assert parent.data.params["best_lr"] == str(best.cfg.values.lr)

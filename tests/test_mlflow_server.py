@@ -158,7 +158,8 @@ def test_cnnpipe_ui_serves_the_project_store(store: tuple[Path, Path], tmp_path:
     with serving([str(BIN / "cnnpipe"), "ui", "--port", str(port)], root, log) as proc:
         wait_healthy(base, proc, log)
         first = log.read_text().splitlines()[0]
-        assert first.startswith(f"MLflow UI for sqlite:///{root / 'mlflow.db'}: {base}")
+        assert first.startswith(f"MLflow UI for sqlite:///{root / 'mlflow.db'}: {base}/#/experiments/"
+                                f"{train['mlflow_experiment_id']}?workflowType=machine_learning ")
         runs = api(base, "runs/search", {"experiment_ids": [train["mlflow_experiment_id"]]})["runs"]
         assert train["mlflow_parent_run_id"] in {r["info"]["run_id"] for r in runs}
         with urllib.request.urlopen(f"{base}/", timeout=30) as page:

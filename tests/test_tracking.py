@@ -9,6 +9,7 @@ experiment to stay independent. The only stand-in is a loopback HTTP server
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import pickle
 import socket
@@ -237,22 +238,93 @@ def test_an_error_marks_parent_failed_with_reason(store):
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == "RuntimeError: disk full"
 
 
-def test_model_folder_is_logged_and_registered_without_pickle(store, tmp_path):
+def tiny_checkpoint(folder: Path, seed: int) -> Path:
+    """A real (untrained) checkpoint of the TINY net; ``seed`` decides its weights."""
+    import torch
+    from synthetic import TINY
+
+    from cnnpipe.checkpoint import save_checkpoint
+    from cnnpipe.models.build import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(TINY, (1, 28, 28), 10)
+    save_checkpoint(folder, model, {"layers": TINY, "in_shape": [1, 28, 28], "num_classes": 10,
+                                    "classes": [f"c{i}" for i in range(10)], "mean": [0.5], "std": [0.25]})
+    return folder
+
+
+@pytest.mark.slow  # the first pyfunc save in a process: MLflow scans every installed package
+def test_model_is_a_pyfunc_from_code_registered_once_per_weights(store, tmp_path, monkeypatch):
     client = client_for(store)
+    monkeypatch.setenv("DVC_EXP_NAME", "tidy-kiwi")  # as `dvc exp run` sets it
     tracker = open_tracker(settings(store, "registry", registered_model="tiny-classifier"))
-    ckpt = tmp_path / "best"
-    ckpt.mkdir()
-    (ckpt / "model.safetensors").write_bytes(b"weights")
-    (ckpt / "model.json").write_text("{}")
+    first_ckpt, other_ckpt = tiny_checkpoint(tmp_path / "a", seed=1), tiny_checkpoint(tmp_path / "b", seed=2)
     with tracker.running():
         child = tracker.start_child("only", params={}, tags={})
-        first = tracker.log_model(child, ckpt, tags={"run_id": "abc"})
-        second = tracker.log_model(child, ckpt)
+        first = tracker.log_model(child, first_ckpt, tags={"run_id": "abc"})
+        again = tracker.log_model(child, first_ckpt)  # byte-identical weights: no new version
+        other = tracker.log_model(child, other_ckpt)
         tracker.end_child(child, status="FINISHED")
-    assert first == "tiny-classifier/1" and second == "tiny-classifier/2"
+    assert (first, again, other) == ("tiny-classifier/1", "tiny-classifier/1", "tiny-classifier/2")
     version = client.get_model_version("tiny-classifier", "1")
-    assert version.run_id == child and version.source.endswith("/model") and version.tags == {"run_id": "abc"}
-    assert sorted(a.path for a in client.list_artifacts(child, "model")) == ["model/model.json", "model/model.safetensors"]
+    sidecar = json.loads((first_ckpt / "model.json").read_text())
+    assert version.run_id == child and version.source.endswith("/model")
+    assert version.tags == {"run_id": "abc", "cnnpipe.weights_sha256": sidecar["weights_sha256"],
+                            "git.commit": tracker.base_tags["mlflow.source.git.commit"], "dvc.exp_name": "tidy-kiwi"}
+    assert client.get_registered_model("tiny-classifier").aliases == {"champion": 2}  # follows the last execution
+    logged = {a.path for a in client.list_artifacts(child, "model")}
+    assert {"model/MLmodel", "model/pyfunc_model.py", "model/artifacts", "model/code",
+            "model/requirements.txt"} <= logged
+    assert {a.path for a in client.list_artifacts(child, "model/artifacts/checkpoint")} == {
+        "model/artifacts/checkpoint/model.json", "model/artifacts/checkpoint/model.safetensors"}
+    local = Path(client.download_artifacts(child, "model", str(tmp_path / "dl")))
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".pt", ".pth")]  # nothing pickled
+    mlmodel = (local / "MLmodel").read_text()
+    assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel and "python_model.pkl" not in mlmodel
+
+
+@pytest.mark.slow  # the first pyfunc save in a process: MLflow scans every installed package
+def test_queued_experiments_do_not_move_the_champion(store, tmp_path, monkeypatch):
+    client = client_for(store)
+    tracker = open_tracker(settings(store, "queued", registered_model="queued-classifier"))
+    with tracker.running():
+        child = tracker.start_child("only", params={}, tags={})
+        assert tracker.log_model(child, tiny_checkpoint(tmp_path / "a", seed=3)) == "queued-classifier/1"
+        monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # the stage now runs in a temp copy below the repo
+        monkeypatch.chdir(tmp_path / "a")
+        assert tracker.log_model(child, tiny_checkpoint(tmp_path / "b", seed=4)) == "queued-classifier/2"
+        tracker.end_child(child, status="FINISHED")
+    assert client.get_registered_model("queued-classifier").aliases == {"champion": 1}
+
+
+def test_experiment_opens_as_model_training_in_the_ui(store):
+    from cnnpipe.tracking import EXPERIMENT_KIND
+
+    client = client_for(store)
+    tracker = open_tracker(settings(store, "kind"))
+    tracker.end_parent()
+    assert client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert EXPERIMENT_KIND == ("mlflow.experimentKind", "custom_model_development")
+    # an experiment an older cnnpipe created without a kind gets it; a kind the user chose stays
+    bare = client.create_experiment("kind-bare")
+    chosen = client.create_experiment("kind-chosen", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("kind-bare", "kind-chosen"):
+        open_tracker(settings(store, name)).end_parent()
+    assert client.get_experiment(bare).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_ui_url_opens_the_experiment_in_the_model_training_view(store):
+    from cnnpipe.tracking import ui_url
+
+    tracker = open_tracker(settings(store, "ui-url"))
+    tracker.end_parent()
+    target = resolve_target(f"sqlite:///{store / 'mlflow.db'}")
+    base = "http://127.0.0.1:5000"
+    assert ui_url(target, "ui-url", base) == f"{base}/#/experiments/{tracker.experiment_id}?workflowType=machine_learning"
+    assert ui_url(target, "never-created", base) == f"{base}/#/?workflowType=machine_learning"
+    missing = resolve_target(f"sqlite:///{store / 'absent' / 'mlflow.db'}")
+    assert ui_url(missing, "ui-url", base) == f"{base}/#/?workflowType=machine_learning"
 
 
 def test_tracker_pickles_for_worker_processes(store):

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cnnpipe.params import Params
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -45,6 +49,8 @@ def _show_model(args: argparse.Namespace) -> int:
     from cnnpipe.params import load_params
 
     params = load_params(args.params)
+    if args.name.startswith("models:/"):
+        return _show_registered(args.name, params)
     dataset = get_dataset(args.dataset) if args.dataset else params.data.spec()
     if dataset.is_folder and not dataset.classes:  # your own images: classes are counted by prepare
         dataset = _folder_classes(dataset)
@@ -74,6 +80,56 @@ def _folder_classes(dataset):  # type: ignore[no-untyped-def]
     return replace(dataset, classes=classes or ("class 0", "class 1"))
 
 
+def _show_registered(uri: str, params: "Params") -> int:
+    """``show-model models:/NAME@ALIAS``: the registered version, its links, and its layers."""
+    from cnnpipe.models.spec import normalize_layers, summary_text
+    from cnnpipe.serving.registry import describe_version
+    from cnnpipe.tracking import _make_client, resolve_store
+
+    store = resolve_store(params.mlflow)
+    header, sidecar = describe_version(_make_client(store.uri), uri, store.uri)
+    shape = tuple(int(d) for d in sidecar["in_shape"])
+    infos = normalize_layers(f"{uri} model.json", list(sidecar["layers"]), shape, int(sidecar["num_classes"]))
+    print(header)
+    print(summary_text(f"{sidecar.get('model', '?')} on {sidecar.get('dataset', '?')} {'x'.join(map(str, shape))}",
+                       infos, shape))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``cnnpipe export``: ONNX and TorchScript files of a checkpoint, each verified before it is kept."""
+    import tempfile
+    from pathlib import Path
+
+    from cnnpipe.checkpoint import load_checkpoint
+    from cnnpipe.errors import CnnpipeError
+    from cnnpipe.params import load_params
+    from cnnpipe.serving.export import FORMATS, INPUT_NAME, export_checkpoint, sample_images
+
+    if args.count < 1:
+        raise CnnpipeError(f"-n must be at least 1, got {args.count}")
+    if not (Path(args.prepared) / "stats.json").is_file():
+        raise CnnpipeError(f"{args.prepared} has no prepared data to verify the export on; run dvc repro prepare "
+                           "or pass --prepared DIR")
+    formats = FORMATS if args.format == "all" else (args.format,)
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-export-") as tmp:
+        folder = Path(args.model)
+        if args.model.startswith("models:/"):
+            from cnnpipe.serving.registry import download_checkpoint
+            from cnnpipe.tracking import _make_client, resolve_store
+
+            store = resolve_store(load_params(args.params).mlflow)
+            folder = download_checkpoint(_make_client(store.uri), args.model, store.uri, tmp)
+        checkpoint = load_checkpoint(folder)
+        images = sample_images(args.prepared, args.count)
+        for result in export_checkpoint(checkpoint, images, args.out, formats=formats):
+            print(result.describe())
+    print(f"input: {INPUT_NAME} uint8 N x {' x '.join(map(str, checkpoint.sidecar['in_shape']))} (raw 0-255, "
+          f"normalization included); output: logits N x {checkpoint.sidecar['num_classes']}, classes in order: "
+          f"{', '.join(checkpoint.sidecar.get('classes') or [])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnpipe",
@@ -86,9 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("show-model", help="print a model's layers, output shapes and parameter counts")
-    p.add_argument("name", help="a preset or a name under models: in params.yaml")
+    p.add_argument("name", help="a preset, a name under models: in params.yaml, or a registered model "
+                                "(models:/cnnpipe-classifier@champion, models:/cnnpipe-classifier/3)")
     p.add_argument("--dataset", help="input shape and classes of this dataset (default: data.dataset)")
     p.set_defaults(func=_show_model)
+
+    p = sub.add_parser("export", help="write the model as ONNX and TorchScript (raw pixels in), verified against PyTorch")
+    p.add_argument("--model", default="models/best",
+                   help="checkpoint folder or models:/NAME@ALIAS (default: models/best)")
+    p.add_argument("--out", default="exports", help="folder to write model.onnx / model.torchscript.pt into (default: exports)")
+    p.add_argument("--format", choices=("all", "onnx", "torchscript"), default="all", help="what to write (default: all)")
+    p.add_argument("--prepared", default="data/prepared", help="prepared data whose test images check the export")
+    p.add_argument("-n", "--count", type=int, default=256, help="test images to verify on (default: 256)")
+    p.set_defaults(func=_export)
 
     from cnnpipe import cachectl
 

@@ -95,7 +95,7 @@ def predict_files(model_dir: str, files: list[Path], top_k: int) -> list[dict[st
     import torch
 
     from cnnpipe.checkpoint import load_checkpoint
-    from cnnpipe.engine import evaluate_logits
+    from cnnpipe.serving.classify import probabilities
 
     checkpoint = load_checkpoint(model_dir)
     sidecar = checkpoint.sidecar
@@ -109,9 +109,7 @@ def predict_files(model_dir: str, files: list[Path], top_k: int) -> list[dict[st
         array, note = load_image(path, shape, note_resize=not trained_resized)  # type: ignore[arg-type]
         arrays.append(array)
         notes.append(note)
-    images = torch.from_numpy(np.stack(arrays))
-    logits = evaluate_logits(checkpoint.model, images, mean=sidecar["mean"], std=sidecar["std"])
-    probs = torch.softmax(logits.float(), dim=1)
+    probs = torch.from_numpy(probabilities(checkpoint, np.stack(arrays)))  # the pyfunc model's numbers too
     values, indices = probs.topk(top_k, dim=1)
     results = []
     for path, note, vals, idxs in zip(files, notes, values.tolist(), indices.tolist()):
@@ -264,7 +262,7 @@ def ui_command(tracking_uri: str, artifact_root: str | None, host: str, port: in
 
 def _ui(args: argparse.Namespace) -> int:
     from cnnpipe.params import load_params
-    from cnnpipe.tracking import resolve_store
+    from cnnpipe.tracking import resolve_store, ui_url
 
     params = load_params(args.params)
     store = resolve_store(params.mlflow)
@@ -280,8 +278,8 @@ def _ui(args: argparse.Namespace) -> int:
         raise CnnpipeError(f"port {args.port} on {args.host} is in use (another MLflow UI?); "
                            f"open http://{args.host}:{args.port} or pass --port N")
     command = ui_command(store.tracking_uri, store.artifact_location, args.host, args.port, args.workers)
-    print(f"MLflow UI for {store.tracking_uri}: http://{args.host}:{args.port}  "
-          "(Ctrl-C to stop; it answers after ~25 s)", flush=True)
+    url = ui_url(store, params.mlflow.experiment, f"http://{args.host}:{args.port}")  # opens on the runs table
+    print(f"MLflow UI for {store.tracking_uri}: {url}  (Ctrl-C to stop; it answers after ~25 s)", flush=True)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     # Become the server (exec, not a child): Ctrl-C, `kill PID` or a closed terminal
     # then reach mlflow itself instead of orphaning it on the port.

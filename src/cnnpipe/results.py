@@ -206,7 +206,8 @@ def checkpoint_sidecar(best: "RunRecord", data: "TrainData", tracker: "NullTrack
 
 
 def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData", tracker: "NullTracker", *,
-            select_by: str, best_dir: str | os.PathLike[str], reports_dir: str | os.PathLike[str]) -> Published:
+            select_by: str, best_dir: str | os.PathLike[str], reports_dir: str | os.PathLike[str],
+            prepared_dir: str | os.PathLike[str] | None = None) -> Published:
     """Write the selected checkpoint and the reports, and close the loop in MLflow.
 
     ``models/best`` is assembled in a temp folder and swapped in whole
@@ -215,6 +216,7 @@ def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData"
     """
     from cnnpipe.checkpoint import save_checkpoint
     from cnnpipe.models.spec import model_summary
+    from cnnpipe.serving.registry import version_tags
 
     best_dir = Path(best_dir)
     summary = model_summary(best.cfg.values.model, best.cfg.layers, data.image_shape, data.num_classes)
@@ -229,7 +231,9 @@ def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData"
     version = tracker.log_model(
         best.mlflow_run_id, best_dir,
         description=f"{best.cfg.name} (run {best.cfg.run_id}), best {select_by} at epoch {best.result.best_epoch}",
-        tags={"run_id": best.cfg.run_id, "dataset": data.dataset, "data_fingerprint": data.fingerprint},
+        tags={"run_id": best.cfg.run_id, "dataset": data.dataset, "data_fingerprint": data.fingerprint,
+              **version_tags(best.cfg.flat(), {key: getattr(best.result.best, key) for key in METRIC_KEYS})},
+        prepared_dir=Path(prepared_dir) if prepared_dir else None,
     )
     if tracker.enabled:
         log_parent_summary(tracker, records, best, version, paths)

@@ -50,6 +50,10 @@ REACH_TIMEOUT_S = 3.0
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 ROLE = "cnnpipe.role"
 LOCK_RETRIES = 4
+# The MLflow 3 UI opens an experiment without this tag in its GenAI view (traces, judges);
+# "custom_model_development" (a value of the UI's ExperimentKind) opens the runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_WORKFLOW = "workflowType=machine_learning"  # the 3.17 UI's own switch; see ui_url
 # A tracking server that goes away mid-grid must not stall training for minutes
 # (MLflow's defaults: 7 retries, backoff factor 2, 120 s timeout). The stage's own
 # client uses these unless the user set the variables.
@@ -138,6 +142,30 @@ def check_reachable(target: TrackingTarget, timeout: float = REACH_TIMEOUT_S) ->
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise TrackingError(f"cannot create the MLflow store folder {folder} ({err.strerror}); {fix}") from None
+
+
+def ui_url(target: TrackingTarget, experiment: str, base: str) -> str:
+    """The UI page of ``experiment`` in MLflow 3's "Model training" view (its runs table).
+
+    The 3.17 UI picks GenAI vs Model training from ``?workflowType=`` (else the
+    browser's last choice, GenAI at first), whatever the experiment's kind tag
+    says. The experiment id is read from a sqlite store without importing mlflow.
+    """
+    import sqlite3
+
+    experiment_id = None
+    if target.uri.startswith("sqlite:///"):
+        db = Path(target.uri[len("sqlite:///"):])
+        with contextlib.suppress(sqlite3.Error):
+            connection = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+            try:
+                row = connection.execute("SELECT experiment_id FROM experiments WHERE name = ? "
+                                         "AND lifecycle_stage = 'active'", (experiment,)).fetchone()
+            finally:
+                connection.close()
+            experiment_id = row[0] if row else None
+    page = f"#/experiments/{experiment_id}" if experiment_id is not None else "#/"
+    return f"{base}/{page}?{UI_WORKFLOW}"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -238,7 +266,8 @@ class NullTracker:
                   files: list[Path] | None = None) -> None:
         return None
 
-    def log_model(self, run_id: str | None, local_dir: Path, *, description: str = "", tags: Mapping[str, str] | None = None) -> str | None:
+    def log_model(self, run_id: str | None, local_dir: Path, *, description: str = "", tags: Mapping[str, str] | None = None,
+                  prepared_dir: Path | None = None) -> str | None:
         return None
 
     def log_parent(self, *, params: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None,
@@ -387,37 +416,71 @@ class MlflowTracker(NullTracker):
                 self._call("log_artifact", self.client.log_artifact, run_id, str(path))
         self._terminate(run_id, status)
 
-    def log_model(self, run_id: str | None, local_dir: Path, *, description: str = "", tags: Mapping[str, str] | None = None) -> str | None:
-        """Log a checkpoint folder under ``model/`` and register it as a new model version.
+    def log_model(self, run_id: str | None, local_dir: Path, *, description: str = "", tags: Mapping[str, str] | None = None,
+                  prepared_dir: Path | None = None) -> str | None:
+        """Log a checkpoint folder as an MLflow pyfunc model under ``model/`` and register it.
 
-        The version's source is the artifact URI of that ``model/`` folder (safetensors
-        + JSON sidecar: nothing pickled). Returns ``"<name>/<version>"`` or None.
+        The model is built "from code" (``cnnpipe.serving``): safetensors + JSON
+        as artifacts, nothing pickled. Weights already registered (same SHA-256)
+        add no version: the existing one is reused. On the main line of work
+        (not a queued experiment) the ``champion`` alias moves to the version.
+        Returns ``"<name>/<version>"`` or None.
         """
-        from mlflow.exceptions import MlflowException
+        import tempfile
 
-        if not run_id:
-            return None
-        self._call("log_artifacts", self.client.log_artifacts, run_id, str(local_dir), "model")
-        if not self.registered_model or self.lost is not None:
+        from cnnpipe.checkpoint import read_sidecar
+        from cnnpipe.serving import registry
+        from cnnpipe.serving.mlflow_model import save_pyfunc
+
+        if not run_id or self.lost is not None:
             return None
         name = self.registered_model
-        try:
-            self.client.create_registered_model(name, description="CNN classifiers trained by cnnpipe (safetensors + model.json)")
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                if not self.keep_going:
-                    raise TrackingError(f"MLflow could not create registered model {name!r}: {_one_line(err.message)}; set mlflow.registered_model: null to skip registering") from None
-                self._failed(f"MLflow could not create registered model {name!r}: {_one_line(err.message)}")
-                return None
+        sha = read_sidecar(local_dir)["weights_sha256"]
+        if name and self._ensure_registered_model(name):
+            existing = self._call("search_model_versions", registry.find_version, self.client, name, sha)
+            if existing is not None:
+                print(f"mlflow: weights unchanged since {name}/{existing.version}; no new version", flush=True)
+                return self._crown(name, existing.version)
+        with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as tmp:
+            folder = Path(tmp) / "model"
+            self._call("save_model", save_pyfunc, local_dir, folder, prepared_dir=prepared_dir)
+            if folder.is_dir():
+                self._call("log_artifacts", self.client.log_artifacts, run_id, str(folder), "model")
+        if not name or self.lost is not None:
+            return None
         run = self._call("get_run", self.client.get_run, run_id)
         if run is None:
             return None
         source = run.info.artifact_uri.rstrip("/") + "/model"
         version = self._call(
             "create_model_version", self.client.create_model_version, name, source, run_id,
-            tags=dict(tags or {}), description=description or None, await_creation_for=0,
+            tags={registry.WEIGHTS_TAG: sha, **registry.link_tags(self.base_tags), **(tags or {})}, description=description or None, await_creation_for=0,
         )
-        return f"{name}/{version.version}" if version is not None else None
+        return self._crown(name, version.version) if version is not None else None
+
+    def _ensure_registered_model(self, name: str) -> bool:
+        """Create the registered model unless it exists; False (or TrackingError) if the store refuses."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="CNN classifiers trained by cnnpipe: MLflow pyfunc "
+                                                "models (safetensors + model.json, nothing pickled)")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                message = f"MLflow could not create registered model {name!r}: {_one_line(err.message)}"
+                if not self.keep_going:
+                    raise TrackingError(f"{message}; set mlflow.registered_model: null to skip registering") from None
+                self._failed(message)
+                return False
+        return True
+
+    def _crown(self, name: str, version: str) -> str:
+        """``champion`` -> this version on the main line of work; the ``"<name>/<version>"`` label."""
+        from cnnpipe.serving import registry
+
+        if registry.is_main_line():
+            self._call("set_registered_model_alias", registry.set_champion, self.client, name, version)
+        return f"{name}/{version}"
 
     # ----------------------------------------------------------- parent
 
@@ -551,19 +614,26 @@ def warm_up(settings: "MlflowParams", *, root: Path | None = None) -> threading.
 
 
 def ensure_experiment(client: "MlflowClient", name: str, artifact_location: str | None) -> str:
-    """The experiment's id, creating it (with our artifact root) when new; restores a deleted one."""
+    """The experiment's id, creating it (with our artifact root) when new; restores a deleted one.
+
+    It is marked a model-training experiment (``EXPERIMENT_KIND``), also when an
+    older cnnpipe created it without a kind, so the MLflow UI opens on its runs
+    table instead of the GenAI (traces) view.
+    """
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location, tags=dict([EXPERIMENT_KIND]))
         except MlflowException as err:  # created concurrently by another queue worker
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise TrackingError(f"MLflow could not create experiment {name!r}: {_one_line(err.message)}") from None
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND[0] not in experiment.tags:  # a kind the user chose stays
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -649,13 +719,15 @@ def open_tracker(settings: "MlflowParams", *, target: TrackingTarget | None = No
 def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child_run_id: str | None = None,
                    metrics: Mapping[str, float] | None = None, files: list[Path] | None = None,
                    artifact_path: str = "evaluation", artifacts: Mapping[str, list[Path]] | None = None,
-                   root: Path | None = None) -> bool:
+                   root: Path | None = None, weights_sha256: str | None = None,
+                   model_tags: Mapping[str, str] | None = None) -> bool:
     """Add a later stage's results to the runs ``train`` created (ids from train.json / the sidecar).
 
     ``metrics`` go to the best child and the parent (one ``log_batch`` each),
     ``files`` to the parent under ``artifact_path`` and ``artifacts`` (artifact
     path -> files) beside them, through one client per process (``client_for``,
-    started early by ``warm_up``). Returns False, with one
+    started early by ``warm_up``); ``model_tags`` (with ``metrics``) go to the
+    registered version holding ``weights_sha256``. Returns False, with one
     note, when tracking is off or the runs are not in this store (e.g. the
     checkpoint was trained against another store); an unreachable store is a
     ``TrackingError`` like in ``train``.
@@ -683,4 +755,30 @@ def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child
         for path in paths:
             if Path(path).is_file():
                 tracker._call("log_artifact", tracker.client.log_artifact, parent_run_id, str(path), folder)
+    if settings.registered_model and weights_sha256:
+        _tag_version(tracker, settings.registered_model, weights_sha256,
+                     {**registry_metric_tags(metrics or {}), **(model_tags or {})})
     return True
+
+
+def registry_metric_tags(metrics: Mapping[str, float]) -> dict[str, str]:
+    from cnnpipe.serving.registry import version_tags
+
+    return {key: value for key, value in version_tags({}, dict(metrics)).items() if key != "params"}
+
+
+def _tag_version(tracker: MlflowTracker, name: str, weights_sha256: str, tags: Mapping[str, str]) -> None:
+    """Add ``tags`` to the version of ``name`` whose weights are ``weights_sha256`` (if registered here)."""
+    from mlflow.exceptions import MlflowException
+
+    from cnnpipe.serving.registry import find_version
+
+    try:
+        version = find_version(tracker.client, name, weights_sha256)
+    except MlflowException:
+        version = None
+    if version is None:
+        print(f"mlflow: no version of {name} holds these weights; its tags are not updated", flush=True)
+        return
+    for key, value in tags.items():
+        tracker._call("set_model_version_tag", tracker.client.set_model_version_tag, name, version.version, key, value)

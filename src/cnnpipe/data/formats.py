@@ -364,6 +364,7 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+# Hand-written, not torchvision.datasets.CIFAR10: its loader calls plain pickle.load (runs any pickled code).
 class RestrictedUnpickler(pickle.Unpickler):
     """Rebuilds dicts, lists, strings, numbers and numpy arrays; refuses every other import."""
 
