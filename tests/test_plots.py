@@ -321,3 +321,17 @@ def test_offline_template_is_current_and_loads_nothing_remote() -> None:
     config.read(ROOT / ".dvc" / "config")
     template = config.get("plots", "html_template")
     assert (ROOT / ".dvc" / template).resolve() == (ROOT / "dvc_plots" / "template.html").resolve()
+
+
+def test_rank_runs_leaves_pruned_trials_out_of_the_candidates() -> None:
+    """A successive-halving grid.csv (read back from CSV, as the plots stage does): pruned trials rank last."""
+    import io
+
+    from cnnpipe.report import rank_runs
+
+    csv = ("run_id,run_name,status,val_loss,val_top1,pruned\n"
+           "a,lr=1,paused,0.10,0.99,True\n"
+           "b,lr=2,finished,0.30,0.90,False\n"
+           "c,lr=3,diverged,0.20,0.95,False\n")
+    table = pd.read_csv(io.StringIO(csv))
+    assert list(rank_runs(table, "val_loss")["run_id"]) == ["c", "b", "a"]

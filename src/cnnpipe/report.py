@@ -44,7 +44,7 @@ def rank_runs(grid: pd.DataFrame, select_by: str) -> pd.DataFrame:
     usable = (table["status"].astype(str).isin(("finished", "diverged")).to_numpy() if "status" in table
               else np.ones(len(table), bool))
     if "pruned" in table:
-        usable &= ~table["pruned"].fillna(False).astype(bool).to_numpy()
+        usable = usable & ~table["pruned"].fillna(False).astype(bool).to_numpy()
     candidate = usable & np.isfinite(value)
     keys = pd.DataFrame({
         "rest": ~candidate,
