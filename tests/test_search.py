@@ -183,6 +183,7 @@ def test_cache_command_lists_and_prunes_by_age_and_count(tmp_path: Path, monkeyp
 def test_a_paused_run_continues_bitwise_like_an_uninterrupted_one(data: TrainData, tmp_path: Path) -> None:
     cfg = expand_grid(tiny_params(lr=0.01, batch_size=64, epochs=3, schedule="onecycle", augment="crop_flip",
                                   models={"tiny": [{"conv": 4, "kernel": 3}, "batchnorm", "relu", {"maxpool": 2},
+                                                   {"conv": 8, "kernel": 3}, "relu",  # a channels_last weight
                                                    "flatten", {"dropout": 0.3}, "linear"]}))[0]
     straight = engine_train_run(cfg, data, **QUIET)
     paused = engine_train_run(cfg, data, resume_dir=tmp_path, stop_after=1, **QUIET)

@@ -325,6 +325,25 @@ def _cpu_model(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every loaded optimizer state tensor its parameter's strides.
+
+    A saved state is contiguous, while a conv net's parameters (and so the
+    grads and moment buffers of an uninterrupted run) are channels_last. The
+    values are the same, but elementwise kernels take another path on mixed
+    layouts and round differently: without this a resumed run drifts from an
+    uninterrupted one in the last bits, and the drift grows (measured on
+    ``small_bn``: 0.3% of the loss after one epoch).
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    like = torch.empty_like(param, dtype=value.dtype)
+                    like.copy_(value)
+                    optimizer.state[param][key] = like
+
+
 def _save(resume_dir: str | os.PathLike[str] | None, state: dict[str, Any] | None) -> None:
     if resume_dir is not None and state is not None:
         save_resume_state(resume_dir, state)
@@ -392,6 +411,7 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         if state["model"] is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            _match_layouts(optimizer)
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
