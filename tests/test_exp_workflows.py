@@ -275,9 +275,9 @@ def test_setup_remote_default_override_and_team_remote(tmp_path: Path) -> None:
     def setup(**env: str) -> str:
         return run_ok(["bash", "scripts/setup.sh", "remote"], project, env=env).stdout
 
-    def default_url() -> str:
+    def default_url() -> str:  # (`dvc remote list` cuts long paths to the terminal width)
         name = run_ok([DVC, "remote", "default"], project).stdout.strip()
-        return run_ok([DVC, "remote", "list"], project).stdout.split(name, 1)[1].split()[0]
+        return run_ok([DVC, "config", f"remote.{name}.url"], project).stdout.strip()
 
     first = setup()
     assert "setup: initialising DVC" in first
