@@ -99,11 +99,14 @@ def run_search(
                      "cache not reused" if cache is not None else "cache off",
                      f"{len(plan.resumed)} resumed"]
             log.say(f"search: {len(configs)} trial(s), {strategy.name}; " + ", ".join(parts))
+        rungs = strategy.rungs(max(cfg.values.epochs for cfg in configs))
         hits = {}
         for index, (hit, result) in plan.cached.items():
             records[index] = log.reuse(index, cfgs[index], hit, result)
             hits[index] = hit
             progress.skip(cfgs[index].values.epochs)
+            if len(rungs) == 1:  # nothing to rank it against later: its child ends now
+                log.end_reused(records[index], hit)
         work_ctx = ctx
         if executor.parallel:
             work_ctx = ctx.for_workers(executor.data_source(ctx.get_data(), ctx.prepared_dir))
@@ -117,7 +120,6 @@ def run_search(
                 log.end(rec)
 
         alive = sorted(cfgs)
-        rungs = strategy.rungs(max(cfg.values.epochs for cfg in configs))
         for number, budget in enumerate(rungs, start=1):
             last = number == len(rungs) or len(alive) == 1
             halving = isinstance(strategy, SuccessiveHalving)
