@@ -203,7 +203,7 @@ def test_mlflow_models_serve_answers_invocations_with_the_labels_of_cnnpipe_pred
 def test_exp_run_that_reuses_every_run_adds_no_version(project: Project) -> None:
     client = project.client()
     same = run_ok([DVC, "exp", "run", "-n", "same-weights", "-S", "grid.workers=2"], project.path, timeout=600)
-    assert "cache: 2 of 2 run(s) reused" in same.stdout
+    assert "2 reused from the cache" in same.stdout
     assert f"mlflow: weights unchanged since {NAME}/1; no new version" in same.stdout
     assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
     assert client.get_registered_model(NAME).aliases == {"champion": 1}

@@ -390,6 +390,10 @@ class MlflowTracker(NullTracker):
             return None
         if run.info.experiment_id != self.experiment_id or run.info.status == "FINISHED":
             return None
+        pid = run.data.tags.get("cnnpipe.pid", "")
+        if run.info.status == "RUNNING" and (run.data.tags.get("cnnpipe.host") != socket.gethostname()
+                                             or not pid.isdigit() or _pid_alive(int(pid))):
+            return None  # another live train (a parallel experiment) owns it: never take it over
         history = self._call("get_metric_history", self.client.get_metric_history, run_id, "val_loss") or []
         self._call("update_run", self.client.update_run, run_id, status="RUNNING")
         self._batch(run_id, tags={**tags, "mlflow.parentRunId": self.parent_run_id, "cnnpipe.pid": str(os.getpid())})
