@@ -127,6 +127,25 @@ def test_one_worker_runs_in_this_process_with_every_core_and_restores_the_thread
     assert list(executors.SequentialExecutor().map(lambda x: torch.get_num_threads(), [(1,)])) == [before]
 
 
+def test_spread_threads_plans_the_idle_workers_cores_for_a_smaller_rung():
+    assert [executors.spread(2, 1, tasks) for tasks in (1, 2, 3)] == [2, 1, 1]
+    assert [executors.spread(4, 2, tasks) for tasks in (1, 2, 3, 4)] == [8, 4, 2, 2]
+    plain = executors.make_executor(make_params().grid, 4, cores=2)
+    spreading = executors.make_executor(make_params(grid={"spread_threads": True}).grid, 4, cores=2)
+    assert (plain.threads_for(1), spreading.threads_for(1), spreading.threads_for(2)) == (1, 2, 1)
+
+
+@pytest.mark.slow
+def test_spread_threads_pins_a_lone_trials_worker_to_every_core():
+    """Halving's last rung (1 trial, 2 workers): off, its process keeps 1 thread; on, it gets both cores."""
+    def threads_seen(executor, tasks):
+        return sorted(executor.map(torch.get_num_threads, [()] * tasks))
+
+    assert threads_seen(executors.ProcessExecutor(2, 1), 1) == [1]
+    assert threads_seen(executors.ProcessExecutor(2, 1, spread_threads=True), 1) == [2]
+    assert threads_seen(executors.ProcessExecutor(2, 1, spread_threads=True), 2) == [1, 1]
+
+
 def test_ray_backend_without_ray_is_one_line(monkeypatch):
     monkeypatch.setattr(executors, "ray_installed", lambda: False)
     with pytest.raises(CnnpipeError) as info:

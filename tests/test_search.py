@@ -218,6 +218,39 @@ def search(data, configs, tmp: Path, *, strategy=None, tracker=None, train_run=N
                       report=(lines.append if lines is not None else None))
 
 
+def test_a_state_folder_has_one_owner_at_a_time(tmp_path: Path) -> None:
+    folder = tmp_path / "state" / "0123abcd"
+    first, second = RunStateStore(tmp_path / "state"), RunStateStore(tmp_path / "state")
+    assert first.claim(folder) and first.claim(folder)  # idempotent for its owner
+    assert not second.claim(folder)  # another search (another open file: also in this process)
+    assert second.claim(tmp_path / "state" / "other")
+    first.release()
+    assert second.claim(folder)
+    second.release()
+    assert first.entries() == []  # the lock files are not state entries
+
+
+@pytest.mark.slow
+def test_a_trial_another_search_holds_trains_without_touching_its_state(data, tmp_path) -> None:
+    """Two trains of the same params at once (queued experiments, -j 2) must not share one state folder."""
+    configs = expand_grid(tiny_params(lr=[0.05, 0.01], batch_size=64, epochs=2))
+    store = RunStateStore(tmp_path / "state")
+    held = store.folder(configs[1], data.fingerprint, "cpu")
+    held.mkdir(parents=True)
+    (held / "marker").write_text("the other search's")
+    other = RunStateStore(tmp_path / "state")
+    assert other.claim(held)
+    lines: list[str] = []
+    records = search(data, configs, tmp_path, lines=lines)
+    assert [rec.result.status for rec in records] == ["finished", "finished"]
+    assert (held / "marker").read_text() == "the other search's"  # neither resumed, written nor discarded
+    assert not store.folder(configs[0], data.fingerprint, "cpu").exists()  # its own finished trial: dropped
+    assert any("lr=0.01" in line and "another train is running this trial" in line for line in lines)
+    alone = search(data, configs[1:], tmp_path / "alone")
+    assert same_weights(weights(records[1]), weights(alone[0]))
+    other.release()
+
+
 @pytest.mark.slow
 def test_halving_survivor_is_bitwise_the_exhaustive_run_and_every_trial_is_tracked(data, tmp_path) -> None:
     params = tiny_params(lr=[0.05, 0.02, 0.01, 0.005], batch_size=64, epochs=4, patience=9)
@@ -285,9 +318,9 @@ def test_an_interrupted_search_resumes_at_its_last_epoch_in_the_same_child_run(d
     assert "search: 2 trial(s), exhaustive; 1 reused from the cache, 1 resumed" in lines
     assert "resumed lr=0.01 at epoch 2/3" in lines
     assert trained == [("lr=0.01", 3)]  # run 1 finished (run cache), run 2 lost only epoch 3
-    assert not any((tmp_path / "state").iterdir())  # finished: states trimmed, the run cache has them
+    assert RunStateStore(tmp_path / "state").entries() == []  # finished: states trimmed, the run cache has them
     straight = search(data, configs, tmp_path / "straight")
-    assert not (tmp_path / "straight" / "state").exists() or not any((tmp_path / "straight" / "state").iterdir())
+    assert RunStateStore(tmp_path / "straight" / "state").entries() == []
     for a, b in zip(resumed, straight):
         assert metrics_of(a.result.history) == metrics_of(b.result.history) and same_weights(weights(a), weights(b))
     from mlflow import MlflowClient

@@ -135,6 +135,10 @@ class Executor(Protocol):
 
     def data_source(self, data: "TrainData", folder: Path | None) -> DataSource | None: ...
 
+    def threads_for(self, tasks: int) -> int | None:
+        """Torch threads each of ``tasks`` runs in one ``map`` gets (more when ``grid.spread_threads``)."""
+        ...
+
     def map(self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]],
             on_event: Callable[[Event], None] | None = None) -> Iterator[Any]: ...
 
@@ -154,6 +158,9 @@ class SequentialExecutor:
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads
         self.description = "one run at a time in this process" + (f" x {threads} torch thread(s)" if threads else "")
+
+    def threads_for(self, tasks: int) -> int | None:
+        return self.threads
 
     def start(self) -> None:
         """Nothing to start (the Ray backend connects here)."""
@@ -223,15 +230,30 @@ def _drain(events: Any, on_event: Callable[[Event], None] | None, get: Callable[
         on_event(event)
 
 
+def spread(workers: int, threads: int, tasks: int) -> int:
+    """Threads per task when ``tasks`` < ``workers``: the idle workers' cores go to the running tasks."""
+    return max(threads, workers * threads // max(1, tasks)) if tasks < workers else threads
+
+
 class ProcessExecutor:
-    """Runs in ``workers`` spawned processes of this machine, each pinned to ``threads`` torch threads."""
+    """Runs in ``workers`` spawned processes of this machine, each pinned to ``threads`` torch threads.
+
+    ``spread_threads``: a ``map`` over fewer items than workers (halving's
+    last rungs) pins its processes to the idle workers' cores too. Faster,
+    but a trial's float summation order then depends on its rung's size, so
+    it is off by default (survivors stay bitwise equal to the exhaustive grid).
+    """
 
     parallel = True
 
-    def __init__(self, workers: int, threads: int) -> None:
+    def __init__(self, workers: int, threads: int, *, spread_threads: bool = False) -> None:
         self.workers = workers
         self.threads = threads
+        self.spread_threads = spread_threads
         self.description = f"{workers} worker processes x {threads} torch thread(s)"
+
+    def threads_for(self, tasks: int) -> int:
+        return spread(self.workers, self.threads, tasks) if self.spread_threads else self.threads
 
     def start(self) -> None:
         """Nothing to start before ``map`` (the pool lives only as long as one ``map``)."""
@@ -253,8 +275,9 @@ class ProcessExecutor:
             return
         mp = multiprocessing.get_context("spawn")  # fork + torch threads/CUDA is unsafe
         events = mp.Queue() if on_event is not None else None
+        threads = self.threads_for(len(items))
         pool = ProcessPoolExecutor(max_workers=min(self.workers, len(items)), mp_context=mp,
-                                   initializer=_init_worker, initargs=(self.threads, events))
+                                   initializer=_init_worker, initargs=(threads, events))
         finished = False
         try:
             pending = {pool.submit(_pool_call, fn, item, on_event is not None) for item in items}
@@ -322,13 +345,16 @@ class RayExecutor:
 
     parallel = True
 
-    def __init__(self, address: str | None, workers: int | str, runs: int, *, gpu: bool = False) -> None:
+    def __init__(self, address: str | None, workers: int | str, runs: int, *, gpu: bool = False,
+                 spread_threads: bool = False) -> None:
         self.address = address
+        self.spread_threads = spread_threads and not gpu
         self.requested = workers
         self.runs = runs
         self.gpu = gpu
         self.workers = 1
         self.threads = 1
+        self.per_node = 1
         self._started = False
         where = f"Ray cluster {address}" if address else "a local Ray"
         self.description = f"Ray tasks on {where}"
@@ -343,15 +369,23 @@ class RayExecutor:
             if self.address:
                 connect_ray(self.address)
             else:
-                # the same core count as the local backend (the affinity mask: containers, taskset)
-                ray.init(num_cpus=cpu_cores(), include_dashboard=False, log_to_driver=False)
+                # the same core count as the local backend (the affinity mask: containers, taskset);
+                # "local": a new instance, never the last `ray start` cluster of this machine that
+                # ray.init() would otherwise attach to (with num_cpus, that attach fails)
+                ray.init(address="local", num_cpus=cpu_cores(), include_dashboard=False, log_to_driver=False)
                 self._started = True
         cpus = int(ray.cluster_resources().get("CPU", 1))
         per_node = max([int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")] or [cpus])
         self.workers, self.threads = plan_parallelism(self.requested, self.runs, max(1, cpus))
         self.threads = max(1, min(self.threads, per_node))
+        self.per_node = max(1, per_node)
         self.description = (f"Ray tasks on {'cluster ' + self.address if self.address else 'a local Ray'} "
                             f"({cpus} CPUs): up to {self.workers} at once x {self.threads} CPU(s)")
+
+    def threads_for(self, tasks: int) -> int:
+        if not self.spread_threads:
+            return self.threads
+        return min(spread(self.workers, self.threads, tasks), self.per_node)
 
     def stop(self) -> None:
         if self._started:
@@ -382,7 +416,8 @@ class RayExecutor:
             from ray.util.queue import Queue
 
             events = Queue(actor_options={"num_cpus": 0})
-        task = ray.remote(_ray_call).options(num_cpus=self.threads, num_gpus=1 if self.gpu else 0, max_retries=0)
+        threads = self.threads_for(len(items))
+        task = ray.remote(_ray_call).options(num_cpus=threads, num_gpus=1 if self.gpu else 0, max_retries=0)
         # Submit no more than `workers` at once, so `workers` really caps the runs in flight.
         todo = list(items)
         pending: list[Any] = []
@@ -390,7 +425,7 @@ class RayExecutor:
 
         def submit() -> None:
             while todo and len(pending) < self.workers:
-                pending.append(task.remote(fn, todo.pop(0), events, self.threads))
+                pending.append(task.remote(fn, todo.pop(0), events, threads))
 
         try:
             submit()
@@ -504,7 +539,8 @@ def make_executor(settings: "GridParams", runs: int, *, device: str = "cpu", cor
     if settings.backend == "ray":
         if not ray_installed():
             raise CnnpipeError(RAY_MISSING)
-        return RayExecutor(settings.ray_address, settings.workers, runs, gpu=device.startswith("cuda"))
+        return RayExecutor(settings.ray_address, settings.workers, runs, gpu=device.startswith("cuda"),
+                           spread_threads=settings.spread_threads)
     cores = cores or cpu_cores()
     requested = settings.workers
     if requested == "auto" and device.startswith("cuda"):
@@ -512,4 +548,4 @@ def make_executor(settings: "GridParams", runs: int, *, device: str = "cpu", cor
     workers, threads = plan_parallelism(requested, runs, cores)
     if workers <= 1:
         return SequentialExecutor(threads)
-    return ProcessExecutor(workers, threads)
+    return ProcessExecutor(workers, threads, spread_threads=settings.spread_threads)

@@ -430,6 +430,7 @@ class GridParams(_Strict):
     min_epochs: PositiveInt = 1  # halving: epochs of the first rung; rungs at min_epochs*eta**k, capped by epochs
     samples: PositiveInt = 8  # points drawn when a training key is a range (<= max_runs)
     search_seed: NonNegInt = 0  # seeds the draws: same params -> same points
+    spread_threads: StrictBool = False  # give idle workers' cores to a rung's fewer trials (not bitwise then)
 
     def rungs(self, epochs: int) -> tuple[int, ...]:
         """Halving's rungs for a run of ``epochs``: min_epochs * eta**k while below ``epochs``, then ``epochs``."""

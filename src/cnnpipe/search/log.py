@@ -177,6 +177,7 @@ class SearchLog:
         self.logged: dict[int, set[int]] = {}
         self.active: set[int] = set()  # trials whose current rung is in flight
         self.done: set[int] = set()  # trials whose child run has ended
+        self.shared: set[str] = set()  # state keys another live search holds: trained here without state
         self._summaries: dict[str, str] = {}
 
     # ---- events from run_one
@@ -206,7 +207,21 @@ class SearchLog:
             self._epoch(index, event[2], live=True)
 
     def state_folder(self, cfg: RunConfig) -> Path | None:
-        return self.states.folder(cfg, self.data.fingerprint, self.ctx.device) if self.states is not None else None
+        """The trial's run-state folder; None without a store or while another search holds it."""
+        if self.states is None:
+            return None
+        folder = self.states.folder(cfg, self.data.fingerprint, self.ctx.device)
+        return None if folder.name in self.shared else folder
+
+    def claim_state(self, cfg: RunConfig) -> Path | None:
+        """Claim the trial's state folder for this search; None (and one line) if another search trains it now."""
+        folder = self.state_folder(cfg)
+        if folder is None or self.states is None or self.states.claim(folder):
+            return folder
+        self.shared.add(folder.name)
+        self.say(f"{cfg.name}: another train is running this trial right now; "
+                 "this one trains it without saving run state (no resume for it)")
+        return None
 
     def _open(self, index: int, tags: dict[str, str] | None = None, resumed: int = 0) -> str | None:
         if index in self.children:
@@ -374,3 +389,5 @@ class SearchLog:
 
     def close(self) -> None:
         self.progress.close()
+        if self.states is not None:
+            self.states.release()

@@ -58,7 +58,7 @@ def plan_search(configs: Sequence[RunConfig], log: SearchLog) -> SearchPlan:
         if found is not None:
             cached[index] = found
             continue
-        folder = log.state_folder(cfg)
+        folder = log.claim_state(cfg)
         if folder is not None and log.states is not None:
             if log.cache is not None and not log.cache.reuse:  # --no-cache: retrain from scratch
                 log.states.discard(folder)
@@ -126,8 +126,11 @@ def run_search(
             if halving:
                 until = "the end" if last else f"epoch {budget}"
                 log.say(f"rung {number}/{len(rungs)}: {len(alive)} trial(s) to {until}")
-            todo = [(i, cfgs[i], None if last else budget) for i in alive
+            todo = [(i, cfgs[i], None if last else budget, log.state_folder(cfgs[i]) is not None) for i in alive
                     if i not in records or records[i].result.status == "paused"]
+            threads = executor.threads_for(len(todo)) if executor.parallel and todo else None
+            if threads is not None and threads != getattr(executor, "threads", threads):
+                log.say(f"grid.spread_threads: {len(todo)} trial(s) x {threads} torch threads (idle workers' cores)")
             with contextlib.closing(executor.map(work, todo, on_event=log.handle)) as outcomes:
                 for outcome in outcomes:
                     failed = outcome.record.result.status == "failed"

@@ -12,10 +12,17 @@ device: a state is never continued by different code or data.
 A run that finishes moves to the run cache and its state is deleted; states
 of runs that successive halving pruned stay, so a later search with more
 epochs or another eta continues them. ``cnnpipe cache`` lists and prunes.
+
+Two trains of the same trial at once (queued experiments with the same
+params, ``-j 2``) would write, resume and delete one folder under each
+other. So a search first *claims* each trial's folder (an ``flock`` on
+``.locks/<key>``, held until the search ends); a trial another live search
+holds trains without run state in this one, and that folder is left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +39,7 @@ if TYPE_CHECKING:
 
 STATE_DIRNAME = "state"
 TRIAL_FILE = "trial.json"
+LOCKS_DIRNAME = ".locks"
 
 
 def default_state_dir() -> Path:
@@ -66,6 +74,36 @@ class RunStateStore:
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root) if root is not None else default_state_dir()
+        self._claims: dict[str, int] = {}
+
+    def claim(self, folder: Path) -> bool:
+        """Take ``folder`` for this search (False: another live search is training that trial now)."""
+        if folder.name in self._claims:
+            return True
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): concurrent trains of one trial are not guarded there
+            return True
+        locks = self.root / LOCKS_DIRNAME
+        try:
+            locks.mkdir(parents=True, exist_ok=True)
+            fd = os.open(locks / folder.name, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError:
+            return True  # a read-only store: nothing will be written there anyway
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._claims[folder.name] = fd
+        return True
+
+    def release(self) -> None:
+        """Let other searches have the folders again (the lock files stay: unlinking one races a waiter)."""
+        for fd in self._claims.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._claims.clear()
 
     def folder(self, cfg: "RunConfig", fingerprint: str, device: str) -> Path:
         return self.root / state_key(cfg, fingerprint, device)
@@ -99,7 +137,7 @@ class RunStateStore:
         if not self.root.is_dir():
             return out
         for folder in sorted(self.root.iterdir()):
-            if not folder.is_dir():
+            if not folder.is_dir() or folder.name.startswith("."):
                 continue
             files = [p for p in folder.rglob("*") if p.is_file()]
             size = sum(p.stat().st_size for p in files)

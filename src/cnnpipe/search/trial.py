@@ -153,9 +153,13 @@ def _usable_state(folder: Path | None, notes: list[str]) -> int:
     return int(state.get("epoch") or 0) if state is not None else 0
 
 
-def run_one(ctx: TrainContext, index: int, cfg: RunConfig, budget: int | None = None,
+def run_one(ctx: TrainContext, index: int, cfg: RunConfig, budget: int | None = None, stateful: bool = True,
             emit: Emit | None = None) -> RunOutcome:
-    """Train one trial up to ``budget`` epochs (None: to the end), continuing its saved state."""
+    """Train one trial up to ``budget`` epochs (None: to the end), continuing its saved state.
+
+    ``stateful=False``: another search holds this trial's state folder, so
+    train without reading or writing it.
+    """
     start = time.perf_counter()
     last = None
     notes: list[str] = []
@@ -165,7 +169,7 @@ def run_one(ctx: TrainContext, index: int, cfg: RunConfig, budget: int | None = 
         if train_run is None:
             from cnnpipe.engine import train_run
         folder = None
-        if ctx.state_root is not None:
+        if ctx.state_root is not None and stateful:
             from cnnpipe.search.runstate import RunStateStore
 
             folder = RunStateStore(ctx.state_root).folder(cfg, data.fingerprint, ctx.device)
