@@ -142,6 +142,24 @@ def test_push_then_a_fresh_clone_pulls_models_best_byte_identical(repo: ExpRepo)
     assert "Data and pipelines are up to date." in status.stdout  # nothing to retrain after a pull
 
 
+def test_a_copy_without_dvc_lock_restores_the_data_stages_from_dvcs_run_cache(repo: ExpRepo) -> None:
+    """A queued experiment's temp copy of a commit without dvc.lock must not re-run download and prepare.
+
+    DVC turns its run cache off for a stage with a plain ``cache: false``
+    output, so every output of both data stages is cached.
+    """
+    copy = repo.path.parent / "copy-without-lock"
+    run_ok(["git", "clone", "-q", str(repo.path), str(copy)], repo.path.parent)
+    run_ok([DVC, "config", "--local", "cache.dir", str(repo.path / ".dvc" / "cache")], copy)
+    (copy / "dvc.lock").unlink()
+    out = run_ok([DVC, "repro", "prepare"], copy, timeout=600)
+    text = out.stdout + out.stderr
+    assert ran(text) == set(), text
+    assert set(re.findall(r"Stage '(\w+)' is cached - skipping run", text)) == {"download", "prepare"}, text
+    assert tree_digest(copy / "data" / "prepared") == repo.baseline_prepared
+    assert (copy / "reports" / "samples.png").stat().st_size > 0
+
+
 def test_exp_run_set_lr_retrains_but_reuses_the_data_stages(repo: ExpRepo) -> None:
     out = repo.dvc("exp", "run", "-S", "lr=0.003")
     name = re.search(r"Reproducing experiment '([\w-]+)'", out).group(1)
