@@ -138,15 +138,3 @@ def test_without_the_token_the_stage_says_so_in_one_line(cluster, project):
     after = {p: p.stat().st_mtime_ns for p in (work / "reports").rglob("*")} if (work / "reports").exists() else {}
     assert after == before  # nothing written
 
-
-def test_a_local_ray_is_its_own_instance_while_a_cluster_runs_on_the_machine(cluster, tmp_path):
-    """grid.ray_address: null starts a local Ray; ray.init() alone would attach to the running `ray start`."""
-    code = ("import ray; from cnnpipe.executors import RayExecutor\n"
-            "ex = RayExecutor(None, 'auto', 2); ex.start()\n"
-            "print('GCS', ray.get_runtime_context().gcs_address); ex.stop()")
-    env = {**os.environ, **cluster.driver_env(token=True), "RAY_ADDRESS": ""}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
-                          cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    gcs = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("GCS ")]
-    assert gcs and gcs[0] != cluster.address, done.stdout
