@@ -7,6 +7,9 @@ test image, for DVC's confusion template) and ``reports/mistakes.csv``.
 Test metrics are added (``test_`` prefix) to the MLflow runs train created
 (the best child and its parent) and, as tags, to the registered model version
 holding these weights, with the ``dvc.lock`` hash of ``models/best``.
+Weights already scored on the same data with the same ``eval`` params (a
+``dvc exp run`` whose runs all came from the run cache) are not scored
+again: the stored reports are copied back (``cnnpipe.outputcache``).
 """
 
 from __future__ import annotations
@@ -21,38 +24,47 @@ REPORTS = Path("reports")
 
 
 def main() -> int:
-    from cnnpipe.evaluation import evaluate_checkpoint, summary_line, write_reports
+    from cnnpipe.evaluation import (evaluate_checkpoint, evaluation_key, numeric_metrics, report_paths, reuse_reports,
+                                    store_reports, summary_line, write_reports)
     from cnnpipe.params import load_params
 
     from cnnpipe import cores
 
     params = load_params()
     cores.claim()
-    cores.rebalance()  # concurrent experiments on this machine share its cores
     if params.mlflow.enabled:
         from cnnpipe import tracking
 
         tracking.warm_up(params.mlflow)  # mlflow's import and store open overlap with the forward passes
-    evaluation = evaluate_checkpoint(
-        CHECKPOINT,
-        PREPARED,
-        top_k=params.eval.top_k,
-        batch_size=params.eval.batch_size,
-        mistakes=params.eval.mistakes,
-        device=params.device,
-        tta=params.eval.tta,
-    )
-    paths = write_reports(evaluation, REPORTS)
-    print(summary_line(evaluation), flush=True)
+    eval_key = evaluation_key(CHECKPOINT, PREPARED, settings=params.eval.model_dump(mode="json"), device=params.device)
+    metrics = reuse_reports(eval_key, CHECKPOINT, REPORTS)
+    if metrics is not None:
+        paths = report_paths(REPORTS)
+        print(f"evaluate: these weights were scored before on this data with these settings; reports reused (key {eval_key})")
+    else:
+        cores.rebalance()  # concurrent experiments on this machine share its cores
+        evaluation = evaluate_checkpoint(
+            CHECKPOINT,
+            PREPARED,
+            top_k=params.eval.top_k,
+            batch_size=params.eval.batch_size,
+            mistakes=params.eval.mistakes,
+            device=params.device,
+            tta=params.eval.tta,
+        )
+        paths = write_reports(evaluation, REPORTS)
+        store_reports(eval_key, paths)
+        metrics = evaluation.metrics
+    print(summary_line(metrics), flush=True)
 
-    ids = evaluation.metrics
+    ids = metrics
     if params.mlflow.enabled:
         if not ids.get("mlflow_parent_run_id"):
             print("mlflow: models/best has no MLflow run ids (trained with mlflow.enabled: false); not logged")
         else:
             test_metrics = {
                 (key if key.startswith("test_") else f"test_{key}"): value
-                for key, value in evaluation.numeric_metrics.items()
+                for key, value in numeric_metrics(metrics).items()
                 if key.startswith(("test_", "macro_")) and key != "test_images"
             }
             from cnnpipe.checkpoint import read_sidecar

@@ -4,11 +4,14 @@ Reads the train outputs (``train.json``, ``grid.csv``, ``history.csv``), the
 evaluate outputs (``metrics.json``, ``per_class.csv``, ``confusion.csv``,
 ``mistakes.csv``) and the prepared test images (for the mistakes grid);
 writes ``reports/figures/*.png`` (the folder is replaced whole) and
-``reports/README.md``, and logs both to the MLflow parent run.
+``reports/README.md``, and logs both to the MLflow parent run. A figure
+whose inputs did not change since it was last drawn is copied back from
+``.cnnpipe-cache/figures`` instead (``cnnpipe.plots.draw``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -38,6 +41,7 @@ def main() -> int:
     from cnnpipe import plots
     from cnnpipe.data.prepared import load_images_numpy, load_stats
     from cnnpipe.fsutil import atomic_dir
+    from cnnpipe.outputcache import OutputCache
     from cnnpipe.params import TRAINING_KEYS, load_params
     from cnnpipe.report import write_readme
 
@@ -68,28 +72,29 @@ def main() -> int:
     halving = "pruned" in grid and bool(grid["pruned"].astype(bool).any())
     if halving:
         names["Successive halving rungs"] = "halving_rungs.png"
+    cache = OutputCache(plots.FIGURE_CACHE_KIND)  # an unchanged figure is copied back, not drawn again
+    draw = functools.partial(plots.draw, cache=cache)
     with atomic_dir(FIGURES) as tmp:
-        plots.learning_curves(history[history["run_id"] == selected], tmp / names["Learning curves (selected run)"],
-                              best_epoch=train.get("best_epoch"), title=f"Selected run: {run_name}",
-                              stop_reason=stop_reason)
-        plots.grid_curves(history, tmp / names["All grid runs"], grid=grid, selected_run_id=selected)
-        plots.grid_comparison(grid, tmp / names["Grid comparison"], select_by=train.get("select_by", "val_loss"),
-                              selected_run_id=selected)
+        draw(plots.learning_curves, history[history["run_id"] == selected], tmp / names["Learning curves (selected run)"],
+             best_epoch=train.get("best_epoch"), title=f"Selected run: {run_name}", stop_reason=stop_reason)
+        draw(plots.grid_curves, history, tmp / names["All grid runs"], grid=grid, selected_run_id=selected)
+        draw(plots.grid_comparison, grid, tmp / names["Grid comparison"], select_by=train.get("select_by", "val_loss"),
+             selected_run_id=selected)
         if halving:
-            plots.halving_rungs(history, grid, tmp / names["Successive halving rungs"], selected_run_id=selected,
-                                select_by=params.select_by)
-        plots.per_class_bars(data["per_class.csv"], tmp / names["Per-class accuracy"],
-                             title="Per-class accuracy: train vs test")
+            draw(plots.halving_rungs, history, grid, tmp / names["Successive halving rungs"], selected_run_id=selected,
+                 select_by=params.select_by)
+        draw(plots.per_class_bars, data["per_class.csv"], tmp / names["Per-class accuracy"],
+             title="Per-class accuracy: train vs test")
         counts = plots.confusion_from_pairs(confusion["actual"].astype(str), confusion["predicted"].astype(str), classes)
-        plots.confusion_heatmap(counts, classes, tmp / names["Confusion matrix"])
+        draw(plots.confusion_heatmap, counts, classes, tmp / names["Confusion matrix"])
         index = mistakes["index"].to_numpy(dtype=int)
-        plots.mistakes_grid(load_images_numpy(PREPARED, "test")[index], mistakes["actual"].astype(str).tolist(),
-                            mistakes["predicted"].astype(str).tolist(), mistakes["confidence"].tolist(),
-                            tmp / names["Most confident mistakes"])
+        draw(plots.mistakes_grid, load_images_numpy(PREPARED, "test")[index], mistakes["actual"].astype(str).tolist(),
+             mistakes["predicted"].astype(str).tolist(), mistakes["confidence"].tolist(), tmp / names["Most confident mistakes"])
     figures = {caption: FIGURES / name for caption, name in names.items()}
     write_readme(README, train=train, grid=grid, metrics=data["metrics.json"], per_class=data["per_class.csv"],
                  figures=figures, training_keys=TRAINING_KEYS)
-    print(f"plots: wrote {len(figures)} figures in {FIGURES}/ and {README}", flush=True)
+    reused = f" ({cache.hits} unchanged since last drawn: copied from {cache.root})" if cache.hits else ""
+    print(f"plots: wrote {len(figures)} figures in {FIGURES}/{reused} and {README}", flush=True)
 
     if params.mlflow.enabled and train.get("mlflow_parent_run_id"):
         from cnnpipe import tracking

@@ -133,10 +133,17 @@ def test_stage_script_without_mlflow(project: Path, tmp_path: Path) -> None:
     _write_params(work, mlflow={"enabled": False})
     done = _run_stage(work)
     assert done.returncode == 0, done.stderr
-    assert "evaluate: test top-1" in done.stdout
-    for name in ("metrics.json", "per_class.csv", "confusion.csv", "mistakes.csv"):
+    assert "evaluate: test top-1" in done.stdout and "reused" not in done.stdout
+    names = ("metrics.json", "per_class.csv", "confusion.csv", "mistakes.csv")
+    for name in names:
         assert (work / "reports" / name).stat().st_size > 0
     assert not (work / "mlflow.db").exists()
+    first = {name: (work / "reports" / name).read_bytes() for name in names}
+    shutil.rmtree(work / "reports")
+    again = _run_stage(work)  # same weights, data and settings: the stored reports come back, byte for byte
+    assert again.returncode == 0, again.stderr
+    assert "reports reused" in again.stdout and "evaluate: test top-1" in again.stdout
+    assert {name: (work / "reports" / name).read_bytes() for name in names} == first
 
 
 @pytest.mark.slow
@@ -201,3 +208,83 @@ def test_evaluate_honours_device_tta_and_labels_the_train_count(project: Path) -
     if not torch.cuda.is_available():
         with pytest.raises(ParamsError, match="no CUDA GPU"):
             evaluate_checkpoint(project / "models/best", project / "data/prepared", device="cuda")
+
+
+# --------------------------------------------------------------------------- stored reports
+
+EVAL_ALTERNATIVES = {"top_k": [1, 3], "batch_size": 999, "mistakes": 3, "tta": "flip"}
+
+
+def test_the_evaluation_key_changes_with_every_eval_setting_the_device_the_model_and_the_data(project: Path,
+                                                                                              tmp_path: Path) -> None:
+    from cnnpipe.evaluation import evaluation_key
+    from cnnpipe.params import EvalParams
+
+    assert set(EVAL_ALTERNATIVES) == set(EvalParams.model_fields)  # a new eval setting must be added here
+    settings = EvalParams().model_dump(mode="json")
+    best, prepared = project / "models/best", project / "data/prepared"
+    base = evaluation_key(best, prepared, settings=settings, device="cpu")
+    for name, value in EVAL_ALTERNATIVES.items():
+        assert value != settings[name]
+        assert evaluation_key(best, prepared, settings={**settings, name: value}, device="cpu") != base, name
+    assert evaluation_key(best, prepared, settings=settings, device="auto") != base
+
+    copy = tmp_path / "best"
+    shutil.copytree(best, copy)
+    sidecar = json.loads((copy / "model.json").read_text())
+    ids = {"mlflow_run_id": "c", "mlflow_parent_run_id": "p", "mlflow_experiment_id": "9", "run_id": "r",
+           "run_name": "n", "created": "2000-01-01T00:00:00+00:00"}
+    (copy / "model.json").write_text(json.dumps({**sidecar, **ids}))
+    assert evaluation_key(copy, prepared, settings=settings, device="cpu") == base  # ids and time stamp do not count
+    for field, value in (("best_epoch", 99), ("weights_sha256", "0" * 64), ("std", [0.5])):
+        (copy / "model.json").write_text(json.dumps({**sidecar, field: value}))
+        assert evaluation_key(copy, prepared, settings=settings, device="cpu") != base, field
+    (copy / "model.json").write_text(json.dumps(sidecar))
+    weights = bytearray((copy / "model.safetensors").read_bytes())
+    weights[-1] ^= 1  # altered weights under an unchanged sidecar: another key, so they are loaded (and refused)
+    (copy / "model.safetensors").write_bytes(bytes(weights))
+    assert evaluation_key(copy, prepared, settings=settings, device="cpu") != base
+
+    other = tmp_path / "prepared"
+    shutil.copytree(prepared, other)
+    stats = json.loads((other / "stats.json").read_text())
+    (other / "stats.json").write_text(json.dumps({**stats, "files": {**stats["files"], "extra": "0" * 64}}))
+    with pytest.raises(CheckpointError, match="re-run training"):  # other data: refused before any key
+        evaluation_key(best, other, settings=settings, device="cpu")
+    (copy / "model.json").write_text(json.dumps({k: v for k, v in sidecar.items() if k != "data_fingerprint"}))
+    unpinned = evaluation_key(copy, prepared, settings=settings, device="cpu")  # a sidecar without the data version
+    assert evaluation_key(copy, other, settings=settings, device="cpu") != unpinned
+
+
+def test_stored_reports_come_back_byte_for_byte_with_this_checkpoints_ids(project: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from cnnpipe.evaluation import REPORT_FILES, evaluation_key, reuse_reports, store_reports
+    from cnnpipe.outputcache import OutputCache
+    from cnnpipe.params import EvalParams
+
+    cache = OutputCache("eval", root=tmp_path / "cache")
+    settings = EvalParams(tta="none").model_dump(mode="json")
+    best, prepared = project / "models/best", project / "data/prepared"
+    key = evaluation_key(best, prepared, settings=settings, device="cpu")
+    assert reuse_reports(key, best, tmp_path / "none", cache) is None and not (tmp_path / "none").exists()
+    evaluation = evaluate_checkpoint(best, prepared, device="cpu", tta="none")
+    store_reports(key, write_reports(evaluation, tmp_path / "fresh"), cache)
+
+    # The same weights under a new MLflow parent (what a cached `dvc exp run` gives): same key, new ids.
+    copy = tmp_path / "best"
+    shutil.copytree(best, copy)
+    ids = {"mlflow_run_id": "child2", "mlflow_parent_run_id": "parent2", "mlflow_experiment_id": "7"}
+    (copy / "model.json").write_text(json.dumps({**json.loads((copy / "model.json").read_text()), **ids}))
+    assert evaluation_key(copy, prepared, settings=settings, device="cpu") == key
+    metrics = reuse_reports(key, copy, tmp_path / "reused", cache)
+    fresh = json.loads((tmp_path / "fresh" / "metrics.json").read_text())
+    assert metrics == json.loads((tmp_path / "reused" / "metrics.json").read_text()) == {**fresh, **ids}
+    assert list(metrics) == list(fresh)  # same key order: `dvc metrics diff` sees only the ids change
+    for name in REPORT_FILES[1:]:
+        assert (tmp_path / "reused" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+
+    monkeypatch.setenv("CNNPIPE_NO_CACHE", "1")
+    assert reuse_reports(key, best, tmp_path / "off", cache) is None
+    monkeypatch.delenv("CNNPIPE_NO_CACHE")
+    (cache.root / key / "mistakes.csv").unlink()  # an incomplete entry is never used
+    assert reuse_reports(key, best, tmp_path / "partial", cache) is None

@@ -335,3 +335,82 @@ def test_rank_runs_leaves_pruned_trials_out_of_the_candidates() -> None:
            "c,lr=3,diverged,0.20,0.95,False\n")
     table = pd.read_csv(io.StringIO(csv))
     assert list(rank_runs(table, "val_loss")["run_id"]) == ["c", "b", "a"]
+
+
+# --------------------------------------------------------------------------- figure cache
+
+def _full_grid() -> pd.DataFrame:
+    """make_grid() with every column grid.csv has (the missing ones filled)."""
+    from cnnpipe.results import GRID_COLUMNS
+
+    grid = make_grid()
+    for i, column in enumerate(c for c in GRID_COLUMNS if c not in grid):
+        grid[column] = [f"v{i}"] * len(grid) if i % 2 else [float(i)] * len(grid)
+    return grid[list(GRID_COLUMNS)]
+
+
+def _perturbed(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    out = frame.copy()
+    value = out[column].iloc[0]
+    if isinstance(value, (bool, np.bool_)):
+        new = not value
+    elif isinstance(value, (int, float, np.integer, np.floating)) and not pd.isna(value):
+        new = value + 1
+    else:
+        new = f"{value}-changed"
+    out[column] = out[column].astype(object)
+    out.loc[out.index[0], column] = new
+    return out
+
+
+def test_a_figure_key_changes_with_every_drawn_column_and_no_undrawn_one() -> None:
+    from cnnpipe.results import GRID_COLUMNS, HISTORY_COLUMNS
+
+    assert plots.UNDRAWN_COLUMNS <= set(GRID_COLUMNS) | set(HISTORY_COLUMNS)  # no stale name hides a real column
+    for fn, frame, other in ((plots.grid_comparison, _full_grid(), {}),
+                             (plots.learning_curves, make_history()[list(HISTORY_COLUMNS)], {})):
+        base = plots.figure_key(fn, frame, "unused.png", **other)
+        assert plots.figure_key(fn, frame.copy(), "elsewhere.png", **other) == base  # the output path does not count
+        for column in frame.columns:
+            changed = plots.figure_key(fn, _perturbed(frame, column), "unused.png", **other)
+            assert (changed == base) == (column in plots.UNDRAWN_COLUMNS), column
+    assert plots.figure_key(plots.grid_comparison, make_grid(), "x.png", select_by="val_top1") != \
+        plots.figure_key(plots.grid_comparison, make_grid(), "x.png", select_by="val_loss")
+
+
+def test_undrawn_columns_really_leave_every_figure_unchanged(tmp_path: Path) -> None:
+    """The key's promise, checked on the pixels: perturbing every undrawn column gives the same PNG bytes."""
+    history, grid = make_history(), _full_grid()
+    other_history, other_grid = history, grid
+    for column in plots.UNDRAWN_COLUMNS:
+        if column in other_history:
+            other_history = _perturbed(other_history, column)
+        if column in other_grid:
+            other_grid = _perturbed(other_grid, column)
+    for name, draw in {
+        "curves": lambda h, g, p: plots.grid_curves(h, p, grid=g, selected_run_id="r0"),
+        "comparison": lambda h, g, p: plots.grid_comparison(g, p, selected_run_id="r0"),
+        "learning": lambda h, g, p: plots.learning_curves(h[h.run_id == "r0"], p, best_epoch=4),
+    }.items():
+        a = draw(history, grid, tmp_path / f"{name}-a.png")
+        b = draw(other_history, other_grid, tmp_path / f"{name}-b.png")
+        assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_a_figure_with_unchanged_inputs_is_copied_back_not_drawn(tmp_path: Path, monkeypatch) -> None:
+    from cnnpipe.outputcache import OutputCache
+
+    cache = OutputCache("figures", root=tmp_path / "cache")
+    first = plots.draw(plots.grid_comparison, make_grid(), tmp_path / "a.png", cache=cache, selected_run_id="r0")
+    assert cache.hits == 0 and len(list(cache.root.iterdir())) == 1
+    again = plots.draw(plots.grid_comparison, make_grid(), tmp_path / "b.png", cache=cache, selected_run_id="r0")
+    assert cache.hits == 1 and again.read_bytes() == first.read_bytes()
+    other = plots.draw(plots.grid_comparison, make_grid(), tmp_path / "c.png", cache=cache, selected_run_id="r1")
+    assert cache.hits == 1 and len(list(cache.root.iterdir())) == 2 and other.read_bytes() != first.read_bytes()
+    monkeypatch.setenv("CNNPIPE_NO_CACHE", "1")  # draws again (and stores the fresh one)
+    plots.draw(plots.grid_comparison, make_grid(), tmp_path / "d.png", cache=cache, selected_run_id="r0")
+    assert cache.hits == 1
+    monkeypatch.delenv("CNNPIPE_NO_CACHE")
+    (cache.root / plots.figure_key(plots.grid_comparison, make_grid(), "x", selected_run_id="r0") / plots.FIGURE_FILE).unlink()
+    redrawn = plots.draw(plots.grid_comparison, make_grid(), tmp_path / "e.png", cache=cache, selected_run_id="r0")
+    assert cache.hits == 1 and redrawn.read_bytes() == first.read_bytes()  # an incomplete entry is drawn again

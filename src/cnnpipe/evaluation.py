@@ -18,20 +18,29 @@ digit is another glyph). A model that never saw a mirrored image is hurt by
 it: measured on Fashion-MNIST after one epoch without augmentation, flip
 TTA cost 9 points of test top-1 (all shoes face left there). It applies to
 every split scored, so train/val/test stay comparable.
+
+The reports are a pure function of the weights, the prepared data, the
+``eval`` params, the device kind and this code: ``evaluation_key`` hashes all
+of them, and the stage copies a stored set back (``reuse_reports``) instead of
+scoring again, rewriting only the run ids in ``metrics.json``
+(``cnnpipe.outputcache``).
 """
 
 from __future__ import annotations
 
 import os
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from cnnpipe.errors import CheckpointError
 from cnnpipe.fsutil import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
     import torch
+
+    from cnnpipe.outputcache import OutputCache
 
     from cnnpipe.metrics import ClassScores, Mistakes
 
@@ -44,6 +53,11 @@ MISTAKES_COLUMNS = ("index", "actual", "predicted", "confidence")
 TRAIN_SUBSET = 10_000  # train-split images scored (a fixed seeded subset; all when the split is smaller)
 SUBSET_SEED = 0
 SIDECAR_IDS = ("run_id", "run_name", "mlflow_run_id", "mlflow_parent_run_id", "mlflow_experiment_id")
+REPORT_FILES = (METRICS_FILE, PER_CLASS_FILE, CONFUSION_FILE, MISTAKES_FILE)
+# The code a report depends on, beside this file (editing any of it invalidates stored reports).
+SCORING_SOURCES = ("evaluation.py", "metrics.py", "checkpoint.py", "device.py", "engine/inference.py",
+                   "models/build.py", "models/spec.py", "data/prepared.py")
+CACHE_KIND = "eval"
 
 
 @dataclass(frozen=True)
@@ -61,8 +75,7 @@ class Evaluation:
 
     @property
     def numeric_metrics(self) -> dict[str, float]:
-        """The float metrics only (what MLflow logs)."""
-        return {k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return numeric_metrics(self.metrics)
 
     def per_class_rows(self) -> list[dict[str, Any]]:
         s = self.test_scores
@@ -78,6 +91,11 @@ class Evaluation:
             }
             for i, name in enumerate(self.classes)
         ]
+
+
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The float metrics only (what MLflow logs)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def check_compatible(sidecar: dict[str, Any], stats: Any, checkpoint_dir: Path, prepared_dir: Path) -> None:
@@ -117,6 +135,81 @@ def train_subset(n: int, size: int = TRAIN_SUBSET, seed: int = SUBSET_SEED) -> "
         return None
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=generator)[:size].sort().values
+
+
+def evaluation_key(checkpoint_dir: str | os.PathLike[str], prepared_dir: str | os.PathLike[str], *,
+                   settings: Mapping[str, Any], device: str) -> str:
+    """Hash of everything the reports depend on; raises the stage's one-line errors for a bad checkpoint or data.
+
+    The checkpoint's sidecar counts whole (architecture, normalization,
+    training params), except its ids and time stamp, which ``reuse_reports``
+    rewrites; so does the weights file's own hash (not the one the sidecar
+    claims: altered weights are scored, and refused, never matched). ``device`` is the ``device`` param; anything
+    but ``cpu`` may resolve to a GPU, whose float results are its own, so its
+    entries are also per machine. Torch is not imported (its version is read
+    from the installed metadata): a reused evaluation costs no torch start-up.
+    """
+    import platform
+    from importlib.metadata import version
+
+    from cnnpipe.checkpoint import WEIGHTS_FILE, read_sidecar
+    from cnnpipe.data.prepared import load_stats
+    from cnnpipe.fsutil import sha256_file
+    from cnnpipe.outputcache import digest, source_digest
+
+    checkpoint_dir, prepared_dir = Path(checkpoint_dir), Path(prepared_dir)
+    sidecar = read_sidecar(checkpoint_dir)
+    stats = load_stats(prepared_dir)
+    check_compatible(sidecar, stats, checkpoint_dir, prepared_dir)
+    package = Path(__file__).resolve().parent
+    return digest({
+        "model": {k: v for k, v in sidecar.items() if k not in SIDECAR_IDS and k != "created"},
+        "weights": sha256_file(checkpoint_dir / WEIGHTS_FILE) if (checkpoint_dir / WEIGHTS_FILE).is_file() else None,
+        "data": stats.fingerprint,
+        "settings": dict(settings),
+        "tta": resolve_tta(str(settings.get("tta", "none")), stats.dataset, (sidecar.get("params") or {}).get("augment")),
+        "device": device if device == "cpu" else f"{device}@{platform.node()}",
+        "torch": version("torch"),
+        "code": source_digest(package / name for name in SCORING_SOURCES),
+    })
+
+
+def report_paths(reports_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    return {name: Path(reports_dir) / name for name in REPORT_FILES}
+
+
+def reuse_reports(key: str, checkpoint_dir: str | os.PathLike[str], reports_dir: str | os.PathLike[str],
+                  cache: "OutputCache | None" = None) -> dict[str, Any] | None:
+    """Copy the stored reports of ``key`` into ``reports_dir`` and return their metrics; None when not stored.
+
+    ``metrics.json`` gets this checkpoint's run ids (a new MLflow parent each
+    execution); every other byte is the stored one.
+    """
+    from cnnpipe.checkpoint import read_sidecar
+    from cnnpipe.outputcache import OutputCache
+
+    cache = cache or OutputCache(CACHE_KIND)
+    entry = cache.get(key, REPORT_FILES)
+    if entry is None:
+        return None
+    try:
+        metrics = json.loads((entry / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # unreadable entry: score again (and replace it)
+    sidecar = read_sidecar(checkpoint_dir)
+    for name in SIDECAR_IDS:
+        metrics[name] = sidecar.get(name)
+    paths = report_paths(reports_dir)
+    for name in (PER_CLASS_FILE, CONFUSION_FILE, MISTAKES_FILE):
+        cache.restore(entry / name, paths[name])
+    atomic_write_json(paths[METRICS_FILE], metrics)
+    return metrics
+
+
+def store_reports(key: str, paths: Mapping[str, Path], cache: "OutputCache | None" = None) -> Path:
+    from cnnpipe.outputcache import OutputCache
+
+    return (cache or OutputCache(CACHE_KIND)).put(key, {name: paths[name] for name in REPORT_FILES})
 
 
 def evaluate_checkpoint(
@@ -246,8 +339,8 @@ def write_reports(evaluation: Evaluation, reports_dir: str | os.PathLike[str]) -
     return paths
 
 
-def summary_line(evaluation: Evaluation) -> str:
-    m = evaluation.metrics
+def summary_line(metrics: Mapping[str, Any]) -> str:
+    m = metrics
     tops = ", ".join(f"top-{key[len('test_top'):]} {m[key]:.2%}" for key in m if key.startswith("test_top"))
     return (f"evaluate: test {tops}, loss {m['test_loss']:.4f}, macro F1 {m['macro_f1']:.2%} "
             f"({m['test_images']} images, tta {m.get('tta', 'none')}); train top-1 {m['train_top1']:.2%} "

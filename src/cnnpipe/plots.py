@@ -6,14 +6,22 @@ and written atomically at a fixed DPI, so a figure's pixel size is
 ``figsize * DPI`` and tests can check it.
 Inputs are the plain tables the train and evaluate stages write
 (``history.csv``, ``grid.csv``, ``per_class.csv``, ...), read with pandas.
+
+``draw`` calls a figure function through an ``OutputCache``: a figure whose
+inputs (every argument but ``path``, less the columns no figure draws) and
+code are unchanged is copied back instead of drawn again (drawing is ~2/3 of
+the plots stage; an experiment whose runs all came from the run cache
+changes none of its figures).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -22,6 +30,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from cnnpipe.fsutil import atomic_path
+
+if TYPE_CHECKING:
+    from cnnpipe.outputcache import OutputCache
 
 DPI = 100
 TRAIN_COLOR = "#1f77b4"
@@ -46,6 +57,69 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, facecolor="white")
     return target
+
+
+# Table columns that no figure draws: they change with every execution (MLflow ids, timings, cache flags),
+# so they are left out of a figure's cache key. A figure that starts drawing one must drop it from here.
+UNDRAWN_COLUMNS = frozenset({"mlflow_run_id", "seconds", "images_per_s", "epoch_seconds", "cached", "resumed_at"})
+FIGURE_CACHE_KIND = "figures"
+FIGURE_FILE = "figure.png"
+
+
+def _fingerprint(value: Any) -> Any:
+    """A JSON-able stand-in for a figure argument: equal values, equal stand-ins."""
+    if isinstance(value, pd.DataFrame):
+        frame = value.drop(columns=[c for c in value.columns if c in UNDRAWN_COLUMNS])
+        rows = pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes() if len(frame.columns) else b""
+        return {"frame": [str(c) for c in frame.columns], "dtypes": [str(t) for t in frame.dtypes],
+                "index": str(frame.index.dtype), "rows": len(frame), "hash": _sha(rows)}
+    if isinstance(value, pd.Series):
+        return {"series": str(value.name), "dtype": str(value.dtype),
+                "hash": _sha(pd.util.hash_pandas_object(value, index=True).to_numpy().tobytes())}
+    if isinstance(value, np.ndarray):
+        array = np.ascontiguousarray(value)
+        return {"array": list(array.shape), "dtype": str(array.dtype), "hash": _sha(array.tobytes())}
+    if isinstance(value, Mapping):
+        return {str(k): _fingerprint(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_fingerprint(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        return repr(value.item())
+    return repr(value)
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def figure_key(fn: Callable[..., Path], *args: Any, **kwargs: Any) -> str:
+    """Hash of the figure function, its module's source, matplotlib's version, DPI and every argument but ``path``."""
+    import matplotlib
+
+    from cnnpipe.outputcache import digest, source_digest
+
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    arguments = {name: _fingerprint(value) for name, value in bound.arguments.items() if name != "path"}
+    return digest({"figure": fn.__qualname__, "code": source_digest([Path(__file__)]),
+                   "matplotlib": matplotlib.__version__, "dpi": DPI, "arguments": arguments})
+
+
+def draw(fn: Callable[..., Path], *args: Any, cache: "OutputCache | None" = None, **kwargs: Any) -> Path:
+    """``fn(*args, **kwargs)``, or its stored PNG copied to ``path`` when the same inputs were drawn before."""
+    if cache is None:
+        return fn(*args, **kwargs)
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    path = Path(bound.arguments["path"])
+    key = figure_key(fn, *args, **kwargs)
+    entry = cache.get(key, [FIGURE_FILE])
+    if entry is not None:
+        return cache.restore(entry / FIGURE_FILE, path)
+    fn(*args, **kwargs)
+    cache.put(key, {FIGURE_FILE: path})
+    return path
 
 
 def _epoch_axis(ax, last_epoch: int) -> None:

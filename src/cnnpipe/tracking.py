@@ -27,7 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -261,6 +261,9 @@ class NullTracker:
     def log_epoch(self, run_id: str | None, step: int, metrics: Mapping[str, float]) -> None:
         return None
 
+    def log_epochs(self, run_id: str | None, epochs: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        return None
+
     def end_child(self, run_id: str | None, *, status: str, reason: str = "", metrics: Mapping[str, float] | None = None,
                   tags: Mapping[str, str] | None = None, texts: Mapping[str, str] | None = None,
                   files: list[Path] | None = None) -> None:
@@ -402,6 +405,17 @@ class MlflowTracker(NullTracker):
     def log_epoch(self, run_id: str | None, step: int, metrics: Mapping[str, float]) -> None:
         if run_id:
             self._batch(run_id, metrics=metrics, step=step)
+
+    def log_epochs(self, run_id: str | None, epochs: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        """Many epochs' metrics in one round-trip: a reused run's whole history (39 calls cost ~1.3 s)."""
+        if not run_id or not epochs:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, _finite_or_nan(value), now, step) for step, values in epochs for key, value in values.items()]
+        if metrics:
+            self._call("log_batch", self.client.log_batch, run_id, metrics=metrics)
 
     def end_child(self, run_id: str | None, *, status: str, reason: str = "", metrics: Mapping[str, float] | None = None,
                   tags: Mapping[str, str] | None = None, texts: Mapping[str, str] | None = None,

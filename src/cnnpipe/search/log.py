@@ -23,7 +23,7 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -254,6 +254,13 @@ class SearchLog:
         if live:
             self.progress.epoch(index, self.cfgs[index], record)
 
+    def _history(self, index: int, records: Sequence["EpochRecord"]) -> None:
+        """The epochs of ``records`` not logged yet, in one MLflow call (finished or reused runs)."""
+        child = self._open(index)
+        new = [record for record in records if record.epoch not in self.logged[index]]
+        self.tracker.log_epochs(child, [(r.epoch, epoch_metrics(r, self.ctx.layer_stats)) for r in new])
+        self.logged[index].update(record.epoch for record in new)
+
     # ---- a trial's end (of a rung, or of the search)
 
     def finish(self, outcome: RunOutcome, *, final: bool) -> RunRecord:
@@ -261,8 +268,7 @@ class SearchLog:
         rec = outcome.unpacked(self.data)
         index = rec.index
         rec.mlflow_run_id = self._open(index, resumed=rec.resumed_at or 0)
-        for record in rec.result.history:
-            self._epoch(index, record, live=False)
+        self._history(index, rec.result.history)
         self.active.discard(index)
         self.progress.finish(index)
         if rec.result.status == "failed" and rec.result.traceback and debug_enabled():
@@ -318,8 +324,7 @@ class SearchLog:
         tags = {"cnnpipe.reused": "true", "cnnpipe.reused_from": original, "cnnpipe.cache_key": hit.key}
         rec = RunRecord(index, cfg, result, mlflow_run_id=self._open(index, tags=tags), cached=True,
                         reused_from=original or None)
-        for record in result.history:
-            self._epoch(index, record, live=False)
+        self._history(index, result.history)
         return rec
 
     def end_reused(self, rec: RunRecord, hit: "CachedRun") -> None:
