@@ -165,15 +165,27 @@ def test_cache_command_lists_and_prunes_by_age_and_count(tmp_path: Path, monkeyp
             stamp = time.time() - age * 86400
             for path in (folder, *folder.iterdir()):
                 os.utime(path, (stamp, stamp))
+    from cnnpipe.outputcache import OutputCache
+
+    source = tmp_path / "figure.png"
+    source.write_bytes(b"png")
+    figures = OutputCache("figures")  # beside runs/ (CNNPIPE_CACHE_DIR moves it too)
+    for age, key in enumerate(["f1", "f2"]):
+        stamp = time.time() - age * 86400
+        for path in (figures.put(key, {"figure.png": source}), figures.root / key / "figure.png"):
+            os.utime(path, (stamp, stamp))
+    figures.get("f2", ["figure.png"])  # a reuse makes it the newest
     items = cachectl.entries()
-    assert sorted(e.path.name for e in items) == ["r1", "r2", "r3", "s1", "s2"]
+    assert sorted(e.path.name for e in items) == ["f1", "f2", "r1", "r2", "r3", "s1", "s2"]
     assert {e.path.name for e in cachectl.select_prunable(items, older_than=1.5 * 86400, keep_last=None)} == {"r3"}
-    assert {e.path.name for e in cachectl.select_prunable(items, older_than=None, keep_last=1)} == {"r2", "r3", "s2"}
+    assert {e.path.name for e in cachectl.select_prunable(items, older_than=None, keep_last=1)} == {"r2", "r3", "s2", "f1"}
     with pytest.raises(SystemExit):
         main(["cache", "--keep-last", "1"])
     out = capsys.readouterr().out
-    assert "finished runs (run cache): 3" in out and "resumable run states: 2" in out and "pruned 3 entries" in out
+    assert "finished runs (run cache): 3" in out and "resumable run states: 2" in out and "stored figures: 2" in out
+    assert "pruned 4 entries" in out
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r1"]
+    assert sorted(p.name for p in figures.root.iterdir()) == ["f2"]
 
 
 # --------------------------------------------------------------------------- training

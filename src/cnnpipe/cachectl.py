@@ -1,8 +1,10 @@
 """``cnnpipe cache``: what the run cache and the run-state store hold, and pruning them.
 
-Both live under ``<project root>/.cnnpipe-cache/`` (``runs/``: finished runs,
-``state/``: unfinished or pruned runs that a later search continues). They
-grow with every new config; this is how a user sees and bounds them.
+All live under ``<project root>/.cnnpipe-cache/`` (``runs/``: finished runs,
+``state/``: unfinished or pruned runs that a later search continues,
+``eval/`` and ``figures/``: evaluate's reports and plots' figures by their
+inputs, ``cnnpipe.outputcache``). They grow with every new config; this is
+how a user sees and bounds them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 @dataclass(frozen=True)
 class Entry:
-    kind: str  # "run" (finished, in runs/) or "state" (resumable, in state/)
+    kind: str  # "run" (finished, in runs/), "state" (resumable, in state/), "eval" or "figures" (stored outputs)
     path: Path
     bytes: int
     modified: float
@@ -57,11 +59,28 @@ def _run_entries() -> list[Entry]:
     return out
 
 
+OUTPUT_KINDS = {"eval": "stored evaluate reports", "figures": "stored figures"}
+
+
+def _output_entries(kind: str) -> list[Entry]:
+    """Stored outputs: the folder's time is its last use (a reuse touches it)."""
+    from cnnpipe.outputcache import OutputCache
+
+    root = OutputCache(kind).root
+    out = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder.is_dir() and not folder.name.startswith("."):
+            files = [p for p in folder.iterdir() if p.is_file()]
+            out.append(Entry(kind, folder, sum(p.stat().st_size for p in files),
+                             max([folder.stat().st_mtime, *(p.stat().st_mtime for p in files)]), "-", None))
+    return out
+
+
 def entries() -> list[Entry]:
     from cnnpipe.search.runstate import RunStateStore
 
     states = [Entry("state", s.path, s.bytes, s.modified, s.name, s.epoch) for s in RunStateStore().entries()]
-    return _run_entries() + states
+    return _run_entries() + states + [e for kind in OUTPUT_KINDS for e in _output_entries(kind)]
 
 
 def select_prunable(items: list[Entry], *, older_than: float | None, keep_last: int | None,
@@ -70,7 +89,7 @@ def select_prunable(items: list[Entry], *, older_than: float | None, keep_last: 
     now = time.time() if now is None else now
     doomed = {e.path for e in items if older_than is not None and now - e.modified > older_than}
     if keep_last is not None:
-        for kind in ("run", "state"):
+        for kind in ("run", "state", *OUTPUT_KINDS):
             newest_first = sorted((e for e in items if e.kind == kind), key=lambda e: e.modified, reverse=True)
             doomed.update(e.path for e in newest_first[keep_last:])
     return [e for e in items if e.path in doomed]
@@ -90,7 +109,7 @@ def cache_command(args: argparse.Namespace) -> int:
         raise CnnpipeError("--keep-last must be >= 0")
     items = entries()
     now = time.time()
-    for kind, label in (("run", "finished runs (run cache)"), ("state", "resumable run states")):
+    for kind, label in (("run", "finished runs (run cache)"), ("state", "resumable run states"), *OUTPUT_KINDS.items()):
         mine = [e for e in items if e.kind == kind]
         print(f"{label}: {len(mine)}, {_size(sum(e.bytes for e in mine))}")
         if args.list:

@@ -16,6 +16,7 @@ output (and stores the fresh one), like it retrains every run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -60,6 +61,8 @@ class OutputCache:
         if env_no_cache() or not all((folder / name).is_file() for name in names):
             return None
         self.hits += 1
+        with contextlib.suppress(OSError):
+            os.utime(folder)  # last use: `cnnpipe cache --older-than` prunes the unused ones first
         return folder
 
     def put(self, key: str, files: Mapping[str, Path]) -> Path:
