@@ -414,3 +414,14 @@ def test_a_figure_with_unchanged_inputs_is_copied_back_not_drawn(tmp_path: Path,
     (cache.root / plots.figure_key(plots.grid_comparison, make_grid(), "x", selected_run_id="r0") / plots.FIGURE_FILE).unlink()
     redrawn = plots.draw(plots.grid_comparison, make_grid(), tmp_path / "e.png", cache=cache, selected_run_id="r0")
     assert cache.hits == 1 and redrawn.read_bytes() == first.read_bytes()  # an incomplete entry is drawn again
+
+
+def test_a_figure_that_cannot_be_stored_is_still_written(tmp_path: Path, capsys) -> None:
+    from cnnpipe.outputcache import OutputCache
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    cache = OutputCache("figures", root=blocked)
+    path = plots.draw(plots.grid_comparison, make_grid(), tmp_path / "a.png", cache=cache, selected_run_id="r0")
+    assert path.stat().st_size > 1000
+    assert "cache: could not store" in capsys.readouterr().err

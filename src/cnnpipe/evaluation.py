@@ -28,11 +28,12 @@ scoring again, rewriting only the run ids in ``metrics.json``
 
 from __future__ import annotations
 
-import os
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from cnnpipe.errors import CheckpointError
 from cnnpipe.fsutil import atomic_path, atomic_write_json
@@ -40,9 +41,8 @@ from cnnpipe.fsutil import atomic_path, atomic_write_json
 if TYPE_CHECKING:
     import torch
 
-    from cnnpipe.outputcache import OutputCache
-
     from cnnpipe.metrics import ClassScores, Mistakes
+    from cnnpipe.outputcache import OutputCache
 
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.csv"
@@ -144,10 +144,11 @@ def evaluation_key(checkpoint_dir: str | os.PathLike[str], prepared_dir: str | o
     The checkpoint's sidecar counts whole (architecture, normalization,
     training params), except its ids and time stamp, which ``reuse_reports``
     rewrites; so does the weights file's own hash (not the one the sidecar
-    claims: altered weights are scored, and refused, never matched). ``device`` is the ``device`` param; anything
-    but ``cpu`` may resolve to a GPU, whose float results are its own, so its
-    entries are also per machine. Torch is not imported (its version is read
-    from the installed metadata): a reused evaluation costs no torch start-up.
+    claims: altered weights are scored, and refused, never matched).
+    ``device`` is the ``device`` param; anything but ``cpu`` may resolve to a
+    GPU, whose float results are its own, so its entries are also per
+    machine. Torch is not imported (its version is read from the installed
+    metadata): a reused evaluation costs no torch start-up.
     """
     import platform
     from importlib.metadata import version
@@ -196,6 +197,8 @@ def reuse_reports(key: str, checkpoint_dir: str | os.PathLike[str], reports_dir:
         metrics = json.loads((entry / METRICS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # unreadable entry: score again (and replace it)
+    if not isinstance(metrics, dict):
+        return None
     sidecar = read_sidecar(checkpoint_dir)
     for name in SIDECAR_IDS:
         metrics[name] = sidecar.get(name)
@@ -206,7 +209,7 @@ def reuse_reports(key: str, checkpoint_dir: str | os.PathLike[str], reports_dir:
     return metrics
 
 
-def store_reports(key: str, paths: Mapping[str, Path], cache: "OutputCache | None" = None) -> Path:
+def store_reports(key: str, paths: Mapping[str, Path], cache: "OutputCache | None" = None) -> Path | None:
     from cnnpipe.outputcache import OutputCache
 
     return (cache or OutputCache(CACHE_KIND)).put(key, {name: paths[name] for name in REPORT_FILES})

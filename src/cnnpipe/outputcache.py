@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -65,12 +66,21 @@ class OutputCache:
             os.utime(folder)  # last use: `cnnpipe cache --older-than` prunes the unused ones first
         return folder
 
-    def put(self, key: str, files: Mapping[str, Path]) -> Path:
-        """Copy ``files`` (entry name -> source path) into the entry, replacing it whole."""
+    def put(self, key: str, files: Mapping[str, Path]) -> Path | None:
+        """Copy ``files`` (entry name -> source path) into the entry, replacing it whole.
+
+        A failure (a full disk) costs the next run a recomputation, never this
+        stage its outputs: it is reported in one line and None is returned.
+        """
         folder = self.root / key
-        with atomic_dir(folder) as tmp:
-            for name, source in files.items():
-                shutil.copyfile(source, tmp / name)
+        try:
+            with atomic_dir(folder) as tmp:
+                for name, source in files.items():
+                    shutil.copyfile(source, tmp / name)
+        except OSError as err:
+            print(f"cache: could not store {folder} ({err.strerror or err}); it will be computed again next time",
+                  file=sys.stderr, flush=True)
+            return None
         return folder
 
     @staticmethod
