@@ -57,9 +57,8 @@ def main() -> int:
         metrics = evaluation.metrics
     print(summary_line(metrics), flush=True)
 
-    ids = metrics
     if params.mlflow.enabled:
-        if not ids.get("mlflow_parent_run_id"):
+        if not metrics.get("mlflow_parent_run_id"):
             print("mlflow: models/best has no MLflow run ids (trained with mlflow.enabled: false); not logged")
         else:
             test_metrics = {
@@ -73,15 +72,15 @@ def main() -> int:
             lock_hash = dvc_lock_hash()  # DVC locked train before running evaluate
             logged = tracking.log_evaluation(
                 params.mlflow,
-                parent_run_id=ids["mlflow_parent_run_id"],
-                child_run_id=ids.get("mlflow_run_id"),
+                parent_run_id=metrics["mlflow_parent_run_id"],
+                child_run_id=metrics.get("mlflow_run_id"),
                 metrics=test_metrics,
                 files=[paths["metrics.json"], paths["per_class.csv"], paths["mistakes.csv"]],
                 weights_sha256=read_sidecar(CHECKPOINT)["weights_sha256"],
                 model_tags={LOCK_TAG: lock_hash} if lock_hash else None,
             )
             if logged:
-                print(f"mlflow: test metrics logged to run {ids.get('mlflow_run_id')} and parent {ids['mlflow_parent_run_id']}")
+                print(f"mlflow: test metrics logged to run {metrics.get('mlflow_run_id')} and parent {metrics['mlflow_parent_run_id']}")
     return 0
 
 

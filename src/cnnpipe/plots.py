@@ -16,6 +16,8 @@ changes none of its figures).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import inspect
 import math
 import os
@@ -89,22 +91,30 @@ def _fingerprint(value: Any) -> Any:
 
 
 def _sha(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    """This module's source and matplotlib's version (read once per process, not once per figure)."""
+    import matplotlib
+
+    from cnnpipe.outputcache import source_digest
+
+    return f"{source_digest([Path(__file__)])}/matplotlib-{matplotlib.__version__}"
+
+
+def _key(fn: Callable[..., Path], bound: inspect.BoundArguments) -> str:
+    from cnnpipe.outputcache import digest
+
+    bound.apply_defaults()
+    arguments = {name: _fingerprint(value) for name, value in bound.arguments.items() if name != "path"}
+    return digest({"figure": fn.__qualname__, "code": _code_version(), "dpi": DPI, "arguments": arguments})
 
 
 def figure_key(fn: Callable[..., Path], *args: Any, **kwargs: Any) -> str:
     """Hash of the figure function, its module's source, matplotlib's version, DPI and every argument but ``path``."""
-    import matplotlib
-
-    from cnnpipe.outputcache import digest, source_digest
-
-    bound = inspect.signature(fn).bind(*args, **kwargs)
-    bound.apply_defaults()
-    arguments = {name: _fingerprint(value) for name, value in bound.arguments.items() if name != "path"}
-    return digest({"figure": fn.__qualname__, "code": source_digest([Path(__file__)]),
-                   "matplotlib": matplotlib.__version__, "dpi": DPI, "arguments": arguments})
+    return _key(fn, inspect.signature(fn).bind(*args, **kwargs))
 
 
 def draw(fn: Callable[..., Path], *args: Any, cache: "OutputCache | None" = None, **kwargs: Any) -> Path:
@@ -113,7 +123,7 @@ def draw(fn: Callable[..., Path], *args: Any, cache: "OutputCache | None" = None
         return fn(*args, **kwargs)
     bound = inspect.signature(fn).bind(*args, **kwargs)
     path = Path(bound.arguments["path"])
-    key = figure_key(fn, *args, **kwargs)
+    key = _key(fn, bound)
     entry = cache.get(key, [FIGURE_FILE])
     if entry is not None:
         return cache.restore(entry / FIGURE_FILE, path)
