@@ -42,16 +42,17 @@ def main() -> int:
         paths = report_paths(REPORTS)
         print(f"evaluate: these weights were scored before on this data with these settings; reports reused (key {eval_key})")
     else:
-        cores.rebalance()  # concurrent experiments on this machine share its cores
-        evaluation = evaluate_checkpoint(
-            CHECKPOINT,
-            PREPARED,
-            top_k=params.eval.top_k,
-            batch_size=params.eval.batch_size,
-            mistakes=params.eval.mistakes,
-            device=params.device,
-            tta=params.eval.tta,
-        )
+        with cores.compute_turn("evaluate"):  # concurrent experiments on this machine take turns (or share)
+            cores.rebalance()
+            evaluation = evaluate_checkpoint(
+                CHECKPOINT,
+                PREPARED,
+                top_k=params.eval.top_k,
+                batch_size=params.eval.batch_size,
+                mistakes=params.eval.mistakes,
+                device=params.device,
+                tta=params.eval.tta,
+            )
         paths = write_reports(evaluation, REPORTS)
         store_reports(eval_key, paths)
         metrics = evaluation.metrics

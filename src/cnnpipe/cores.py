@@ -18,21 +18,36 @@ Opt-in (``CNNPIPE_SHARE_CORES=1``): on a CPU the thread count changes the last
 bits of the results, so a share that depends on how many experiments happen
 to run at once would trade bit-for-bit reproducibility (and bitwise resume)
 for throughput. By default every train uses the same planned threads.
+
+By default concurrent experiments *take turns* instead (``compute_turn``): the
+heavy part of a train (its epochs) or an evaluate (its forward passes) holds
+one lock file at the project root, ``.cnnpipe-cores/turn.lock``, so only one
+of them computes at a time, with all the threads it planned, while the others
+do everything around it (DVC's queue handling, imports, data loading, MLflow,
+figures). Nothing oversubscribes the cores and every result keeps its bits.
+``CNNPIPE_TAKE_TURNS=0`` turns that off (every process computes at once, as
+torch does by default).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import os
 import socket
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cnnpipe.paths import project_root
 
 LEDGER_DIR = ".cnnpipe-cores"
 SHARE_ENV = "CNNPIPE_SHARE_CORES"
+TURNS_ENV = "CNNPIPE_TAKE_TURNS"
+TURN_FILE = "turn.lock"  # no "-" in the name: the claim glob never counts it
 _claim: Path | None = None
+_turn_depth = 0  # nested turns in one process (a flock on a second descriptor would wait for itself)
 
 
 def _host() -> str:
@@ -49,8 +64,65 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value not in ("0", "false", "no", "off")
+
+
 def sharing() -> bool:
-    return os.environ.get(SHARE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return _flag(SHARE_ENV, False)
+
+
+def taking_turns() -> bool:
+    """Concurrent experiments compute one at a time: the default, unless they share threads or opted out."""
+    return _flag(TURNS_ENV, True) and not sharing()
+
+
+@contextlib.contextmanager
+def compute_turn(what: str, *, report: Callable[[str], None] | None = print, root: Path | None = None) -> Iterator[None]:
+    """Hold this machine's compute turn for the project while the block runs (see the module docstring).
+
+    Waits, saying once who holds it, while another train or evaluate of the
+    same project computes. A no-op with ``CNNPIPE_TAKE_TURNS=0``, with
+    ``CNNPIPE_SHARE_CORES=1``, and inside a turn this process already holds.
+    The kernel drops the lock when its holder exits, ``kill -9`` included.
+    """
+    global _turn_depth
+    if _turn_depth or not taking_turns():
+        _turn_depth += 1
+        try:
+            yield
+        finally:
+            _turn_depth -= 1
+        return
+    folder = (root or project_root()) / LEDGER_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / TURN_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+            if report is not None:
+                report(f"{what}: waiting for the cores: {holder} is computing (concurrent experiments on this "
+                       f"machine take turns; {SHARE_ENV}=1 shares the cores instead, {TURNS_ENV}=0 computes at once)")
+            started = time.monotonic()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if report is not None:
+                report(f"{what}: got the cores after waiting {time.monotonic() - started:.0f} s")
+        experiment = os.environ.get("DVC_EXP_NAME")
+        label = f"the {what} of experiment {experiment} (pid {os.getpid()})" if experiment else \
+            f"the {what} of pid {os.getpid()}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, label.encode(), 0)
+        _turn_depth += 1
+        try:
+            yield
+        finally:
+            _turn_depth -= 1
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def claim(root: Path | None = None, *, force: bool = False) -> Path | None:

