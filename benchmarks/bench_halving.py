@@ -1,9 +1,9 @@
 """Successive halving vs the exhaustive grid on real Fashion-MNIST, side by side in one run.
 
     python benchmarks/bench_halving.py [--prepared data/prepared] [--epochs 9] [--eta 3] [--workers auto]
-                                       [--weight-decay 0 5e-4 5e-3] [--no-spread]
+                                       [--weight-decay 0 5e-4 5e-3] [--no-spread] [--model small_bn]
 
-The same 9-point grid (lr x batch_size of ``fashion_tutorial``, ``epochs``
+The same 9-point grid (lr x batch_size of ``fashion_tutorial``, or ``--model``, ``epochs``
 each, early stopping with patience 3) searched twice with the train stage's
 own ``run_search``, MLflow off, fresh run-state stores: exhaustively, and by
 successive halving (eta 3, first rung 1 epoch: rungs at 1, 3, 9), and halving
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, nargs="+", default=None,
                         help="a weight_decay axis (e.g. 0 5e-4 5e-3: 27 points)")
     parser.add_argument("--no-spread", action="store_true", help="skip the grid.spread_threads row")
+    parser.add_argument("--model", default="fashion_tutorial", help="the preset every point trains (small_bn: the default)")
     args = parser.parse_args()
 
     from cnnpipe import executors
@@ -53,13 +54,13 @@ def main() -> None:
     axes = {"lr": [0.01, 0.003, 0.001], "batch_size": [64, 256, 1024]}
     if args.weight_decay:
         axes["weight_decay"] = args.weight_decay
-    params = parse_params({"model": "fashion_tutorial", **axes, "epochs": args.epochs, "patience": 3, "select_by": "val_loss",
+    params = parse_params({"model": args.model, **axes, "epochs": args.epochs, "patience": 3, "select_by": "val_loss",
                            "grid": {"workers": args.workers if args.workers == "auto" else int(args.workers)},
                            "mlflow": {"enabled": False}})
     configs = expand(params)
     data = TrainData.load(args.prepared, splits=("train", "val", "test"))
     executor = executors.make_executor(params.grid, len(configs), device="cpu")
-    print(f"{len(configs)} points x {args.epochs} epochs of fashion_tutorial on {len(data.train)} train images; "
+    print(f"{len(configs)} points x {args.epochs} epochs of {args.model} on {len(data.train)} train images; "
           f"executor: {executor.description}", flush=True)
 
     def test_top1(rec) -> float:

@@ -1,14 +1,17 @@
 """Time to accuracy of the strong Fashion-MNIST preset on this machine's CPU.
 
     python benchmarks/bench_time_to_accuracy.py [--prepared data/prepared] [--target 0.925] [--threads N]
-        [--ema 0.999] [--tta flip] [--tutorial-epochs 2]
+        [--ema 0.999] [--tta flip] [--tutorial-epochs 2] [--monitor val_top1]
 
 Trains ``fashion_vgg`` with the training params documented next to it in
 ``presets.yaml`` (AdamW, onecycle, crop+flip) and, after
 every epoch, measures test top-1 on the 10k test images. Test accuracy is
 only *reported* here (the pipeline never selects on it). Prints one row per
 epoch and the first epoch / training time at which ``--target`` was reached,
-then the final (best-by-val_loss) model's test accuracy. Training time is
+then the final model's test accuracy: the epoch the run keeps by its
+``monitor`` (``val_loss`` in the recipe; ``--monitor val_top1`` keeps the
+epoch with the best validation top-1, as ``select_by: val_top1`` does in the
+pipeline). Training time is
 the sum of the engine's epoch times (training + validation); the per-epoch
 test evaluation is excluded from it.
 
@@ -56,6 +59,8 @@ def main() -> int:
     parser.add_argument("--ema", type=float, default=0.0, help="weight moving-average decay (0 = off)")
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation for test scores")
     parser.add_argument("--tutorial-epochs", type=int, default=0, help="time this many tutorial-loop epochs first")
+    parser.add_argument("--monitor", choices=("val_loss", "val_top1"), default=RECIPE["monitor"],
+                        help="which validation metric picks the epoch the run keeps")
     args = parser.parse_args()
 
     tutorial_s = None
@@ -75,7 +80,7 @@ def main() -> int:
     data = TrainData.load(args.prepared)
     assert data.test is not None
     recipe = {**RECIPE, "epochs": args.epochs, "patience": max(RECIPE["patience"], args.epochs), "seed": args.seed,
-              "ema": args.ema}
+              "ema": args.ema, "monitor": args.monitor}
     cfg = RunConfig(values=TrainingValues(**recipe), layers=tuple(PRESETS["fashion_vgg"]), dataset=data.dataset)
     print(f"fashion_vgg on {data.dataset}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
           f"{args.threads} thread(s), load average {os.getloadavg()[0]:.2f}", flush=True)
