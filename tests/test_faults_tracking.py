@@ -7,7 +7,8 @@ with SIGKILL. Promised behaviour: training goes on and finishes,
 ``models/best/`` and ``reports/`` are written, the loss of the store is
 reported in one ``error:`` line, and the stage exits non-zero so DVC does not
 lock a half-logged execution as done. The unreachable-at-start case lives in
-``test_train_stage.py``.
+``test_train_stage.py``. Also here: a Ctrl-C that lands inside an MLflow call
+(the sqlite store must stay writable so the parent run still ends KILLED).
 """
 
 from __future__ import annotations
@@ -137,3 +138,36 @@ def test_a_lost_store_raises_for_later_stages_and_is_remembered_by_train(monkeyp
     tracker.end_child("c" * 32, status="FINISHED", metrics={"best_val_loss": 0.4})
     tracker.end_parent("FINISHED")
     assert tracker.lost == first
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_inside_an_mlflow_call_waits_for_it_then_the_parent_ends_killed(tmp_path: Path, presses: int) -> None:
+    """One Ctrl-C mid-call is held until the call returns (the store stays writable: the parent ends
+    KILLED at once, not after ~100 s of "database is locked"); a second one interrupts the call itself."""
+    from mlflow import MlflowClient
+
+    from cnnpipe.params import MlflowParams
+    from cnnpipe.tracking import open_tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = open_tracker(MlflowParams(tracking_uri=uri, experiment="ctrl-c-mid-call"))
+    child = tracker.start_child("lr=0.1", params={"lr": 0.1}, tags={})
+
+    def interrupted_log() -> None:
+        for _ in range(presses):
+            os.kill(os.getpid(), signal.SIGINT)
+        tracker.client.log_metric(child, "val_loss", 0.5, step=1)  # the write the Ctrl-C landed in
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt), tracker.running():
+            tracker._call("log_metric", interrupted_log)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    client = MlflowClient(uri)
+    logged = [m.value for m in client.get_metric_history(child, "val_loss")]
+    assert logged == ([0.5] if presses == 1 else [])
+    assert signal.getsignal(signal.SIGINT) is previous  # the held handler never leaks
+    parent = client.get_run(tracker.parent_run_id)
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags["failure_reason"] == "interrupted (Ctrl-C)"

@@ -20,6 +20,7 @@ import getpass
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -286,6 +287,35 @@ class NullTracker:
         yield self
 
 
+@contextlib.contextmanager
+def ctrl_c_after_the_call() -> Iterator[None]:
+    """Hold a Ctrl-C that lands inside one MLflow call until the call returns; a second one stops at once.
+
+    A KeyboardInterrupt raised mid-call leaves MLflow's SQLAlchemy session open
+    while the traceback is alive, holding the sqlite write lock, so the KILLED
+    status written next waited ~100 s on its own process and was lost (the
+    parent stayed RUNNING). Calls take milliseconds; a stuck one (a server that
+    does not answer) still stops on the second Ctrl-C.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    held: list[Any] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append(frame)
+        signal.signal(signal.SIGINT, previous)  # the next Ctrl-C interrupts the call itself
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            previous(signal.SIGINT, held[0])
+
+
 @dataclass
 class MlflowTracker(NullTracker):
     """A live parent run in an MLflow store, plus helpers for its children.
@@ -330,7 +360,8 @@ class MlflowTracker(NullTracker):
         delay = 0.25
         for attempt in range(LOCK_RETRIES + 1):
             try:
-                return fn(*args, **kwargs)
+                with ctrl_c_after_the_call():
+                    return fn(*args, **kwargs)
             except MlflowException as err:
                 if "locked" in str(err).lower() and attempt < LOCK_RETRIES:
                     time.sleep(delay)
