@@ -6,8 +6,8 @@ A 2 x 2 sweep (``-S lr=... -S batch_size=...``) is queued and run by
 repository-root ``mlflow.db`` concurrently. Promised: all 4 experiments
 succeed, the root store has 4 parent runs named after them with 2 FINISHED
 children each, and no worker log mentions ``database is locked``.
-(``test_exp_workflows.py`` covers ``dvc exp run --run-all -j 2`` with 2
-experiments and the DVC <-> MLflow links.)
+(``test_exp_workflows.py`` covers a 2-experiment queued sweep and the
+DVC <-> MLflow links.)
 """
 
 from __future__ import annotations
@@ -34,6 +34,27 @@ def queue_status(project: Path) -> str:
     return run_ok([DVC, "queue", "status"], project, timeout=120).stdout
 
 
+def start_and_drain(project: Path, jobs: int) -> str:
+    """``dvc queue start -j N``, then poll ``dvc queue status`` until nothing is Queued or Running.
+
+    The README's way. Not ``dvc exp run --run-all``: that waits for every
+    worker to exit, and under load DVC's worker monitor can miss its own
+    shutdown (its 1 s inspect times out, the shutdown message is lost), so a
+    worker idles on forever after every experiment is Success
+    (treeverse/dvc#10398). The workers inherit the caller's stdout/stderr:
+    with pipes, waiting for their EOF would wait for them to idle out.
+    Returns the last status; ``stop_leftover_workers`` ends what is left.
+    """
+    started = subprocess.run([DVC, "queue", "start", "-j", str(jobs)], cwd=project, env=clean_env(project),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    assert started.returncode == 0
+    deadline = time.monotonic() + SAFETY_S
+    while re.search(r"\b(Queued|Running)\b", status := queue_status(project)):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    return status
+
+
 def stop_leftover_workers(project: Path) -> None:
     """A drained worker can idle on for minutes after ``dvc queue stop``: end it with the test."""
     for pid_file in (project / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
@@ -56,15 +77,7 @@ def test_two_queue_workers_share_the_root_sqlite_store(tmp_path: Path) -> None:
                             project).stdout
             names = re.findall(r"Queued experiment '([\w-]+)' for future execution", queued)
             assert len(names) == 4, queued
-            # The workers it starts inherit its stdout/stderr: with pipes, waiting for their EOF
-            # would wait for the workers to idle out (minutes); a terminal user never sees that.
-            started = subprocess.run([DVC, "queue", "start", "-j", "2"], cwd=project, env=clean_env(project),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-            assert started.returncode == 0
-            deadline = time.monotonic() + SAFETY_S
-            while re.search(r"\b(Queued|Running)\b", status := queue_status(project)):
-                assert time.monotonic() < deadline, status
-                time.sleep(2)
+            status = start_and_drain(project, jobs=2)
             logs = {name: run_ok([DVC, "queue", "logs", name], project).stdout for name in names}
         finally:
             run([DVC, "queue", "stop"], project, timeout=120)

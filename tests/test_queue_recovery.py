@@ -13,31 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from fixtures_raw import make_idx_raw, serve
-from project_builder import DVC, TINY, clean_env, commit_all, pipeline_project, run, run_ok
-from test_faults_concurrency import queue_status, stop_leftover_workers
+from project_builder import DVC, TINY, commit_all, pipeline_project, run, run_ok
+from test_faults_concurrency import queue_status, start_and_drain, stop_leftover_workers
 
 pytestmark = pytest.mark.slow
 
 SAFETY_S = 900  # a safety net only
-
-
-def start_and_drain(project: Path) -> str:
-    """``dvc queue start -j 1`` and wait until nothing is Queued or Running; returns the last status."""
-    started = subprocess.run([DVC, "queue", "start", "-j", "1"], cwd=project, env=clean_env(project),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    assert started.returncode == 0
-    deadline = time.monotonic() + SAFETY_S
-    while re.search(r"\b(Queued|Running)\b", status := queue_status(project)):
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
-    return status
 
 
 def queue_one(project: Path, lr: str) -> str:
@@ -56,14 +43,14 @@ def test_a_queued_experiment_without_worker_runs_after_start_again(tmp_path: Pat
         commit_all(project, "baseline")
         try:
             first = queue_one(project, "0.01")
-            status = start_and_drain(project)
+            status = start_and_drain(project, jobs=1)
             assert re.search(rf"\b{first}\s+.*\bSuccess\b", status), status
             stop_leftover_workers(project)  # the worker is gone ...
             second = queue_one(project, "0.003")  # ... and an experiment waits: the stuck state
             time.sleep(3)
             stuck = queue_status(project)
             assert re.search(rf"\b{second}\s+.*\bQueued\b", stuck), stuck
-            status = start_and_drain(project)  # the recovery the README gives
+            status = start_and_drain(project, jobs=1)  # the recovery the README gives
         finally:
             run([DVC, "queue", "stop"], project, timeout=120)
             stop_leftover_workers(project)
