@@ -2,6 +2,7 @@
 
     python benchmarks/bench_halving.py [--prepared data/prepared] [--epochs 9] [--eta 3] [--workers auto]
                                        [--weight-decay 0 5e-4 5e-3] [--no-spread] [--model small_bn]
+                                       [--seeds 43 44]
 
 The same 9-point grid (lr x batch_size of ``fashion_tutorial``, or ``--model``, ``epochs``
 each, early stopping with patience 3) searched twice with the train stage's
@@ -12,6 +13,9 @@ gets the idle workers' cores; ``--no-spread`` skips it). ``--weight-decay``
 adds a third axis (three values: the issue's 27-point example grid). Reported:
 epochs trained, wall time, the config each selects by val_loss, and that
 config's test top-1 (the test split is read only here, after selection).
+``--seeds`` then retrains each strategy's pick with those extra seeds (same
+data split, exhaustive): the spread of one config's test top-1 over seeds is
+the noise floor that the picks' difference is measured against.
 Not a test: a table, ratios measured in the same run on the same machine.
 """
 
@@ -38,6 +42,8 @@ def main() -> None:
                         help="a weight_decay axis (e.g. 0 5e-4 5e-3: 27 points)")
     parser.add_argument("--no-spread", action="store_true", help="skip the grid.spread_threads row")
     parser.add_argument("--model", default="fashion_tutorial", help="the preset every point trains (small_bn: the default)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[],
+                        help="retrain each pick with these extra seeds: test top-1 mean and sd per pick")
     args = parser.parse_args()
 
     from cnnpipe import executors
@@ -70,6 +76,7 @@ def main() -> None:
     spreading = executors.make_executor(params.grid.model_copy(update={"spread_threads": True}), len(configs),
                                         device="cpu")
     rows = []
+    picks: dict[str, tuple] = {}  # name -> (config, test top-1 at the grid's seed)
     variants = [("exhaustive grid", Exhaustive(), executor),
                 (f"successive halving (eta {args.eta})", halving(args.eta, args.min_epochs), executor),
                 ("  + grid.spread_threads", halving(args.eta, args.min_epochs), spreading)]
@@ -83,6 +90,7 @@ def main() -> None:
         best = select_best([rec for rec in records if not rec.pruned], "val_loss")
         epochs = sum(rec.result.epochs_run for rec in records)
         rows.append((label, epochs, seconds, best.cfg.name, best.metric("val_loss"), test_top1(best)))
+        picks.setdefault(best.cfg.name, (best.cfg, test_top1(best)))
         print(f"{label}: {epochs} epochs, {seconds:.0f} s, selected {best.cfg.name}", flush=True)
 
     base = rows[0]
@@ -92,9 +100,41 @@ def main() -> None:
         print(f"{label:<28} {epochs:>7} {epochs / base[1]:>6.0%} {seconds:>7.0f} {seconds / base[2]:>6.0%}  "
               f"{name:<28} {val_loss:>8.4f} {top1:>10.2%}")
     print(f"test top-1 difference of the picks: {abs(rows[1][5] - base[5]) * 100:.2f} percentage points")
+    if args.seeds:
+        seed_noise(picks, args.seeds, data, executor, args.prepared, test_top1)
     if not args.no_spread:
         print("(+ grid.spread_threads: the rungs with fewer trials than workers get the idle workers' cores;"
               " its survivor is not bitwise the exhaustive grid's run)")
+
+
+def seed_noise(picks: dict, seeds: list[int], data, executor, prepared: Path, test_top1) -> None:
+    """Each pick retrained with ``seeds`` (exhaustive, MLflow off): test top-1 per seed, mean and sd."""
+    import statistics
+
+    from cnnpipe.search.runner import run_search
+    from cnnpipe.search.runstate import RunStateStore
+    from cnnpipe.search.strategies import Exhaustive
+    from cnnpipe.search.trial import TrainContext
+
+    print()
+    print(f"{'pick':<36} " + " ".join(f"{'seed ' + str(s):>9}" for s in [None, *seeds]).replace("seed None", "grid seed")
+          + f" {'mean':>7} {'sd':>6}")
+    means = {}
+    for name, (cfg, top1) in picks.items():
+        configs = [cfg.model_copy(update={"values": cfg.values.model_copy(update={"seed": seed}), "axes": ("seed",)})
+                   for seed in seeds]
+        with tempfile.TemporaryDirectory(prefix="bench-halving-seeds-") as tmp:
+            ctx = TrainContext(data=data, progress=False, prepared_dir=prepared, state_root=Path(tmp))
+            records = run_search(configs, ctx, strategy=Exhaustive(), executor=executor, states=RunStateStore(tmp),
+                                 report=lambda line: None)
+        scores = [top1, *(test_top1(rec) for rec in records)]
+        means[name] = statistics.mean(scores)
+        print(f"{name:<36} " + " ".join(f"{score:>9.2%}" for score in scores)
+              + f" {means[name]:>7.2%} {statistics.stdev(scores) * 100:>5.2f}p", flush=True)
+    if len(means) > 1:
+        first, *others = means.values()
+        print("difference of the picks' means: "
+              + ", ".join(f"{abs(other - first) * 100:.2f}" for other in others) + " percentage points")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The inference copy ``evaluate_logits`` scores with: same function, the caller's model untouched.
 
 BatchNorm folding and the ReLU/MaxPool swap are exact rewrites up to float
-rounding; they are checked against the original model in eval mode on every
+rounding, and the 2x2 max pooling rewrite gives equal values; they are checked against the original model in eval mode on every
 layout they rewrite (conv -> BN, conv -> pool -> BN with positive and with
 negative scales, Linear -> BN1d, the ResNet block), with non-trivial running
 statistics. Test-time augmentation (flip) is checked against its definition.
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cnnpipe.engine import evaluate_logits
-from cnnpipe.engine.inference import inference_copy
+from cnnpipe.engine.inference import MaxPool2x2, inference_copy
 from cnnpipe.evaluation import resolve_tta, train_subset
 from cnnpipe.models.build import build_model
 from cnnpipe.models.presets import PRESETS
@@ -103,3 +103,55 @@ def test_tta_auto_follows_the_dataset_and_the_train_subset_is_fixed() -> None:
     first, again = train_subset(54_000), train_subset(54_000)
     assert torch.equal(first, again) and len(first) == 10_000 and len(set(first.tolist())) == 10_000
     assert bool((first[1:] > first[:-1]).all()) and int(first.max()) < 54_000
+
+
+PLAIN_POOL = {"kernel_size": 2, "stride": 2, "padding": 0, "dilation": 1, "return_indices": False, "ceil_mode": False}
+OTHER_VALUE = {"kernel_size": 3, "stride": 1, "padding": 1, "dilation": 2, "return_indices": True, "ceil_mode": True}
+
+
+def test_every_max_pool_setting_but_the_plain_2x2_keeps_nn_maxpool2d() -> None:
+    """The rewrite applies to 2x2/stride-2 pooling only: a change in any one MaxPool2d field keeps the original."""
+    assert set(PLAIN_POOL) == set(OTHER_VALUE) == {
+        name for name in nn.MaxPool2d.__constants__ if name in nn.MaxPool2d(2).__dict__}
+    for settings, rewritten in [(PLAIN_POOL, True), ({**PLAIN_POOL, "stride": None}, True),
+                                ({**PLAIN_POOL, "kernel_size": (2, 2), "stride": (2, 2)}, True),
+                                *(({**PLAIN_POOL, key: value}, False) for key, value in OTHER_VALUE.items())]:
+        net = inference_copy(nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(**settings), nn.Flatten()))
+        assert (_count(net, MaxPool2x2), _count(net, nn.MaxPool2d)) == ((1, 0) if rewritten else (0, 1)), settings
+
+
+@pytest.mark.parametrize("height,width", [(8, 8), (9, 7), (2, 3), (1, 4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_maxpool2x2_equals_maxpool2d_bit_for_bit(height: int, width: int, channels_last: bool) -> None:
+    """Odd sizes (the last row/column dropped), ties, infinities and NaN, in both layouts.
+
+    Equal as floats: of a tie between -0.0 and +0.0 either zero may be kept (they compare equal).
+    """
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, height, width).round()  # rounding makes ties
+    x.view(-1)[::7] = -0.0
+    x.view(-1)[1::11] = float("inf")
+    x.view(-1)[2::13] = float("-inf")
+    x.view(-1)[3::17] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if height < 2:
+        for pool in (nn.MaxPool2d(2), MaxPool2x2()):
+            with pytest.raises(RuntimeError, match="Output size is too small"):
+                pool(x)
+        return
+    want, got = nn.MaxPool2d(2)(x), MaxPool2x2()(x)
+    assert got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last or min(height, width) < 4
+
+
+def test_fashion_tutorial_scores_the_same_logits_with_the_fast_pooling() -> None:
+    """The presets' {maxpool: 2} layers are rewritten, and the logits equal those of an unrewritten copy."""
+    torch.manual_seed(1)
+    model = build_model(PRESETS["fashion_tutorial"], (1, 28, 28), 10).eval()
+    images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    assert _count(inference_copy(model), MaxPool2x2) == 2
+    got = evaluate_logits(model, images, mean=MEAN, std=STD, batch_size=16)
+    torch.testing.assert_close(got, _reference(model, images, MEAN, STD), rtol=1e-5, atol=1e-5)
