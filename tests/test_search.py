@@ -293,6 +293,9 @@ def test_halving_survivor_is_bitwise_the_exhaustive_run_and_every_trial_is_track
     assert len(children) == 4 and all(run.info.status == "FINISHED" for run in children)
     pruned = client.search_runs([tracker.experiment_id], filter_string="tags.`cnnpipe.pruned` = 'true'")
     assert len(pruned) == 3
+    assert sorted(run.data.tags["cnnpipe.rung"] for run in pruned) == ["1", "1", "2"]
+    promoted = client.search_runs([tracker.experiment_id], filter_string="tags.`cnnpipe.pruned` = 'false'")
+    assert [(run.info.run_name, run.data.tags["cnnpipe.rung"]) for run in promoted] == [(best.cfg.name, "3")]
     for run in pruned:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
         assert steps == list(range(1, int(run.data.tags["cnnpipe.pruned_at_epoch"]) + 1))

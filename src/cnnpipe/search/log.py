@@ -263,9 +263,11 @@ class SearchLog:
 
     # ---- a trial's end (of a rung, or of the search)
 
-    def finish(self, outcome: RunOutcome, *, final: bool) -> RunRecord:
-        """Record a trial's outcome; ``final``: its child ends (else it stays open for the next rung)."""
+    def finish(self, outcome: RunOutcome, *, final: bool, rung: int = 0) -> RunRecord:
+        """Record a trial's outcome at halving's rung ``rung`` (0: exhaustive); ``final``: its child ends
+        (else it stays open for the next rung)."""
         rec = outcome.unpacked(self.data)
+        rec.rung = rung  # before the child ends: its tags say which rung it reached
         index = rec.index
         rec.mlflow_run_id = self._open(index, resumed=rec.resumed_at or 0)
         self._history(index, rec.result.history)
@@ -344,8 +346,8 @@ class SearchLog:
         tags = {"status": rec.status, "stop_reason": one_line(result.stop_reason, 5000)}
         if rec.pruned:
             tags.update({"cnnpipe.pruned": "true", "cnnpipe.pruned_at_epoch": str(result.epochs_run)})
-        if rec.rung:
-            tags["cnnpipe.rung"] = str(rec.rung)
+        if rec.rung:  # a halving trial: pruned or promoted to the end, so the UI can filter either
+            tags.update({"cnnpipe.rung": str(rec.rung), "cnnpipe.pruned": "true" if rec.pruned else "false"})
         texts = {"model_summary.txt": self._summary(rec.cfg) + "\n", "history.csv": results.history_csv_text(rec)}
         if result.traceback:
             texts[TRACEBACK_FILE] = result.traceback

@@ -140,8 +140,7 @@ def run_search(
             with contextlib.closing(executor.map(work, todo, on_event=log.handle)) as outcomes:
                 for outcome in outcomes:
                     failed = outcome.record.result.status == "failed"
-                    rec = log.finish(outcome, final=last or failed)
-                    rec.rung = number if halving else 0
+                    rec = log.finish(outcome, final=last or failed, rung=number if halving else 0)
                     records[rec.index] = rec
             for i in alive:
                 records[i].rung = number if halving else 0
