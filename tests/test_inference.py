@@ -1,8 +1,8 @@
 """The inference copy ``evaluate_logits`` scores with: same function, the caller's model untouched.
 
 BatchNorm folding and the ReLU/MaxPool swap are exact rewrites up to float
-rounding, and the 2x2 max pooling rewrite gives equal values; they are checked against the original model in eval mode on every
-layout they rewrite (conv -> BN, conv -> pool -> BN with positive and with
+rounding, and 2x2 max pooling as two maxima gives equal values; they are
+checked against the original model in eval mode on every layout they rewrite (conv -> BN, conv -> pool -> BN with positive and with
 negative scales, Linear -> BN1d, the ResNet block), with non-trivial running
 statistics. Test-time augmentation (flip) is checked against its definition.
 """
@@ -122,7 +122,7 @@ def test_every_max_pool_setting_but_the_plain_2x2_keeps_nn_maxpool2d() -> None:
 
 @pytest.mark.parametrize("height,width", [(8, 8), (9, 7), (2, 3), (1, 4)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_maxpool2x2_equals_maxpool2d_bit_for_bit(height: int, width: int, channels_last: bool) -> None:
+def test_maxpool2x2_equals_maxpool2d_value_for_value(height: int, width: int, channels_last: bool) -> None:
     """Odd sizes (the last row/column dropped), ties, infinities and NaN, in both layouts.
 
     Equal as floats: of a tie between -0.0 and +0.0 either zero may be kept (they compare equal).
