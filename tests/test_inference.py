@@ -2,8 +2,9 @@
 
 BatchNorm folding and the ReLU/MaxPool swap are exact rewrites up to float
 rounding, and 2x2 max pooling as two maxima gives equal values; they are
-checked against the original model in eval mode on every layout they rewrite (conv -> BN, conv -> pool -> BN with positive and with
-negative scales, Linear -> BN1d, the ResNet block), with non-trivial running
+checked against the original model in eval mode on every layout they
+rewrite (conv -> BN, conv -> pool -> BN with positive and with negative
+scales, Linear -> BN1d, the ResNet block), with non-trivial running
 statistics. Test-time augmentation (flip) is checked against its definition.
 """
 
