@@ -89,8 +89,9 @@ def main() -> None:
             seconds = time.perf_counter() - start
         best = select_best([rec for rec in records if not rec.pruned], "val_loss")
         epochs = sum(rec.result.epochs_run for rec in records)
-        rows.append((label, epochs, seconds, best.cfg.name, best.metric("val_loss"), test_top1(best)))
-        picks.setdefault(best.cfg.name, (best.cfg, test_top1(best)))
+        top1 = test_top1(best)
+        rows.append((label, epochs, seconds, best.cfg.name, best.metric("val_loss"), top1))
+        picks.setdefault(best.cfg.name, (best.cfg, top1))
         print(f"{label}: {epochs} epochs, {seconds:.0f} s, selected {best.cfg.name}", flush=True)
 
     base = rows[0]
