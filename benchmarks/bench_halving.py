@@ -46,12 +46,12 @@ def main() -> None:
                         help="retrain each pick with these extra seeds: test top-1 mean and sd per pick")
     args = parser.parse_args()
 
-    from cnnpipe import executors
+    from cnnpipe.compute import executors
     from cnnpipe.engine import TrainData, evaluate_logits
-    from cnnpipe.metrics import topk_accuracy
+    from cnnpipe.evaluation.metrics import topk_accuracy
     from cnnpipe.params import parse_params
     from cnnpipe.search.runner import run_search
-    from cnnpipe.search.runstate import RunStateStore
+    from cnnpipe.store.states import RunStateStore
     from cnnpipe.search.selection import select_best
     from cnnpipe.search.space import expand
     from cnnpipe.search.strategies import Exhaustive, halving
@@ -113,7 +113,7 @@ def seed_noise(picks: dict, seeds: list[int], data, executor, prepared: Path, te
     import statistics
 
     from cnnpipe.search.runner import run_search
-    from cnnpipe.search.runstate import RunStateStore
+    from cnnpipe.store.states import RunStateStore
     from cnnpipe.search.strategies import Exhaustive
     from cnnpipe.search.trial import TrainContext
 

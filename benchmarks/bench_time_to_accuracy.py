@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from cnnpipe.engine import EpochRecord, TrainData, evaluate_logits, train_run  # noqa: E402
-from cnnpipe.metrics import topk_accuracy  # noqa: E402
+from cnnpipe.evaluation.metrics import topk_accuracy  # noqa: E402
 from cnnpipe.models.presets import PRESETS  # noqa: E402
 from cnnpipe.params import RunConfig, TrainingValues  # noqa: E402
 from summary import record  # noqa: E402

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cnnpipe.errors import answer_help, run_entry_point
+from cnnpipe.util.errors import answer_help, run_entry_point
 
 
 def main() -> int:
@@ -20,7 +20,7 @@ def main() -> int:
     params = load_params()  # validates the whole file before anything is written
     from cnnpipe.data.download import download_dataset
     from cnnpipe.data.registry import get_dataset
-    from cnnpipe.paths import project_root
+    from cnnpipe.util.paths import project_root
 
     data = params.data
     spec = get_dataset(data.dataset)

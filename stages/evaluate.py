@@ -9,14 +9,14 @@ Test metrics are added (``test_`` prefix) to the MLflow runs train created
 holding these weights, with the ``dvc.lock`` hash of ``models/best``.
 Weights already scored on the same data with the same ``eval`` params (a
 ``dvc exp run`` whose runs all came from the run cache) are not scored
-again: the stored reports are copied back (``cnnpipe.outputcache``).
+again: the stored reports are copied back (``cnnpipe.store.outputs``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cnnpipe.errors import answer_help, run_entry_point
+from cnnpipe.util.errors import answer_help, run_entry_point
 
 CHECKPOINT = Path("models/best")
 PREPARED = Path("data/prepared")
@@ -24,14 +24,14 @@ REPORTS = Path("reports")
 
 
 def main() -> int:
-    from cnnpipe.evaluation import (evaluate_checkpoint, evaluation_key, numeric_metrics, report_paths, reuse_reports,
+    from cnnpipe.evaluation.score import (evaluate_checkpoint, evaluation_key, numeric_metrics, report_paths, reuse_reports,
                                     store_reports, summary_line, write_reports)
     from cnnpipe.params import load_params
 
-    from cnnpipe import cores
+    from cnnpipe.compute import turns
 
     params = load_params()
-    cores.claim()
+    turns.claim()
     if params.mlflow.enabled:
         from cnnpipe import tracking
 
@@ -42,8 +42,8 @@ def main() -> int:
         paths = report_paths(REPORTS)
         print(f"evaluate: these weights were scored before on this data with these settings; reports reused (key {eval_key})")
     else:
-        with cores.compute_turn("evaluate"):  # concurrent experiments on this machine take turns (or share)
-            cores.rebalance()
+        with turns.compute_turn("evaluate"):  # concurrent experiments on this machine take turns (or share)
+            turns.rebalance()
             evaluation = evaluate_checkpoint(
                 CHECKPOINT,
                 PREPARED,
@@ -67,7 +67,7 @@ def main() -> int:
                 for key, value in numeric_metrics(metrics).items()
                 if key.startswith(("test_", "macro_")) and key != "test_images"
             }
-            from cnnpipe.checkpoint import read_sidecar
+            from cnnpipe.models.checkpoint import read_sidecar
             from cnnpipe.serving.registry import LOCK_TAG, dvc_lock_hash
 
             lock_hash = dvc_lock_hash()  # DVC locked train before running evaluate

@@ -6,7 +6,7 @@ evaluate outputs (``metrics.json``, ``per_class.csv``, ``confusion.csv``,
 writes ``reports/figures/*.png`` (the folder is replaced whole) and
 ``reports/README.md``, and logs both to the MLflow parent run. A figure
 whose inputs did not change since it was last drawn is copied back from
-``.cnnpipe-cache/figures`` instead (``cnnpipe.plots.draw``).
+``.cnnpipe-cache/figures`` instead (``cnnpipe.reports.figures.draw``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import functools
 import json
 from pathlib import Path
 
-from cnnpipe.errors import DataError, answer_help, run_entry_point
+from cnnpipe.util.errors import DataError, answer_help, run_entry_point
 
 PREPARED = Path("data/prepared")
 REPORTS = Path("reports")
@@ -38,12 +38,12 @@ def _read_inputs() -> dict:
 
 
 def main() -> int:
-    from cnnpipe import plots
+    from cnnpipe.reports import figures
     from cnnpipe.data.prepared import load_images_numpy, load_stats
-    from cnnpipe.fsutil import atomic_dir
-    from cnnpipe.outputcache import OutputCache
+    from cnnpipe.util.files import atomic_dir
+    from cnnpipe.store.outputs import OutputCache
     from cnnpipe.params import TRAINING_KEYS, load_params
-    from cnnpipe.report import write_readme
+    from cnnpipe.reports.readme import write_readme
 
     params = load_params()
     if params.mlflow.enabled:
@@ -72,23 +72,23 @@ def main() -> int:
     halving = "pruned" in grid and bool(grid["pruned"].astype(bool).any())
     if halving:
         names["Successive halving rungs"] = "halving_rungs.png"
-    cache = OutputCache(plots.FIGURE_CACHE_KIND)  # an unchanged figure is copied back, not drawn again
-    draw = functools.partial(plots.draw, cache=cache)
+    cache = OutputCache(figures.FIGURE_CACHE_KIND)  # an unchanged figure is copied back, not drawn again
+    draw = functools.partial(figures.draw, cache=cache)
     with atomic_dir(FIGURES) as tmp:
-        draw(plots.learning_curves, history[history["run_id"] == selected], tmp / names["Learning curves (selected run)"],
+        draw(figures.learning_curves, history[history["run_id"] == selected], tmp / names["Learning curves (selected run)"],
              best_epoch=train.get("best_epoch"), title=f"Selected run: {run_name}", stop_reason=stop_reason)
-        draw(plots.grid_curves, history, tmp / names["All grid runs"], grid=grid, selected_run_id=selected)
-        draw(plots.grid_comparison, grid, tmp / names["Grid comparison"], select_by=train.get("select_by", "val_loss"),
+        draw(figures.grid_curves, history, tmp / names["All grid runs"], grid=grid, selected_run_id=selected)
+        draw(figures.grid_comparison, grid, tmp / names["Grid comparison"], select_by=train.get("select_by", "val_loss"),
              selected_run_id=selected)
         if halving:
-            draw(plots.halving_rungs, history, grid, tmp / names["Successive halving rungs"], selected_run_id=selected,
+            draw(figures.halving_rungs, history, grid, tmp / names["Successive halving rungs"], selected_run_id=selected,
                  select_by=params.select_by)
-        draw(plots.per_class_bars, data["per_class.csv"], tmp / names["Per-class accuracy"],
+        draw(figures.per_class_bars, data["per_class.csv"], tmp / names["Per-class accuracy"],
              title="Per-class accuracy: train vs test")
-        counts = plots.confusion_from_pairs(confusion["actual"].astype(str), confusion["predicted"].astype(str), classes)
-        draw(plots.confusion_heatmap, counts, classes, tmp / names["Confusion matrix"])
+        counts = figures.confusion_from_pairs(confusion["actual"].astype(str), confusion["predicted"].astype(str), classes)
+        draw(figures.confusion_heatmap, counts, classes, tmp / names["Confusion matrix"])
         index = mistakes["index"].to_numpy(dtype=int)
-        draw(plots.mistakes_grid, load_images_numpy(PREPARED, "test")[index], mistakes["actual"].astype(str).tolist(),
+        draw(figures.mistakes_grid, load_images_numpy(PREPARED, "test")[index], mistakes["actual"].astype(str).tolist(),
              mistakes["predicted"].astype(str).tolist(), mistakes["confidence"].tolist(), tmp / names["Most confident mistakes"])
     figures = {caption: FIGURES / name for caption, name in names.items()}
     write_readme(README, train=train, grid=grid, metrics=data["metrics.json"], per_class=data["per_class.csv"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cnnpipe.errors import answer_help, run_entry_point
+from cnnpipe.util.errors import answer_help, run_entry_point
 
 
 def prepare_folder_stage(params, out: Path) -> int:  # type: ignore[no-untyped-def]
@@ -15,7 +15,7 @@ def prepare_folder_stage(params, out: Path) -> int:  # type: ignore[no-untyped-d
     from cnnpipe.data.folder import tree_digest
     from cnnpipe.data.folder_prepare import describe, prepare_folder
     from cnnpipe.data.folder_source import MANIFEST, images_root
-    from cnnpipe.errors import DataError
+    from cnnpipe.util.errors import DataError
 
     data = params.data
     raw = Path("data/raw/folder")

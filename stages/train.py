@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cnnpipe.errors import run_entry_point
+from cnnpipe.util.errors import run_entry_point
 
 PREPARED = Path("data/prepared")
 BEST_DIR = Path("models/best")
@@ -39,10 +39,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cnnpipe import cores, results, runcache, tracking
+    from cnnpipe import tracking
+    from cnnpipe.compute import turns
+    from cnnpipe.reports import train_files
+    from cnnpipe.store import runs
     from cnnpipe.params import load_params
     from cnnpipe.search import log, runner, space, strategies
-    from cnnpipe.search.runstate import RunStateStore
+    from cnnpipe.store.states import RunStateStore
     from cnnpipe.search.selection import select_best
     from cnnpipe.search.trial import TrainContext
 
@@ -50,12 +53,12 @@ def main(args: argparse.Namespace) -> int:
     configs = space.expand(params)
     target = tracking.preflight(params.mlflow)  # one-line TrackingError before any training
 
-    from cnnpipe.device import describe, resolve_device
+    from cnnpipe.compute.device import describe, resolve_device
     from cnnpipe.engine import TrainData
-    from cnnpipe.executors import make_executor
+    from cnnpipe.compute.executors import make_executor
 
     device = resolve_device(params.device)
-    cores.claim()  # with CNNPIPE_SHARE_CORES=1, concurrent experiments on this machine share its cores
+    turns.claim()  # with CNNPIPE_SHARE_CORES=1, concurrent experiments on this machine share its cores
     executor = make_executor(params.grid, len(configs), device=device)  # ray missing: fail now
     executor.start()  # a Ray cluster that is unreachable or refuses us: one line, before any data or MLflow run
     data = TrainData.load(PREPARED, splits=("train", "val"))
@@ -63,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"train: {len(configs)} run(s) on {describe(device)}, {data.dataset} "
           f"({len(data.train)} train / {len(data.val)} val images), select_by {params.select_by}", flush=True)
 
-    cache = runcache.open_grid_cache(params.grid, no_cache=args.no_cache)
+    cache = runs.open_grid_cache(params.grid, no_cache=args.no_cache)
     tracker = tracking.open_tracker(params.mlflow, target=target, params=log.search_definition(params),
                                     tags=log.parent_tags(params, data, device))
     strategy = strategies.make_strategy(params.grid)
@@ -76,13 +79,13 @@ def main(args: argparse.Namespace) -> int:
         records = runner.run_search(configs, ctx, strategy=strategy, executor=executor, select_by=params.select_by,
                                     cache=cache, states=states, report=lambda line: print(line, flush=True))
         best = select_best([rec for rec in records if not rec.pruned], params.select_by)
-        published = results.publish(records, best, data, tracker, select_by=params.select_by,
+        published = train_files.publish(records, best, data, tracker, select_by=params.select_by,
                                     best_dir=BEST_DIR, reports_dir=REPORTS, prepared_dir=PREPARED)
 
-    print(results.summary_table(records, best, params.select_by))
+    print(train_files.summary_table(records, best, params.select_by))
     print(published.describe(), flush=True)
     if tracker.lost:  # outputs are written, but MLflow's record is partial: fail so DVC does not lock it as done
-        from cnnpipe.errors import TrackingError
+        from cnnpipe.util.errors import TrackingError
 
         raise TrackingError(f"{tracker.lost}; training finished and {BEST_DIR}/ and {REPORTS}/ were written, but MLflow "
                             "logging stopped part-way; restart the store and re-run dvc repro")

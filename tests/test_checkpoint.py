@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from cnnpipe.checkpoint import FORMAT, SIDECAR_FILE, WEIGHTS_FILE, load_checkpoint, read_sidecar, save_checkpoint
-from cnnpipe.errors import CheckpointError
-from cnnpipe.fsutil import sha256_file
+from cnnpipe.models.checkpoint import FORMAT, SIDECAR_FILE, WEIGHTS_FILE, load_checkpoint, read_sidecar, save_checkpoint
+from cnnpipe.util.errors import CheckpointError
+from cnnpipe.util.files import sha256_file
 from cnnpipe.models.build import build_model
 
 LAYERS = [{"conv": 6, "kernel": 3, "padding": 1, "bias": False}, "batchnorm", "relu", {"maxpool": 2},

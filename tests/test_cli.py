@@ -3,7 +3,7 @@
 A tiny real pipeline (train + evaluate stage scripts on synthetic prepared
 data, MLflow off) gives a checkpoint and the evaluate stage's
 ``confusion.csv``; ``cnnpipe predict`` on PNGs of the same test images must
-give the same classes. Error paths run ``cnnpipe.cli.main`` in-process (the
+give the same classes. Error paths run ``cnnpipe.cli.main.main`` in-process (the
 same ``run_entry_point`` as the console script), one real console-script
 call checks the installed entry point.
 """
@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cnnpipe.cli import main
+from cnnpipe.cli.main import main
 from project_builder import BIN, clean_env, run_stage, stage_project
 
 N_TEST = 24
@@ -119,7 +119,7 @@ def test_predict_converts_colour_and_size_with_a_warning(trained: Path, tmp_path
 
 def test_predict_on_an_rgb_model_converts_grayscale_and_16_bit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A 3x32x32 checkpoint (untrained: only the input handling matters here)."""
-    from cnnpipe.checkpoint import save_checkpoint
+    from cnnpipe.models.checkpoint import save_checkpoint
     from cnnpipe.models.build import build_model
     from project_builder import TINY
 
@@ -138,7 +138,7 @@ def test_predict_on_an_rgb_model_converts_grayscale_and_16_bit(tmp_path: Path, c
                                 f"warning: {deep}: scaled 16-bit to 8-bit", f"warning: {deep}: converted L to RGB"]
     assert len(out.splitlines()) == 2
 
-    from cnnpipe.commands import load_image
+    from cnnpipe.cli.commands import load_image
 
     array, _ = load_image(deep, (1, 32, 32))
     assert array.shape == (1, 32, 32) and int(array.max()) == round(40000 / 257)  # rescaled, not clipped at 255
@@ -293,7 +293,7 @@ def test_show_model_and_validate(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_help_is_instant_and_lists_every_command() -> None:
     """``cnnpipe --help`` must not import torch or mlflow (it is the first thing a user types)."""
-    code = ("import sys; from cnnpipe.cli import main\n"
+    code = ("import sys; from cnnpipe.cli.main import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print('HEAVY', sorted(m for m in ('torch', 'mlflow', 'pandas') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=120)
@@ -311,7 +311,7 @@ def test_a_broken_commands_module_is_shown_not_hidden(tmp_path: Path) -> None:
 
     shadow = tmp_path / "cnnpipe"
     shutil.copytree(Path(cnnpipe.__file__).parent, shadow, ignore=shutil.ignore_patterns("__pycache__"))
-    (shadow / "commands.py").write_text("raise ImportError('commands.py is broken')\n")
+    (shadow / "cli" / "commands.py").write_text("raise ImportError('commands.py is broken')\n")
     env = clean_env(extra={"PYTHONPATH": str(tmp_path)})
     done = subprocess.run([sys.executable, "-m", "cnnpipe", "--help"], env=env, capture_output=True, text=True,
                           timeout=120)

@@ -11,41 +11,41 @@ from pathlib import Path
 
 import pytest
 
-from cnnpipe import cores
+from cnnpipe.compute import turns
 
 
 @pytest.fixture
 def ledger(tmp_path: Path):
     yield tmp_path
-    cores.release()
+    turns.release()
 
 
 def test_unclaimed_processes_keep_every_core(ledger: Path, monkeypatch) -> None:
-    assert cores.share(8) == 8
-    monkeypatch.delenv(cores.SHARE_ENV, raising=False)
-    assert cores.claim(ledger) is None and cores.share(8) == 8  # opt-in: by default threads stay as planned
+    assert turns.share(8) == 8
+    monkeypatch.delenv(turns.SHARE_ENV, raising=False)
+    assert turns.claim(ledger) is None and turns.share(8) == 8  # opt-in: by default threads stay as planned
 
 
 def test_claims_split_the_cores_and_dead_claims_are_dropped(ledger: Path) -> None:
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     try:
-        mine = cores.claim(ledger, force=True)
-        assert mine.parent == ledger / cores.LEDGER_DIR and cores.claim(ledger, force=True) == mine  # idempotent
-        assert cores.share(4) == 4  # alone
+        mine = turns.claim(ledger, force=True)
+        assert mine.parent == ledger / turns.LEDGER_DIR and turns.claim(ledger, force=True) == mine  # idempotent
+        assert turns.share(4) == 4  # alone
         folder = mine.parent
-        (folder / f"{cores._host()}-{sleeper.pid}").touch()
-        stale = folder / f"{cores._host()}-{dead.stdout.strip()}"
+        (folder / f"{turns._host()}-{sleeper.pid}").touch()
+        stale = folder / f"{turns._host()}-{dead.stdout.strip()}"
         stale.touch()
-        assert cores.share(4) == 2 and cores.share(3) == 1 and cores.share(1) == 1
+        assert turns.share(4) == 2 and turns.share(3) == 1 and turns.share(1) == 1
         assert not stale.exists()  # a claim of a dead process is removed by the reader
         sleeper.kill()
         sleeper.wait()
-        assert cores.share(4) == 4  # the other train ended: all cores again
+        assert turns.share(4) == 4  # the other train ended: all cores again
     finally:
         sleeper.kill()
-    cores.release()
-    assert not mine.exists() and cores.share(4) == 4
+    turns.release()
+    assert not mine.exists() and turns.share(4) == 4
 
 
 # --------------------------------------------------------------------------- taking turns (the default)
@@ -54,8 +54,8 @@ HOLD = """
 import sys, time
 sys.path.insert(0, {src!r})
 from pathlib import Path
-from cnnpipe import cores
-with cores.compute_turn("train", root=Path({root!r}), report=None):
+from cnnpipe.compute import turns
+with turns.compute_turn("train", root=Path({root!r}), report=None):
     print("holding", flush=True)
     time.sleep(120)
 """
@@ -63,8 +63,8 @@ with cores.compute_turn("train", root=Path({root!r}), report=None):
 
 def _holder(root: Path) -> subprocess.Popen[str]:
     """Another process of the same project in the middle of its compute turn."""
-    src = str(Path(cores.__file__).resolve().parents[1])
-    env = {k: v for k, v in os.environ.items() if k not in (cores.SHARE_ENV, cores.TURNS_ENV, "DVC_EXP_NAME")}
+    src = str(Path(turns.__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k not in (turns.SHARE_ENV, turns.TURNS_ENV, "DVC_EXP_NAME")}
     proc = subprocess.Popen([sys.executable, "-c", HOLD.format(src=src, root=str(root))], env=env,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "holding"
@@ -72,16 +72,16 @@ def _holder(root: Path) -> subprocess.Popen[str]:
 
 
 def test_a_turn_waits_for_the_holder_names_it_and_is_freed_by_kill_9(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.delenv(cores.SHARE_ENV, raising=False)
-    monkeypatch.delenv(cores.TURNS_ENV, raising=False)
+    monkeypatch.delenv(turns.SHARE_ENV, raising=False)
+    monkeypatch.delenv(turns.TURNS_ENV, raising=False)
     holder = _holder(tmp_path)
     lines: list[str] = []
     got: list[float] = []
 
     def take() -> None:
-        with cores.compute_turn("evaluate", root=tmp_path, report=lines.append):
+        with turns.compute_turn("evaluate", root=tmp_path, report=lines.append):
             got.append(time.monotonic())
-            with cores.compute_turn("nested", root=tmp_path, report=lines.append):  # re-entrant: no self-wait
+            with turns.compute_turn("nested", root=tmp_path, report=lines.append):  # re-entrant: no self-wait
                 pass
 
     waiter = threading.Thread(target=take)
@@ -90,7 +90,7 @@ def test_a_turn_waits_for_the_holder_names_it_and_is_freed_by_kill_9(tmp_path: P
         time.sleep(1.0)
         assert not got, "took the turn while another process held it"
         assert len(lines) == 1 and lines[0].startswith(f"evaluate: waiting for the cores: the train of pid {holder.pid}")
-        assert cores.SHARE_ENV in lines[0] and cores.TURNS_ENV in lines[0]
+        assert turns.SHARE_ENV in lines[0] and turns.TURNS_ENV in lines[0]
         killed = time.monotonic()
         holder.kill()  # SIGKILL: the kernel drops its flock
         waiter.join(30)
@@ -103,16 +103,16 @@ def test_a_turn_waits_for_the_holder_names_it_and_is_freed_by_kill_9(tmp_path: P
         waiter.join(30)
 
 
-@pytest.mark.parametrize("env", [{cores.TURNS_ENV: "0"}, {cores.SHARE_ENV: "1"}])
+@pytest.mark.parametrize("env", [{turns.TURNS_ENV: "0"}, {turns.SHARE_ENV: "1"}])
 def test_opting_out_or_sharing_threads_never_waits_for_a_turn(tmp_path: Path, monkeypatch, env: dict[str, str]) -> None:
-    monkeypatch.delenv(cores.SHARE_ENV, raising=False)
-    monkeypatch.delenv(cores.TURNS_ENV, raising=False)
+    monkeypatch.delenv(turns.SHARE_ENV, raising=False)
+    monkeypatch.delenv(turns.TURNS_ENV, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     holder = _holder(tmp_path)
     try:
         lines: list[str] = []
-        with cores.compute_turn("train", root=tmp_path, report=lines.append):
+        with turns.compute_turn("train", root=tmp_path, report=lines.append):
             assert holder.poll() is None  # the other one still holds it
         assert lines == []
     finally:
@@ -127,7 +127,7 @@ def test_the_train_stage_trains_only_in_its_turn(tmp_path: Path) -> None:
     work, root = stage_project(tmp_path, epochs=1, grid={"workers": 1, "cache": False}, mlflow={"enabled": False})
     holder = _holder(root)
     env = {k: v for k, v in os.environ.items()
-           if k not in (cores.SHARE_ENV, cores.TURNS_ENV, "DVC_EXP_NAME", "MLFLOW_TRACKING_URI", "CNNPIPE_DEBUG")}
+           if k not in (turns.SHARE_ENV, turns.TURNS_ENV, "DVC_EXP_NAME", "MLFLOW_TRACKING_URI", "CNNPIPE_DEBUG")}
     env.update(DVC_ROOT=str(root), DVC_STAGE="train", DVC_EXP_NAME="exp-late")
     train = subprocess.Popen([sys.executable, "stages/train.py"], cwd=work, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)

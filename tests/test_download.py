@@ -9,7 +9,7 @@ import pytest
 from cnnpipe.data.download import download_dataset
 from cnnpipe.data.registry import get_dataset
 from cnnpipe.data.sources import Source, mirror_source, sources_for
-from cnnpipe.errors import DataError
+from cnnpipe.util.errors import DataError
 from fixtures_raw import (  # noqa: F401 - pytest fixtures
     CIFAR_ARCHIVE,
     IDX_NAMES,

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from cnnpipe.errors import CheckpointError, CnnpipeError
-from cnnpipe.evaluation import MISTAKES_COLUMNS, PER_CLASS_COLUMNS, evaluate_checkpoint, write_reports
+from cnnpipe.util.errors import CheckpointError, CnnpipeError
+from cnnpipe.evaluation.score import MISTAKES_COLUMNS, PER_CLASS_COLUMNS, evaluate_checkpoint, write_reports
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LAYERS = [{"conv": 4, "kernel": 3, "padding": 1}, "relu", {"maxpool": 2}, "flatten", "linear"]
@@ -23,7 +23,7 @@ N_TEST = 120
 
 def _train_checkpoint(prepared: Path, out: Path, mlflow_ids: dict | None = None) -> dict:
     """One epoch of a tiny CNN on the synthetic split, saved as a real checkpoint."""
-    from cnnpipe.checkpoint import save_checkpoint
+    from cnnpipe.models.checkpoint import save_checkpoint
     from cnnpipe.engine import TrainData, train_run
     from cnnpipe.params import RunConfig, TrainingValues
 
@@ -198,7 +198,7 @@ def test_stage_logs_test_metrics_to_best_child_and_parent(project: Path, tmp_pat
 def test_evaluate_honours_device_tta_and_labels_the_train_count(project: Path) -> None:
     import torch
 
-    from cnnpipe.errors import ParamsError
+    from cnnpipe.util.errors import ParamsError
 
     plain = evaluate_checkpoint(project / "models/best", project / "data/prepared", device="cpu", tta="none")
     flipped = evaluate_checkpoint(project / "models/best", project / "data/prepared", device="cpu", tta="flip")
@@ -217,7 +217,7 @@ EVAL_ALTERNATIVES = {"top_k": [1, 3], "batch_size": 999, "mistakes": 3, "tta": "
 
 def test_the_evaluation_key_changes_with_every_eval_setting_the_device_the_model_and_the_data(project: Path,
                                                                                               tmp_path: Path) -> None:
-    from cnnpipe.evaluation import evaluation_key
+    from cnnpipe.evaluation.score import evaluation_key
     from cnnpipe.params import EvalParams
 
     assert set(EVAL_ALTERNATIVES) == set(EvalParams.model_fields)  # a new eval setting must be added here
@@ -258,8 +258,8 @@ def test_the_evaluation_key_changes_with_every_eval_setting_the_device_the_model
 
 def test_stored_reports_come_back_byte_for_byte_with_this_checkpoints_ids(project: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from cnnpipe.evaluation import REPORT_FILES, evaluation_key, reuse_reports, store_reports
-    from cnnpipe.outputcache import OutputCache
+    from cnnpipe.evaluation.score import REPORT_FILES, evaluation_key, reuse_reports, store_reports
+    from cnnpipe.store.outputs import OutputCache
     from cnnpipe.params import EvalParams
 
     cache = OutputCache("eval", root=tmp_path / "cache")

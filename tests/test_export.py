@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnpipe.checkpoint import load_checkpoint, save_checkpoint
+from cnnpipe.models.checkpoint import load_checkpoint, save_checkpoint
 from cnnpipe.data.prepared import load_split
 from cnnpipe.engine import evaluate_logits
 from cnnpipe.models.build import build_model
@@ -67,7 +67,7 @@ def test_cli_writes_onnx_and_torchscript_that_agree_with_pytorch_on_raw_pixels(c
 
 
 def test_a_batch_of_the_wrong_shape_is_one_clear_error(checkpoint_dir, tmp_path):
-    from cnnpipe.errors import CnnpipeError
+    from cnnpipe.util.errors import CnnpipeError
 
     best, _ = checkpoint_dir
     with pytest.raises(CnnpipeError, match=r"images have shape \(3, 1, 32, 32\), the model needs N x 1 x 28 x 28"):

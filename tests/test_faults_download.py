@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from cnnpipe.data.download import download_dataset
-from cnnpipe.errors import DataError
+from cnnpipe.util.errors import DataError
 from fixtures_raw import (  # noqa: F401 - pytest fixtures
     IDX_NAMES,
     FaultyServer,

@@ -113,7 +113,7 @@ def test_server_killed_mid_grid_training_finishes_outputs_written_exit_nonzero(t
 @pytest.mark.parametrize("keep_going", [False, True])
 def test_a_lost_store_raises_for_later_stages_and_is_remembered_by_train(monkeypatch, keep_going: bool) -> None:
     """evaluate/plots (keep_going=False) fail in one line; train's tracker remembers and skips every later call."""
-    from cnnpipe.errors import TrackingError
+    from cnnpipe.util.errors import TrackingError
     from cnnpipe.tracking import MlflowTracker
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -25,7 +25,7 @@ import yaml
 
 from cnnpipe.data.prepared import load_split
 from cnnpipe.engine import TrainData
-from cnnpipe.errors import DataError
+from cnnpipe.util.errors import DataError
 from fixtures_raw import Evil
 from project_builder import ROOT, run_stage, stage_project
 from synthetic import make_prepared

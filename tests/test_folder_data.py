@@ -20,7 +20,7 @@ from cnnpipe.data.archive import safe_extract
 from cnnpipe.data.folder_prepare import REPORT_FILE, prepare_folder
 from cnnpipe.data.folder_source import IMAGES, MANIFEST, prepare_source
 from cnnpipe.data.prepared import load_split, load_stats
-from cnnpipe.errors import DataError, ParamsError
+from cnnpipe.util.errors import DataError, ParamsError
 from cnnpipe.params import parse_params
 from fixtures_images import COLORS, image_bytes, make_tree
 from fixtures_raw import http_server, no_proxy  # noqa: F401 - fixtures
@@ -254,7 +254,7 @@ def test_folder_params_give_the_model_check_the_image_shape():
 
 
 def test_export_as_folders_round_trips_to_the_same_splits_labels_and_order(tmp_path):
-    from cnnpipe.commands import export_images
+    from cnnpipe.cli.commands import export_images
     from synthetic import make_prepared
 
     make_prepared(tmp_path / "prepared", n_train=60, n_val=20, n_test=30, shape=(1, 12, 12), num_classes=3)

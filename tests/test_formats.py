@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cnnpipe.data.formats import RawFormatError, idx_bytes, inspect_raw, load_idx, read_cifar_archive, read_idx
-from cnnpipe.errors import DataError
+from cnnpipe.util.errors import DataError
 from fixtures_raw import CIFAR_CLASSES, gunzip_sha256, make_cifar_raw, make_idx_raw, write_idx_gz
 
 

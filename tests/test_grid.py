@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cnnpipe import results
+from cnnpipe.reports import train_files
 from cnnpipe.tracking import NullTracker
 from cnnpipe.search.trial import TrainContext
 from cnnpipe.search.selection import select_best
@@ -30,7 +30,7 @@ from cnnpipe.search.selection import GridFailed
 from cnnpipe.search.log import search_definition
 from cnnpipe.search.runner import run_search
 from cnnpipe.search.progress import run_line
-from cnnpipe import executors
+from cnnpipe.compute import executors
 from cnnpipe.engine import EpochRecord, RunResult, TrainData, evaluate_logits
 from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.params import MlflowParams
@@ -204,12 +204,12 @@ def test_per_epoch_metric_histories_match_the_records(tracked_grid, store):
 
 @pytest.mark.slow
 def test_best_model_round_trips_through_models_best(tracked_grid, store, data, tmp_path):
-    from cnnpipe.checkpoint import load_checkpoint
+    from cnnpipe.models.checkpoint import load_checkpoint
 
     params, tracker, records, _ = tracked_grid
     best = select_best(records, "val_loss")
     tracker.registered_model = "grid-test-model"
-    published = results.publish(records, best, data, tracker, select_by="val_loss",
+    published = train_files.publish(records, best, data, tracker, select_by="val_loss",
                                 best_dir=tmp_path / "models" / "best", reports_dir=tmp_path / "reports")
     ckpt = load_checkpoint(tmp_path / "models" / "best")
     side = ckpt.sidecar
@@ -254,7 +254,7 @@ def test_failed_publish_leaves_previous_models_best_untouched(tracked_grid, data
     try:
         if not os.access(blocked_best.parent, os.W_OK):  # root can write anywhere: this half needs a plain user
             with pytest.raises(OSError):
-                results.publish(records, best, data, NullTracker(), select_by="val_loss", best_dir=blocked_best,
+                train_files.publish(records, best, data, NullTracker(), select_by="val_loss", best_dir=blocked_best,
                                 reports_dir=tmp_path / "r")
             assert not blocked_best.exists()
     finally:
@@ -262,7 +262,7 @@ def test_failed_publish_leaves_previous_models_best_untouched(tracked_grid, data
     # The checkpoint lands first (swapped in whole), then the reports that describe it: a failure
     # writing the reports leaves a complete new models/best and no temp folder, never a missing one.
     with pytest.raises(OSError):
-        results.publish(records, best, data, NullTracker(), select_by="val_loss", best_dir=good, reports_dir=blocked)
+        train_files.publish(records, best, data, NullTracker(), select_by="val_loss", best_dir=good, reports_dir=blocked)
     assert sorted(p.name for p in good.iterdir()) == ["model.json", "model.safetensors", "summary.txt"]
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["best"]  # no temp folders left behind
 
@@ -289,11 +289,11 @@ def test_diverged_run_is_failed_and_best_is_chosen_among_finished(data, store, t
     assert failed.data.tags["failure_reason"].startswith("diverged: loss is nan at epoch 1 batch")
     assert failed.data.tags["status"] == "diverged"
     assert client.get_run(finished.mlflow_run_id).info.status == "FINISHED"
-    frame = results.grid_frame(records)
+    frame = train_files.grid_frame(records)
     assert list(frame["status"]) == ["diverged", "finished"]
     assert pd.isna(frame.loc[0, "val_loss"]) and frame.loc[1, "val_loss"] == pytest.approx(finished.result.best.val_loss)
 
-    results.write_reports(tmp_path, records, finished, select_by="val_loss")
+    train_files.write_reports(tmp_path, records, finished, select_by="val_loss")
 
     def no_nan(token):
         raise AssertionError(f"{token} is not JSON")

@@ -22,7 +22,9 @@ import pytest
 import torch
 import yaml
 
-from cnnpipe import results, runcache
+from cnnpipe.reports import train_files
+
+from cnnpipe.store import runs
 from cnnpipe.tracking import NullTracker
 from cnnpipe.search.trial import TrainContext
 from cnnpipe.search.selection import select_best
@@ -31,7 +33,7 @@ from cnnpipe.engine import TrainData
 from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.params import MlflowParams
 from cnnpipe.search.space import expand as expand_grid
-from cnnpipe.runcache import GridCache, RunCache
+from cnnpipe.store.runs import GridCache, RunCache
 from cnnpipe.tracking import open_tracker
 from synthetic import TINY, tiny_params
 
@@ -139,7 +141,7 @@ def test_reused_runs_are_complete_mlflow_children_tagged_with_their_origin(incre
 def test_grid_csv_marks_reused_runs(incremental, tmp_path):
     _, (_, (_, second, _, _)) = incremental
     best = select_best(second, "val_loss")
-    results.write_reports(tmp_path, second, best, select_by="val_loss")
+    train_files.write_reports(tmp_path, second, best, select_by="val_loss")
     frame = pd.read_csv(tmp_path / "grid.csv")
     assert list(frame["cached"]) == [True, True, False]
     assert [row["cached"] for row in json.loads((tmp_path / "grid.json").read_text())] == [True, True, False]
@@ -179,11 +181,11 @@ def test_diverged_runs_are_never_cached(data, tmp_path):
 
 
 def test_cache_policy_off_store_only_or_reuse(tmp_path, monkeypatch):
-    assert runcache.open_grid_cache(make_params(grid={"cache": False}).grid, root=tmp_path) is None
-    assert runcache.open_grid_cache(make_params().grid, root=tmp_path).reuse is True
-    assert runcache.open_grid_cache(make_params().grid, no_cache=True, root=tmp_path).reuse is False
-    monkeypatch.setenv(runcache.NO_CACHE_ENV, "1")
-    assert runcache.open_grid_cache(make_params().grid, root=tmp_path).reuse is False
+    assert runs.open_grid_cache(make_params(grid={"cache": False}).grid, root=tmp_path) is None
+    assert runs.open_grid_cache(make_params().grid, root=tmp_path).reuse is True
+    assert runs.open_grid_cache(make_params().grid, no_cache=True, root=tmp_path).reuse is False
+    monkeypatch.setenv(runs.NO_CACHE_ENV, "1")
+    assert runs.open_grid_cache(make_params().grid, root=tmp_path).reuse is False
 
 
 @pytest.mark.slow
@@ -191,8 +193,8 @@ def test_no_cache_retrains_and_refreshes_the_entry(data, tmp_path, monkeypatch):
     cache = GridCache(RunCache(tmp_path / "cache"))
     params = make_params(lr=0.01, epochs=1)
     run(params, data, cache)
-    monkeypatch.setenv(runcache.NO_CACHE_ENV, "1")
-    store_only = runcache.open_grid_cache(make_params().grid, root=tmp_path / "cache")
+    monkeypatch.setenv(runs.NO_CACHE_ENV, "1")
+    store_only = runs.open_grid_cache(make_params().grid, root=tmp_path / "cache")
     lines: list[str] = []
     assert run(params, data, store_only, lines=lines)[1] == ["model=tiny"]
     assert lines[0] == "search: 1 trial(s), exhaustive; cache not reused, 0 resumed"
@@ -212,7 +214,7 @@ def stage_project(base: Path) -> tuple[Path, dict[str, str]]:
     raw.update({"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01], "batch_size": 64, "epochs": 1,
                 "mlflow": {"enabled": False}, "grid": {"workers": 1}})
     (base / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNPIPE_DEBUG", runcache.NO_CACHE_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNPIPE_DEBUG", runs.NO_CACHE_ENV)}
     env["DVC_ROOT"] = str(base)
     return base, env
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from cnnpipe.engine import evaluate_logits
 from cnnpipe.engine.inference import MaxPool2x2, inference_copy
-from cnnpipe.evaluation import resolve_tta, train_subset
+from cnnpipe.evaluation.score import resolve_tta, train_subset
 from cnnpipe.models.build import build_model
 from cnnpipe.models.presets import PRESETS
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.metrics import (
+from cnnpipe.util.errors import CnnpipeError
+from cnnpipe.evaluation.metrics import (
     class_scores,
     confusion_matrix,
     mean_loss,

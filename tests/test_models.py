@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnpipe.errors import ParamsError
+from cnnpipe.util.errors import ParamsError
 from cnnpipe.models.build import BasicBlock, build_model, count_params
 from cnnpipe.models.presets import PRESETS
 from cnnpipe.models.spec import normalize_layers

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnpipe import executors
+from cnnpipe.compute import executors
 from cnnpipe.search.trial import run_one
 from cnnpipe.search.trial import TrainContext
 from cnnpipe.search.trial import RunError
@@ -33,7 +33,7 @@ from cnnpipe.search.log import SearchLog
 from cnnpipe.search.progress import SearchProgress
 from cnnpipe.engine import TrainData
 from cnnpipe.engine import train_run as engine_train_run
-from cnnpipe.errors import CnnpipeError, DataError, ParamsError
+from cnnpipe.util.errors import CnnpipeError, DataError, ParamsError
 from cnnpipe.params import MlflowParams, parse_params
 from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.tracking import open_tracker
@@ -316,7 +316,7 @@ import multiprocessing, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if the test runner ignores SIGINT
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from cnnpipe import executors
+from cnnpipe.compute import executors
 from cnnpipe.engine import TrainData
 from cnnpipe.params import MlflowParams, parse_params
 from cnnpipe.search.runner import run_search

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from cnnpipe.cli import main as cli_main
+from cnnpipe.cli.main import main as cli_main
 from cnnpipe.models.presets import PRESETS
 from cnnpipe.params import TRAINING_KEYS, Params, TrainingValues, load_params, parse_params
 from cnnpipe.search.space import expand

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cnnpipe import plots
-from cnnpipe.report import markdown_table, render_readme, write_readme
+from cnnpipe.reports import figures
+from cnnpipe.reports.readme import markdown_table, render_readme, write_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -66,14 +66,14 @@ def assert_png(path: Path, size: tuple[float, float]) -> None:
     with Image.open(path) as image:
         assert image.format == "PNG"
         width, height = image.size
-        assert abs(width - size[0] * plots.DPI) <= 1 and abs(height - size[1] * plots.DPI) <= 1, image.size
+        assert abs(width - size[0] * figures.DPI) <= 1 and abs(height - size[1] * figures.DPI) <= 1, image.size
         low, high = image.convert("L").getextrema()
         assert low < 100 and high > 200  # something was drawn on the white background
 
 
 def test_learning_curves(tmp_path: Path) -> None:
     history = make_history()
-    path = plots.learning_curves(history[history.run_id == "r0"], tmp_path / "lc.png", best_epoch=4,
+    path = figures.learning_curves(history[history.run_id == "r0"], tmp_path / "lc.png", best_epoch=4,
                                  title="Selected run", stop_reason="early_stopping")
     assert path == tmp_path / "lc.png"
     assert_png(path, (15, 4.8))
@@ -82,17 +82,17 @@ def test_learning_curves(tmp_path: Path) -> None:
 def test_learning_curves_single_epoch(tmp_path: Path) -> None:
     history = make_history()
     one = history[(history.run_id == "r1") & (history.epoch == 1)]
-    assert_png(plots.learning_curves(one, tmp_path / "one.png", best_epoch=1), (15, 4.8))
+    assert_png(figures.learning_curves(one, tmp_path / "one.png", best_epoch=1), (15, 4.8))
 
 
 def test_grid_curves(tmp_path: Path) -> None:
-    path = plots.grid_curves(make_history(), tmp_path / "grid_curves.png", grid=make_grid(), selected_run_id="r0")
+    path = figures.grid_curves(make_history(), tmp_path / "grid_curves.png", grid=make_grid(), selected_run_id="r0")
     legend_rows = math.ceil(len(RUNS) / 3) + 1
     assert_png(path, (15, 4.8 + 0.25 * legend_rows))
 
 
 def test_grid_comparison_with_a_diverged_run(tmp_path: Path) -> None:
-    path = plots.grid_comparison(make_grid(), tmp_path / "cmp.png", selected_run_id="r0")
+    path = figures.grid_comparison(make_grid(), tmp_path / "cmp.png", selected_run_id="r0")
     assert_png(path, (10, 1.6 + 0.42 * len(RUNS)))
 
 
@@ -108,11 +108,11 @@ def ranking_grid() -> pd.DataFrame:
                                                    ("val_top1", ["r0", "r2", "r1", "r3"])])
 def test_grid_comparison_ranks_by_select_by_with_the_selected_run_on_top(select_by: str, order: list[str]) -> None:
     """The same order as select_best: the metric, ties to the other metric then grid order; failures last."""
-    from cnnpipe.report import rank_runs
+    from cnnpipe.reports.readme import rank_runs
 
     grid = ranking_grid()
     assert list(rank_runs(grid, select_by)["run_id"]) == order
-    fig = plots.grid_comparison_figure(grid, select_by=select_by, selected_run_id=order[0])
+    fig = figures.grid_comparison_figure(grid, select_by=select_by, selected_run_id=order[0])
     names = dict(zip(grid["run_id"], grid["run_name"]))
     ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]  # y axis inverted: first tick is the top bar
     assert ticks == [f"{names[order[0]]}  (selected)", *(names[r] for r in order[1:])]
@@ -124,7 +124,7 @@ def test_rank_runs_matches_select_best_on_real_records() -> None:
     from cnnpipe.engine import EpochRecord, RunResult
     from cnnpipe.search import selection as grid_mod
     from cnnpipe.search.space import expand as expand_grid
-    from cnnpipe.report import rank_runs
+    from cnnpipe.reports.readme import rank_runs
     from synthetic import tiny_params
 
     table = ranking_grid()
@@ -143,25 +143,25 @@ def test_rank_runs_matches_select_best_on_real_records() -> None:
 
 
 def test_curves_label_train_metrics_as_measured_while_training(tmp_path: Path) -> None:
-    fig_labels = [label for _, series, _, _ in plots.CURVE_PANELS for column, label, _ in series]
-    assert plots.TRAIN_LABEL in fig_labels and "augmented" in plots.TRAIN_LABEL and "train mode" in plots.TRAIN_LABEL
-    assert all(label == plots.VAL_LABEL for _, series, _, _ in plots.CURVE_PANELS
+    fig_labels = [label for _, series, _, _ in figures.CURVE_PANELS for column, label, _ in series]
+    assert figures.TRAIN_LABEL in fig_labels and "augmented" in figures.TRAIN_LABEL and "train mode" in figures.TRAIN_LABEL
+    assert all(label == figures.VAL_LABEL for _, series, _, _ in figures.CURVE_PANELS
                for column, label, _ in series if column.startswith("val"))
-    assert all(label == plots.TRAIN_LABEL for _, series, _, _ in plots.CURVE_PANELS
+    assert all(label == figures.TRAIN_LABEL for _, series, _, _ in figures.CURVE_PANELS
                for column, label, _ in series if column.startswith("train"))
 
 
 def test_per_class_bars(tmp_path: Path) -> None:
-    assert_png(plots.per_class_bars(make_per_class(), tmp_path / "pc.png"), (9, 1.6 + 0.5 * len(CLASSES)))
+    assert_png(figures.per_class_bars(make_per_class(), tmp_path / "pc.png"), (9, 1.6 + 0.5 * len(CLASSES)))
 
 
 def test_confusion_heatmap(tmp_path: Path) -> None:
     side = 2.8 + 0.65 * len(CLASSES)
-    assert_png(plots.confusion_heatmap(make_confusion(), CLASSES, tmp_path / "cm.png"), (side + 1.3, side))
+    assert_png(figures.confusion_heatmap(make_confusion(), CLASSES, tmp_path / "cm.png"), (side + 1.3, side))
 
 
 def test_confusion_from_pairs_counts_in_class_order() -> None:
-    counts = plots.confusion_from_pairs(["Bag", "Bag", "Coat"], ["Bag", "Coat", "Coat"], ["Coat", "Bag"])
+    counts = figures.confusion_from_pairs(["Bag", "Bag", "Coat"], ["Bag", "Coat", "Coat"], ["Coat", "Bag"])
     assert counts.tolist() == [[1, 0], [1, 1]]
 
 
@@ -170,20 +170,20 @@ def test_mistakes_grid(tmp_path: Path, channels: int) -> None:
     from synthetic import make_images
 
     images, labels = make_images(7, (channels, 16, 16), 10, seed=3)
-    path = plots.mistakes_grid(images, [CLASSES[i] for i in labels], [CLASSES[(i + 1) % 10] for i in labels],
+    path = figures.mistakes_grid(images, [CLASSES[i] for i in labels], [CLASSES[(i + 1) % 10] for i in labels],
                                [0.99] * 7, tmp_path / "m.png", ncols=5)
     assert_png(path, (2.3 * 5 + 0.4, 2.55 * 2 + 0.7))
 
 
 def test_mistakes_grid_without_mistakes(tmp_path: Path) -> None:
-    path = plots.mistakes_grid(np.zeros((0, 1, 8, 8), np.uint8), [], [], [], tmp_path / "none.png")
+    path = figures.mistakes_grid(np.zeros((0, 1, 8, 8), np.uint8), [], [], [], tmp_path / "none.png")
     assert_png(path, (2.3 + 0.4, 2.55 + 0.7))
 
 
 def test_figure_write_is_atomic_and_overwrites(tmp_path: Path) -> None:
     target = tmp_path / "cmp.png"
     target.write_bytes(b"old")
-    plots.grid_comparison(make_grid(), target)
+    figures.grid_comparison(make_grid(), target)
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["cmp.png"]  # no temp file left behind
 
@@ -273,7 +273,7 @@ def test_plots_stage_writes_figures_and_readme(tmp_path: Path) -> None:
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     env["PYTHONPATH"] = str(ROOT / "src")
-    done = subprocess.run([sys.executable, str(ROOT / "stages" / "plots.py")], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / "figures.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     names = sorted(p.name for p in (reports / "figures").iterdir())
@@ -293,7 +293,7 @@ def test_plots_stage_missing_input_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"}
     env["PYTHONPATH"] = str(ROOT / "src")
-    done = subprocess.run([sys.executable, str(ROOT / "stages" / "plots.py")], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / "figures.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip() == "error: reports/train.json is missing; run the earlier stages first (dvc repro)"
@@ -316,7 +316,7 @@ def test_offline_template_is_current_and_loads_nothing_remote() -> None:
     for library in ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js"):
         assert f"vendor/{library} sha256=" in page
 
-    # The project default: DVC resolves a relative plots.html_template against .dvc/.
+    # The project default: DVC resolves a relative figures.html_template against .dvc/.
     config = configparser.ConfigParser()
     config.read(ROOT / ".dvc" / "config")
     template = config.get("plots", "html_template")
@@ -327,7 +327,7 @@ def test_rank_runs_leaves_pruned_trials_out_of_the_candidates() -> None:
     """A successive-halving grid.csv (read back from CSV, as the plots stage does): pruned trials rank last."""
     import io
 
-    from cnnpipe.report import rank_runs
+    from cnnpipe.reports.readme import rank_runs
 
     csv = ("run_id,run_name,status,val_loss,val_top1,pruned\n"
            "a,lr=1,paused,0.10,0.99,True\n"
@@ -341,7 +341,7 @@ def test_rank_runs_leaves_pruned_trials_out_of_the_candidates() -> None:
 
 def _full_grid() -> pd.DataFrame:
     """make_grid() with every column grid.csv has (the missing ones filled)."""
-    from cnnpipe.results import GRID_COLUMNS
+    from cnnpipe.reports.train_files import GRID_COLUMNS
 
     grid = make_grid()
     for i, column in enumerate(c for c in GRID_COLUMNS if c not in grid):
@@ -364,33 +364,33 @@ def _perturbed(frame: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def test_a_figure_key_changes_with_every_drawn_column_and_no_undrawn_one() -> None:
-    from cnnpipe.results import GRID_COLUMNS, HISTORY_COLUMNS
+    from cnnpipe.reports.train_files import GRID_COLUMNS, HISTORY_COLUMNS
 
-    assert plots.UNDRAWN_COLUMNS <= set(GRID_COLUMNS) | set(HISTORY_COLUMNS)  # no stale name hides a real column
-    for fn, frame, other in ((plots.grid_comparison, _full_grid(), {}),
-                             (plots.learning_curves, make_history()[list(HISTORY_COLUMNS)], {})):
-        base = plots.figure_key(fn, frame, "unused.png", **other)
-        assert plots.figure_key(fn, frame.copy(), "elsewhere.png", **other) == base  # the output path does not count
+    assert figures.UNDRAWN_COLUMNS <= set(GRID_COLUMNS) | set(HISTORY_COLUMNS)  # no stale name hides a real column
+    for fn, frame, other in ((figures.grid_comparison, _full_grid(), {}),
+                             (figures.learning_curves, make_history()[list(HISTORY_COLUMNS)], {})):
+        base = figures.figure_key(fn, frame, "unused.png", **other)
+        assert figures.figure_key(fn, frame.copy(), "elsewhere.png", **other) == base  # the output path does not count
         for column in frame.columns:
-            changed = plots.figure_key(fn, _perturbed(frame, column), "unused.png", **other)
-            assert (changed == base) == (column in plots.UNDRAWN_COLUMNS), column
-    assert plots.figure_key(plots.grid_comparison, make_grid(), "x.png", select_by="val_top1") != \
-        plots.figure_key(plots.grid_comparison, make_grid(), "x.png", select_by="val_loss")
+            changed = figures.figure_key(fn, _perturbed(frame, column), "unused.png", **other)
+            assert (changed == base) == (column in figures.UNDRAWN_COLUMNS), column
+    assert figures.figure_key(figures.grid_comparison, make_grid(), "x.png", select_by="val_top1") != \
+        figures.figure_key(figures.grid_comparison, make_grid(), "x.png", select_by="val_loss")
 
 
 def test_undrawn_columns_really_leave_every_figure_unchanged(tmp_path: Path) -> None:
     """The key's promise, checked on the pixels: perturbing every undrawn column gives the same PNG bytes."""
     history, grid = make_history(), _full_grid()
     other_history, other_grid = history, grid
-    for column in plots.UNDRAWN_COLUMNS:
+    for column in figures.UNDRAWN_COLUMNS:
         if column in other_history:
             other_history = _perturbed(other_history, column)
         if column in other_grid:
             other_grid = _perturbed(other_grid, column)
     for name, draw in {
-        "curves": lambda h, g, p: plots.grid_curves(h, p, grid=g, selected_run_id="r0"),
-        "comparison": lambda h, g, p: plots.grid_comparison(g, p, selected_run_id="r0"),
-        "learning": lambda h, g, p: plots.learning_curves(h[h.run_id == "r0"], p, best_epoch=4),
+        "curves": lambda h, g, p: figures.grid_curves(h, p, grid=g, selected_run_id="r0"),
+        "comparison": lambda h, g, p: figures.grid_comparison(g, p, selected_run_id="r0"),
+        "learning": lambda h, g, p: figures.learning_curves(h[h.run_id == "r0"], p, best_epoch=4),
     }.items():
         a = draw(history, grid, tmp_path / f"{name}-a.png")
         b = draw(other_history, other_grid, tmp_path / f"{name}-b.png")
@@ -398,30 +398,30 @@ def test_undrawn_columns_really_leave_every_figure_unchanged(tmp_path: Path) -> 
 
 
 def test_a_figure_with_unchanged_inputs_is_copied_back_not_drawn(tmp_path: Path, monkeypatch) -> None:
-    from cnnpipe.outputcache import OutputCache
+    from cnnpipe.store.outputs import OutputCache
 
     cache = OutputCache("figures", root=tmp_path / "cache")
-    first = plots.draw(plots.grid_comparison, make_grid(), tmp_path / "a.png", cache=cache, selected_run_id="r0")
+    first = figures.draw(figures.grid_comparison, make_grid(), tmp_path / "a.png", cache=cache, selected_run_id="r0")
     assert cache.hits == 0 and len(list(cache.root.iterdir())) == 1
-    again = plots.draw(plots.grid_comparison, make_grid(), tmp_path / "b.png", cache=cache, selected_run_id="r0")
+    again = figures.draw(figures.grid_comparison, make_grid(), tmp_path / "b.png", cache=cache, selected_run_id="r0")
     assert cache.hits == 1 and again.read_bytes() == first.read_bytes()
-    other = plots.draw(plots.grid_comparison, make_grid(), tmp_path / "c.png", cache=cache, selected_run_id="r1")
+    other = figures.draw(figures.grid_comparison, make_grid(), tmp_path / "c.png", cache=cache, selected_run_id="r1")
     assert cache.hits == 1 and len(list(cache.root.iterdir())) == 2 and other.read_bytes() != first.read_bytes()
     monkeypatch.setenv("CNNPIPE_NO_CACHE", "1")  # draws again (and stores the fresh one)
-    plots.draw(plots.grid_comparison, make_grid(), tmp_path / "d.png", cache=cache, selected_run_id="r0")
+    figures.draw(figures.grid_comparison, make_grid(), tmp_path / "d.png", cache=cache, selected_run_id="r0")
     assert cache.hits == 1
     monkeypatch.delenv("CNNPIPE_NO_CACHE")
-    (cache.root / plots.figure_key(plots.grid_comparison, make_grid(), "x", selected_run_id="r0") / plots.FIGURE_FILE).unlink()
-    redrawn = plots.draw(plots.grid_comparison, make_grid(), tmp_path / "e.png", cache=cache, selected_run_id="r0")
+    (cache.root / figures.figure_key(figures.grid_comparison, make_grid(), "x", selected_run_id="r0") / figures.FIGURE_FILE).unlink()
+    redrawn = figures.draw(figures.grid_comparison, make_grid(), tmp_path / "e.png", cache=cache, selected_run_id="r0")
     assert cache.hits == 1 and redrawn.read_bytes() == first.read_bytes()  # an incomplete entry is drawn again
 
 
 def test_a_figure_that_cannot_be_stored_is_still_written(tmp_path: Path, capsys) -> None:
-    from cnnpipe.outputcache import OutputCache
+    from cnnpipe.store.outputs import OutputCache
 
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the cache folder should be")
     cache = OutputCache("figures", root=blocked)
-    path = plots.draw(plots.grid_comparison, make_grid(), tmp_path / "a.png", cache=cache, selected_run_id="r0")
+    path = figures.draw(figures.grid_comparison, make_grid(), tmp_path / "a.png", cache=cache, selected_run_id="r0")
     assert path.stat().st_size > 1000
     assert "cache: could not store" in capsys.readouterr().err

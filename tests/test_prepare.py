@@ -8,7 +8,7 @@ import pytest
 from cnnpipe.data.prepare import load_raw, prepare_dataset, stratified_split
 from cnnpipe.data.prepared import channel_stats, load_split
 from cnnpipe.data.registry import get_dataset
-from cnnpipe.errors import DataError
+from cnnpipe.util.errors import DataError
 from fixtures_raw import IDX_NAMES, make_cifar_raw, make_idx_raw
 
 
@@ -133,7 +133,7 @@ def test_numpy_images_equal_the_tensor_split_and_are_verified(tmp_path) -> None:
     import pytest as _pytest
 
     from cnnpipe.data.prepared import load_images_numpy, load_split
-    from cnnpipe.errors import DataError
+    from cnnpipe.util.errors import DataError
     from synthetic import make_prepared
 
     folder = tmp_path / "prepared"

@@ -14,7 +14,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from cnnpipe import executors  # noqa: E402
+from cnnpipe.compute import executors  # noqa: E402
 from cnnpipe.search.trial import TrainContext  # noqa: E402
 from cnnpipe.search.selection import select_best  # noqa: E402
 from cnnpipe.search.runner import run_search  # noqa: E402
@@ -90,7 +90,7 @@ def test_ray_runs_are_tracked_by_the_driver_with_full_histories(both):
 
 def test_successive_halving_on_ray_selects_and_trains_like_the_local_backend(prepared, tmp_path):
     """Rungs map onto Ray one after another (Ray stays up between them); promoted trials resume from state."""
-    from cnnpipe.search.runstate import RunStateStore
+    from cnnpipe.store.states import RunStateStore
     from cnnpipe.search.strategies import halving
 
     data = TrainData.load(prepared, splits=("train", "val"))

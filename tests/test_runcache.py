@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from cnnpipe.params import parse_params
-from cnnpipe.runcache import RunCache, cache_key, code_digest
+from cnnpipe.store.runs import RunCache, cache_key, code_digest
 from cnnpipe.search.space import expand
 
 ROOT = Path(__file__).resolve().parents[1]

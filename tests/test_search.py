@@ -16,12 +16,12 @@ import torch
 from cnnpipe.engine import EpochRecord, RunResult, TrainData
 from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.engine.resume import load_resume_state, save_resume_state, state_path
-from cnnpipe.errors import CheckpointError
-from cnnpipe.fsutil import atomic_dir, exchange_paths
+from cnnpipe.util.errors import CheckpointError
+from cnnpipe.util.files import atomic_dir, exchange_paths
 from cnnpipe.params import MlflowParams
 from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.search.runner import run_search
-from cnnpipe.search.runstate import RunStateStore
+from cnnpipe.store.states import RunStateStore
 from cnnpipe.search.selection import RunRecord, best_epoch_until, rung_score, select_best
 from cnnpipe.search.strategies import Exhaustive, halving, promote
 from cnnpipe.search.trial import TrainContext, run_one
@@ -153,8 +153,8 @@ def test_cache_command_lists_and_prunes_by_age_and_count(tmp_path: Path, monkeyp
     import os
     import time
 
-    from cnnpipe import cachectl
-    from cnnpipe.cli import main
+    from cnnpipe.store import inventory
+    from cnnpipe.cli.main import main
 
     monkeypatch.setenv("CNNPIPE_CACHE_DIR", str(tmp_path / "runs"))
     for kind, names in (("runs", ["r1", "r2", "r3"]), ("state", ["s1", "s2"])):
@@ -165,7 +165,7 @@ def test_cache_command_lists_and_prunes_by_age_and_count(tmp_path: Path, monkeyp
             stamp = time.time() - age * 86400
             for path in (folder, *folder.iterdir()):
                 os.utime(path, (stamp, stamp))
-    from cnnpipe.outputcache import OutputCache
+    from cnnpipe.store.outputs import OutputCache
 
     source = tmp_path / "figure.png"
     source.write_bytes(b"png")
@@ -175,10 +175,10 @@ def test_cache_command_lists_and_prunes_by_age_and_count(tmp_path: Path, monkeyp
         for path in (figures.put(key, {"figure.png": source}), figures.root / key / "figure.png"):
             os.utime(path, (stamp, stamp))
     figures.get("f2", ["figure.png"])  # a reuse makes it the newest
-    items = cachectl.entries()
+    items = inventory.entries()
     assert sorted(e.path.name for e in items) == ["f1", "f2", "r1", "r2", "r3", "s1", "s2"]
-    assert {e.path.name for e in cachectl.select_prunable(items, older_than=1.5 * 86400, keep_last=None)} == {"r3"}
-    assert {e.path.name for e in cachectl.select_prunable(items, older_than=None, keep_last=1)} == {"r2", "r3", "s2", "f1"}
+    assert {e.path.name for e in inventory.select_prunable(items, older_than=1.5 * 86400, keep_last=None)} == {"r3"}
+    assert {e.path.name for e in inventory.select_prunable(items, older_than=None, keep_last=1)} == {"r2", "r3", "s2", "f1"}
     with pytest.raises(SystemExit):
         main(["cache", "--keep-last", "1"])
     out = capsys.readouterr().out
@@ -221,7 +221,7 @@ def test_without_a_schedule_more_epochs_continue_the_saved_state(data: TrainData
 
 
 def search(data, configs, tmp: Path, *, strategy=None, tracker=None, train_run=None, lines=None, cache=False):
-    from cnnpipe.runcache import GridCache, RunCache
+    from cnnpipe.store.runs import GridCache, RunCache
 
     ctx = TrainContext(data=data, progress=False, num_threads=1, state_root=tmp / "state", train_run=train_run,
                        **({"tracker": tracker} if tracker is not None else {}))
@@ -377,7 +377,7 @@ def test_a_crashed_run_keeps_its_traceback_in_mlflow_and_under_debug(data, tmp_p
 def test_the_rungs_figure_draws_every_trial(tmp_path: Path) -> None:
     import pandas as pd
 
-    from cnnpipe.plots import halving_rungs
+    from cnnpipe.reports.figures import halving_rungs
 
     rows, grid = [], []
     for i, stop in enumerate([1, 1, 3, 9]):

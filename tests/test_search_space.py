@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cnnpipe.errors import ParamsError
+from cnnpipe.util.errors import ParamsError
 from cnnpipe.params import load_params, parse_params
 from cnnpipe.search.space import expand, round_sig, sample_points
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnpipe.errors import TrackingError
+from cnnpipe.util.errors import TrackingError
 from cnnpipe.params import MlflowParams
 from cnnpipe.tracking import (
     NullTracker,
@@ -132,7 +132,8 @@ def test_disabled_tracking_never_imports_mlflow(tmp_path):
     code = (
         "import sys\n"
         "from cnnpipe.params import MlflowParams\n"
-        "from cnnpipe import results, tracking, layerstats\n"
+        "from cnnpipe import tracking\n"
+        "from cnnpipe.reports import train_files, layer_histograms\n"
         "from cnnpipe.search import runner, log, trial\n"
         "t = tracking.open_tracker(MlflowParams(enabled=False))\n"
         "assert type(t) is tracking.NullTracker and tracking.preflight(MlflowParams(enabled=False)) is None\n"
@@ -243,7 +244,7 @@ def tiny_checkpoint(folder: Path, seed: int) -> Path:
     import torch
     from synthetic import TINY
 
-    from cnnpipe.checkpoint import save_checkpoint
+    from cnnpipe.models.checkpoint import save_checkpoint
     from cnnpipe.models.build import build_model
 
     torch.manual_seed(seed)

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cnnpipe.results import GRID_COLUMNS, HISTORY_COLUMNS, TRAIN_JSON_KEYS
+from cnnpipe.reports.train_files import GRID_COLUMNS, HISTORY_COLUMNS, TRAIN_JSON_KEYS
 from project_builder import make_project, run_stage, write_params
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_stage_writes_every_report_with_the_documented_columns(project):
 
 
 def test_models_best_is_the_selected_run(project):
-    from cnnpipe.checkpoint import load_checkpoint
+    from cnnpipe.models.checkpoint import load_checkpoint
 
     work, _, _ = project
     train = json.loads((work / "reports" / "train.json").read_text())

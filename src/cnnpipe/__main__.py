@@ -1,3 +1,3 @@
-from cnnpipe.cli import main
+from cnnpipe.cli.main import main
 
 main()

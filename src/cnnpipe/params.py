@@ -47,7 +47,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from cnnpipe.data.registry import DATASETS, REGISTRY_SOURCE, DatasetSpec, folder_spec, get_dataset, is_archive_name
-from cnnpipe.errors import ParamsError
+from cnnpipe.util.errors import ParamsError
 
 
 def _bad(message: str) -> PydanticCustomError:
@@ -406,7 +406,7 @@ class EvalParams(_Strict):
     top_k: list[PositiveInt] = Field(default_factory=lambda: [1, 5], min_length=1)
     batch_size: PositiveInt = 1000
     mistakes: NonNegInt = 25
-    tta: Literal["auto", "none", "flip"] = "auto"  # test-time augmentation (see cnnpipe.evaluation)
+    tta: Literal["auto", "none", "flip"] = "auto"  # test-time augmentation (see cnnpipe.evaluation.score)
 
 
 class MlflowParams(_Strict):

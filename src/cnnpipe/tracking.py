@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnpipe import __version__
-from cnnpipe.errors import TrackingError
-from cnnpipe.paths import project_root, work_dir
+from cnnpipe.util.errors import TrackingError
+from cnnpipe.util.paths import project_root, work_dir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -477,7 +477,7 @@ class MlflowTracker(NullTracker):
         """
         import tempfile
 
-        from cnnpipe.checkpoint import read_sidecar
+        from cnnpipe.models.checkpoint import read_sidecar
         from cnnpipe.serving import registry
         from cnnpipe.serving.mlflow_model import save_pyfunc
 

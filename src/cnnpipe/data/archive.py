@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from cnnpipe.errors import DataError
-from cnnpipe.fsutil import atomic_dir
+from cnnpipe.util.errors import DataError
+from cnnpipe.util.files import atomic_dir
 
 MAX_MEMBERS = 2_000_000
 MAX_BYTES = 64 * 1024**3  # what an archive may expand to

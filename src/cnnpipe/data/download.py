@@ -40,7 +40,7 @@ from cnnpipe import __version__
 from cnnpipe.data.formats import RawCheck, RawFormatError, inspect_raw
 from cnnpipe.data.registry import DatasetSpec, RawFile
 from cnnpipe.data.sources import Source, sources_for
-from cnnpipe.errors import DataError
+from cnnpipe.util.errors import DataError
 
 USER_AGENT = f"cnnpipe/{__version__} (dataset download; python-urllib)"
 CHUNK = 1 << 16

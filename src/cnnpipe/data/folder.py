@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from cnnpipe.data.images import IMAGE_SUFFIXES
-from cnnpipe.errors import DataError
+from cnnpipe.util.errors import DataError
 
 SPLIT_DIRS = ("train", "val", "test")
 OS_LITTER = frozenset({".ds_store", "thumbs.db", "desktop.ini", "__macosx"})

@@ -36,8 +36,8 @@ from cnnpipe.data.folder import Entry, Tree, scan_tree
 from cnnpipe.data.images import ImageProblem, ImageTooLarge, to_array
 from cnnpipe.data.prepare import stratified_split
 from cnnpipe.data.prepared import PreparedStats, write_prepared
-from cnnpipe.errors import DataError
-from cnnpipe.fsutil import atomic_dir, atomic_write_json
+from cnnpipe.util.errors import DataError
+from cnnpipe.util.files import atomic_dir, atomic_write_json
 
 REPORT_FILE = "folder_report.json"
 SHOWN = 3  # file names quoted in one-line messages

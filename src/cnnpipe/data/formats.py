@@ -29,7 +29,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from cnnpipe.errors import DataError
+from cnnpipe.util.errors import DataError
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"

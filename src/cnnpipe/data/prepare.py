@@ -18,8 +18,8 @@ import numpy as np
 from cnnpipe.data.formats import load_idx, read_cifar_archive
 from cnnpipe.data.prepared import PreparedStats, write_prepared
 from cnnpipe.data.registry import DatasetSpec
-from cnnpipe.errors import DataError
-from cnnpipe.fsutil import atomic_dir
+from cnnpipe.util.errors import DataError
+from cnnpipe.util.files import atomic_dir
 
 
 @dataclass(frozen=True)

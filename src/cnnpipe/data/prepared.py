@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cnnpipe.errors import DataError
-from cnnpipe.fsutil import atomic_path, atomic_write_json, sha256_file
+from cnnpipe.util.errors import DataError
+from cnnpipe.util.files import atomic_path, atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
     import torch

@@ -204,6 +204,6 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        from cnnpipe.errors import DataError
+        from cnnpipe.util.errors import DataError
 
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None

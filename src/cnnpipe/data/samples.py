@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cnnpipe.fsutil import atomic_path
+from cnnpipe.util.files import atomic_path
 
 GAP = 2  # pixels between tiles
 

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnpipe.cores import rebalance
-from cnnpipe.device import configure_backend, is_cuda, resolve_device, thread_limit
+from cnnpipe.compute.turns import rebalance
+from cnnpipe.compute.device import configure_backend, is_cuda, resolve_device, thread_limit
 from cnnpipe.engine.augment import augment, norm_constants, normalize
 from cnnpipe.engine.data import TrainData
 from cnnpipe.engine.early_stopping import EarlyStopping
@@ -46,8 +46,8 @@ from cnnpipe.engine.inference import has_conv, inference_copy
 from cnnpipe.engine.optim import build_optimizer, build_scheduler, current_lr
 from cnnpipe.engine.records import EpochRecord, RunResult
 from cnnpipe.engine.resume import load_resume_state, save_resume_state, state_identity
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.metrics import topk_accuracy
+from cnnpipe.util.errors import CnnpipeError
+from cnnpipe.evaluation.metrics import topk_accuracy
 from cnnpipe.models.build import build_model
 from cnnpipe.params import RunConfig, resolve_augment
 

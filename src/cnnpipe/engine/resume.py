@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cnnpipe.errors import CheckpointError
-from cnnpipe.fsutil import atomic_path
+from cnnpipe.util.errors import CheckpointError
+from cnnpipe.util.files import atomic_path
 
 if TYPE_CHECKING:
     from cnnpipe.params import RunConfig

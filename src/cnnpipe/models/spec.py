@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cnnpipe.errors import ParamsError
+from cnnpipe.util.errors import ParamsError
 
 # type -> (main argument name or None, {option: default}); None default = required
 LAYER_TYPES: dict[str, tuple[str | None, dict[str, Any]]] = {

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.executors import Event
+from cnnpipe.compute.executors import Event
 from cnnpipe.params import Params, RunConfig
 from cnnpipe.search.progress import SearchProgress, run_line
 from cnnpipe.search.selection import RunRecord, failure_reason, one_line
@@ -37,8 +37,8 @@ from cnnpipe.tracking import NullTracker
 if TYPE_CHECKING:
     from cnnpipe.engine import RunResult, TrainData
     from cnnpipe.engine.records import EpochRecord
-    from cnnpipe.runcache import CachedRun, GridCache
-    from cnnpipe.search.runstate import RunStateStore
+    from cnnpipe.store.runs import CachedRun, GridCache
+    from cnnpipe.store.states import RunStateStore
 
 TRACEBACK_FILE = "traceback.txt"
 
@@ -283,14 +283,14 @@ class SearchLog:
         """End the trial's child run; cache a finished run and drop its state."""
         histograms = None
         if outcome is not None and outcome.layers:
-            from cnnpipe.layerstats import histogram_figure
+            from cnnpipe.reports.layer_histograms import histogram_figure
 
             figure = histogram_figure(outcome.layers, f"{rec.cfg.name}: weights and gradients after epoch {outcome.layers_epoch}")
             histograms = _png_bytes(figure)
         self._end_child(rec, histograms)
         complete = rec.ok and rec.result.status in ("finished", "diverged") and not rec.pruned
         if self.cache is not None and complete and rec.result.model is not None and not rec.cached:
-            from cnnpipe.runcache import HISTOGRAMS
+            from cnnpipe.store.runs import HISTOGRAMS
 
             try:
                 self.cache.store(rec.cfg, cache_entry(rec, self.tracker), rec.result.model.state_dict(),
@@ -330,7 +330,7 @@ class SearchLog:
         return rec
 
     def end_reused(self, rec: RunRecord, hit: "CachedRun") -> None:
-        from cnnpipe.runcache import HISTOGRAMS
+        from cnnpipe.store.runs import HISTOGRAMS
 
         histograms = hit.path / HISTOGRAMS
         self._end_child(rec, histograms.read_bytes() if histograms.is_file() else None)
@@ -340,7 +340,7 @@ class SearchLog:
     def _end_child(self, rec: RunRecord, histograms: bytes | None) -> None:
         if not self.tracker.enabled:
             return
-        from cnnpipe import results
+        from cnnpipe.reports import train_files
 
         result = rec.result
         tags = {"status": rec.status, "stop_reason": one_line(result.stop_reason, 5000)}
@@ -348,13 +348,13 @@ class SearchLog:
             tags.update({"cnnpipe.pruned": "true", "cnnpipe.pruned_at_epoch": str(result.epochs_run)})
         if rec.rung:  # a halving trial: pruned or promoted to the end, so the UI can filter either
             tags.update({"cnnpipe.rung": str(rec.rung), "cnnpipe.pruned": "true" if rec.pruned else "false"})
-        texts = {"model_summary.txt": self._summary(rec.cfg) + "\n", "history.csv": results.history_csv_text(rec)}
+        texts = {"model_summary.txt": self._summary(rec.cfg) + "\n", "history.csv": train_files.history_csv_text(rec)}
         if result.traceback:
             texts[TRACEBACK_FILE] = result.traceback
         with tempfile.TemporaryDirectory(prefix="cnnpipe-child-") as tmp:
             files = [self.samples] if self.samples is not None else []
             if histograms:
-                from cnnpipe.runcache import HISTOGRAMS
+                from cnnpipe.store.runs import HISTOGRAMS
 
                 path = Path(tmp) / HISTOGRAMS
                 path.write_bytes(histograms)

@@ -2,7 +2,7 @@
 
 ``run_search`` first takes every finished trial from the run cache, then
 trains the rest rung by rung (the exhaustive grid is one rung to the end) on
-the executor (``cnnpipe.executors``: sequential, local processes, Ray). Each
+the executor (``cnnpipe.compute.executors``: sequential, local processes, Ray). Each
 trial continues from its saved run state, so a killed search resumes where
 it stopped and a promoted trial never retrains an epoch. A failed trial is
 recorded and the search goes on; a ``CnnpipeError`` in a trial stops it
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.cores import compute_turn
-from cnnpipe.errors import DataError
-from cnnpipe.executors import Executor, SequentialExecutor
+from cnnpipe.compute.turns import compute_turn
+from cnnpipe.util.errors import DataError
+from cnnpipe.compute.executors import Executor, SequentialExecutor
 from cnnpipe.params import Params, RunConfig
 from cnnpipe.search.log import SearchLog
 from cnnpipe.search.progress import SearchProgress, bars_wanted
@@ -31,8 +31,8 @@ from cnnpipe.tracking import NullTracker
 
 if TYPE_CHECKING:
     from cnnpipe.engine import TrainData
-    from cnnpipe.runcache import CachedRun, GridCache
-    from cnnpipe.search.runstate import RunStateStore
+    from cnnpipe.store.runs import CachedRun, GridCache
+    from cnnpipe.store.states import RunStateStore
 
 
 def check_dataset(data: "TrainData", params: Params) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cnnpipe.errors import CnnpipeError
+from cnnpipe.util.errors import CnnpipeError
 from cnnpipe.params import RunConfig
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from cnnpipe.errors import ParamsError
+from cnnpipe.util.errors import ParamsError
 from cnnpipe.params import (
     TRAINING_KEYS,
     Choice,

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe import errors as _errors
-from cnnpipe.errors import CheckpointError, CnnpipeError, DataError
-from cnnpipe.executors import Emit
+from cnnpipe.util import errors as _errors
+from cnnpipe.util.errors import CheckpointError, CnnpipeError, DataError
+from cnnpipe.compute.executors import Emit
 from cnnpipe.params import RunConfig
 from cnnpipe.search.selection import RunRecord, one_line
 from cnnpipe.tracking import NullTracker
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from cnnpipe.engine import RunResult, TrainData
     from cnnpipe.engine.records import EpochRecord
-    from cnnpipe.layerstats import LayerSnapshot
+    from cnnpipe.reports.layer_histograms import LayerSnapshot
 
 
 @dataclass
@@ -170,12 +170,12 @@ def run_one(ctx: TrainContext, index: int, cfg: RunConfig, budget: int | None = 
             from cnnpipe.engine import train_run
         folder = None
         if ctx.state_root is not None and stateful:
-            from cnnpipe.search.runstate import RunStateStore
+            from cnnpipe.store.states import RunStateStore
 
             folder = RunStateStore(ctx.state_root).folder(cfg, data.fingerprint, ctx.device)
         resumed = _usable_state(folder, notes)
         if ctx.histograms:
-            from cnnpipe.layerstats import LastSnapshot
+            from cnnpipe.reports.layer_histograms import LastSnapshot
 
             last = LastSnapshot()
         if emit is not None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.errors import CnnpipeError
+from cnnpipe.util.errors import CnnpipeError
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-    from cnnpipe.checkpoint import Checkpoint
+    from cnnpipe.models.checkpoint import Checkpoint
 
 
 def as_batch(images: Any, shape: tuple[int, ...]) -> "np.ndarray":

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsutil import atomic_path
+from cnnpipe.util.errors import CnnpipeError
+from cnnpipe.util.files import atomic_path
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from torch import nn
 
-    from cnnpipe.checkpoint import Checkpoint
+    from cnnpipe.models.checkpoint import Checkpoint
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.checkpoint import SIDECAR_FILE, WEIGHTS_FILE, read_sidecar
+from cnnpipe.models.checkpoint import SIDECAR_FILE, WEIGHTS_FILE, read_sidecar
 from cnnpipe.serving import pyfunc_model
 
 if TYPE_CHECKING:

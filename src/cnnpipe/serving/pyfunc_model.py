@@ -3,7 +3,7 @@
 MLflow copies this file into every logged model and *executes* it when the
 model is loaded (``mlflow.pyfunc.load_model``, ``mlflow models serve``):
 nothing of ours is pickled, and loading reads only the safetensors weights
-and the ``model.json`` sidecar through ``cnnpipe.checkpoint`` (hash-checked,
+and the ``model.json`` sidecar through ``cnnpipe.models.checkpoint`` (hash-checked,
 never unpickled). Input: a batch of raw images ``N x C x H x W`` (uint8,
 0-255, the dataset's shape). Output: one row per image, the probability of
 every class (one column per class name), ``label`` (top-1) and ``top_k``
@@ -22,7 +22,7 @@ class CnnpipeClassifier(PythonModel):
     """A checkpoint folder behind MLflow's pyfunc interface (same maths as ``cnnpipe predict``)."""
 
     def load_context(self, context) -> None:  # noqa: ANN001
-        from cnnpipe.checkpoint import load_checkpoint
+        from cnnpipe.models.checkpoint import load_checkpoint
 
         self.checkpoint = load_checkpoint(context.artifacts[ARTIFACT])
 

@@ -74,7 +74,7 @@ def link_tags(run_tags: dict[str, str]) -> dict[str, str]:
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, alias, version)."""
-    from cnnpipe.errors import CnnpipeError
+    from cnnpipe.util.errors import CnnpipeError
 
     rest = uri[len("models:/"):].strip("/") if uri.startswith("models:/") else ""
     if "@" in rest:
@@ -93,7 +93,7 @@ def get_version(client: "MlflowClient", uri: str, store: str) -> "ModelVersion":
     """The version a ``models:/`` URI names, or one CnnpipeError line saying what is missing."""
     from mlflow.exceptions import MlflowException
 
-    from cnnpipe.errors import CnnpipeError
+    from cnnpipe.util.errors import CnnpipeError
 
     name, alias, version = parse_models_uri(uri)
     try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cnnpipe.errors import CnnpipeError
+from cnnpipe.util.errors import CnnpipeError
 
 
 def _check_k(ks: list[int], num_classes: int) -> None:

@@ -1,6 +1,6 @@
 """``cnnpipe predict | export-images | runs | ui``: the subcommands that need torch, pandas or mlflow.
 
-Registered into the argparse tree by ``cnnpipe.cli``; every heavy import
+Registered into the argparse tree by ``cnnpipe.cli.main``; every heavy import
 happens inside the handler, so ``cnnpipe --help`` stays instant.
 """
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cnnpipe.errors import CnnpipeError
+from cnnpipe.util.errors import CnnpipeError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -94,7 +94,7 @@ def predict_files(model_dir: str, files: list[Path], top_k: int) -> list[dict[st
     import numpy as np
     import torch
 
-    from cnnpipe.checkpoint import load_checkpoint
+    from cnnpipe.models.checkpoint import load_checkpoint
     from cnnpipe.serving.classify import probabilities
 
     checkpoint = load_checkpoint(model_dir)

@@ -1,7 +1,7 @@
 """Score the selected checkpoint: test metrics, per-class table, confusion, mistakes.
 
-Glue between ``cnnpipe.checkpoint`` (the model), ``cnnpipe.data.prepared``
-(the splits) and ``cnnpipe.metrics`` (the numbers). The train and validation
+Glue between ``cnnpipe.models.checkpoint`` (the model), ``cnnpipe.data.prepared``
+(the splits) and ``cnnpipe.evaluation.metrics`` (the numbers). The train and validation
 splits are scored too, so the report shows over-fitting next to the test
 score; the train split on a fixed seeded subset of ``TRAIN_SUBSET`` images
 (its accuracy estimate moves by ~0.3 points at most, and evaluating 54k
@@ -23,7 +23,7 @@ The reports are a pure function of the weights, the prepared data, the
 ``eval`` params, the device kind and this code: ``evaluation_key`` hashes all
 of them, and the stage copies a stored set back (``reuse_reports``) instead of
 scoring again, rewriting only the run ids in ``metrics.json``
-(``cnnpipe.outputcache``).
+(``cnnpipe.store.outputs``).
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.errors import CheckpointError
-from cnnpipe.fsutil import atomic_path, atomic_write_json
+from cnnpipe.util.errors import CheckpointError
+from cnnpipe.util.files import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
     import torch
 
-    from cnnpipe.metrics import ClassScores, Mistakes
-    from cnnpipe.outputcache import OutputCache
+    from cnnpipe.evaluation.metrics import ClassScores, Mistakes
+    from cnnpipe.store.outputs import OutputCache
 
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.csv"
@@ -153,10 +153,10 @@ def evaluation_key(checkpoint_dir: str | os.PathLike[str], prepared_dir: str | o
     import platform
     from importlib.metadata import version
 
-    from cnnpipe.checkpoint import WEIGHTS_FILE, read_sidecar
+    from cnnpipe.models.checkpoint import WEIGHTS_FILE, read_sidecar
     from cnnpipe.data.prepared import load_stats
-    from cnnpipe.fsutil import sha256_file
-    from cnnpipe.outputcache import digest, source_digest
+    from cnnpipe.util.files import sha256_file
+    from cnnpipe.store.outputs import digest, source_digest
 
     checkpoint_dir, prepared_dir = Path(checkpoint_dir), Path(prepared_dir)
     sidecar = read_sidecar(checkpoint_dir)
@@ -186,8 +186,8 @@ def reuse_reports(key: str, checkpoint_dir: str | os.PathLike[str], reports_dir:
     ``metrics.json`` gets this checkpoint's run ids (a new MLflow parent each
     execution); every other byte is the stored one.
     """
-    from cnnpipe.checkpoint import read_sidecar
-    from cnnpipe.outputcache import OutputCache
+    from cnnpipe.models.checkpoint import read_sidecar
+    from cnnpipe.store.outputs import OutputCache
 
     cache = cache or OutputCache(CACHE_KIND)
     entry = cache.get(key, REPORT_FILES)
@@ -210,7 +210,7 @@ def reuse_reports(key: str, checkpoint_dir: str | os.PathLike[str], reports_dir:
 
 
 def store_reports(key: str, paths: Mapping[str, Path], cache: "OutputCache | None" = None) -> Path | None:
-    from cnnpipe.outputcache import OutputCache
+    from cnnpipe.store.outputs import OutputCache
 
     return (cache or OutputCache(CACHE_KIND)).put(key, {name: paths[name] for name in REPORT_FILES})
 
@@ -233,11 +233,11 @@ def evaluate_checkpoint(
     """
     import torch
 
-    from cnnpipe.checkpoint import load_checkpoint
+    from cnnpipe.models.checkpoint import load_checkpoint
     from cnnpipe.data.prepared import load_split, load_stats
-    from cnnpipe.device import resolve_device
+    from cnnpipe.compute.device import resolve_device
     from cnnpipe.engine import evaluate_logits
-    from cnnpipe.metrics import class_scores, confusion_matrix, mean_loss, most_confident_mistakes, topk_accuracy
+    from cnnpipe.evaluation.metrics import class_scores, confusion_matrix, mean_loss, most_confident_mistakes, topk_accuracy
 
     checkpoint_dir, prepared_dir = Path(checkpoint_dir), Path(prepared_dir)
     stats = load_stats(prepared_dir)

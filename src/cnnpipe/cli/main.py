@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from cnnpipe.errors import ParamsError
+    from cnnpipe.util.errors import ParamsError
     from cnnpipe.params import load_params
     from cnnpipe.search.space import expand
 
@@ -43,7 +43,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _show_model(args: argparse.Namespace) -> int:
     from cnnpipe.data.registry import get_dataset
-    from cnnpipe.errors import ParamsError
+    from cnnpipe.util.errors import ParamsError
     from cnnpipe.models.presets import PRESETS
     from cnnpipe.models.spec import normalize_layers, summary_text
     from cnnpipe.params import load_params
@@ -101,8 +101,8 @@ def _export(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from cnnpipe.checkpoint import load_checkpoint
-    from cnnpipe.errors import CnnpipeError
+    from cnnpipe.models.checkpoint import load_checkpoint
+    from cnnpipe.util.errors import CnnpipeError
     from cnnpipe.params import load_params
     from cnnpipe.serving.export import FORMATS, INPUT_NAME, export_checkpoint, sample_images
 
@@ -156,19 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--count", type=int, default=256, help="test images to verify on (default: 256)")
     p.set_defaults(func=_export)
 
-    from cnnpipe import cachectl
+    from cnnpipe.store import inventory
 
-    cachectl.register(sub)
+    inventory.register(sub)
     # predict, export-images, runs, ui: our own module, never guarded (a bug there must show, not hide them);
     # it imports its heavy dependencies inside each handler.
-    from cnnpipe import commands
+    from cnnpipe.cli import commands
 
     commands.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from cnnpipe.errors import run_entry_point
+    from cnnpipe.util.errors import run_entry_point
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.fsutil import atomic_dir, atomic_path, atomic_write_json
+from cnnpipe.util.files import atomic_dir, atomic_path, atomic_write_json
 from cnnpipe.params import TRAINING_KEYS
 
 if TYPE_CHECKING:
@@ -214,7 +214,7 @@ def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData"
     (``fsutil.atomic_dir``): a failure or a kill before the swap leaves the
     previous ``models/best`` exactly as it was, and at no instant is it missing.
     """
-    from cnnpipe.checkpoint import save_checkpoint
+    from cnnpipe.models.checkpoint import save_checkpoint
     from cnnpipe.models.spec import model_summary
     from cnnpipe.serving.registry import version_tags
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.fsutil import atomic_write_json
+from cnnpipe.util.files import atomic_write_json
 
 if TYPE_CHECKING:
     from cnnpipe.params import RunConfig
@@ -44,14 +44,14 @@ LOCKS_DIRNAME = ".locks"
 
 def default_state_dir() -> Path:
     """Beside the run cache's ``runs/`` folder (``CNNPIPE_CACHE_DIR`` moves both)."""
-    from cnnpipe.runcache import default_cache_dir
+    from cnnpipe.store.runs import default_cache_dir
 
     return default_cache_dir().parent / STATE_DIRNAME
 
 
 def state_key(cfg: "RunConfig", data_fingerprint: str, device: str, code: str | None = None) -> str:
     from cnnpipe.engine.resume import state_identity
-    from cnnpipe.runcache import code_version
+    from cnnpipe.store.runs import code_version
 
     payload = {"identity": state_identity(cfg), "data": data_fingerprint, "code": code or code_version(),
                "device": device.split(":")[0]}

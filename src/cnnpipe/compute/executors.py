@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cnnpipe.errors import CnnpipeError, DataError
+from cnnpipe.util.errors import CnnpipeError, DataError
 
 if TYPE_CHECKING:
     from cnnpipe.engine import TrainData
@@ -182,7 +182,7 @@ class SequentialExecutor:
 def _threads(threads: int | None) -> contextlib.AbstractContextManager[Any]:
     if threads is None:
         return contextlib.nullcontext()
-    from cnnpipe.device import thread_limit
+    from cnnpipe.compute.device import thread_limit
 
     return thread_limit(threads)
 
@@ -520,10 +520,10 @@ def plan_parallelism(requested: int | str, runs: int, cores: int) -> tuple[int, 
 
 
 def cpu_cores() -> int:
-    from cnnpipe.cores import share
-    from cnnpipe.device import default_threads
+    from cnnpipe.compute.turns import share
+    from cnnpipe.compute.device import default_threads
 
-    return share(default_threads())  # this process's share when concurrent trains claimed cores (cnnpipe.cores)
+    return share(default_threads())  # this process's share when concurrent trains claimed cores (cnnpipe.compute.turns)
 
 
 def make_executor(settings: "GridParams", runs: int, *, device: str = "cpu", cores: int | None = None) -> Executor:

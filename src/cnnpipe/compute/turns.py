@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cnnpipe.paths import project_root
+from cnnpipe.util.paths import project_root
 
 LEDGER_DIR = ".cnnpipe-cores"
 SHARE_ENV = "CNNPIPE_SHARE_CORES"
@@ -176,7 +176,7 @@ def rebalance() -> int:
     """Set torch's intra-op threads to this process's current share (claimed processes only); returns it."""
     import torch
 
-    from cnnpipe.device import default_threads
+    from cnnpipe.compute.device import default_threads
 
     threads = share(default_threads())
     if _claim is not None and torch.get_num_threads() != threads:

@@ -13,7 +13,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from cnnpipe.errors import ParamsError
+from cnnpipe.util.errors import ParamsError
 
 
 def cuda_available() -> bool:

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnpipe import __version__
-from cnnpipe.errors import CheckpointError, CnnpipeError
-from cnnpipe.fsutil import atomic_dir, atomic_write_json, sha256_file
+from cnnpipe.util.errors import CheckpointError, CnnpipeError
+from cnnpipe.util.files import atomic_dir, atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
     from torch import nn

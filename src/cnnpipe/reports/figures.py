@@ -31,10 +31,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from cnnpipe.fsutil import atomic_path
+from cnnpipe.util.files import atomic_path
 
 if TYPE_CHECKING:
-    from cnnpipe.outputcache import OutputCache
+    from cnnpipe.store.outputs import OutputCache
 
 DPI = 100
 TRAIN_COLOR = "#1f77b4"
@@ -99,13 +99,13 @@ def _code_version() -> str:
     """This module's source and matplotlib's version (read once per process, not once per figure)."""
     import matplotlib
 
-    from cnnpipe.outputcache import source_digest
+    from cnnpipe.store.outputs import source_digest
 
     return f"{source_digest([Path(__file__)])}/matplotlib-{matplotlib.__version__}"
 
 
 def _key(fn: Callable[..., Path], bound: inspect.BoundArguments) -> str:
-    from cnnpipe.outputcache import digest
+    from cnnpipe.store.outputs import digest
 
     bound.apply_defaults()
     arguments = {name: _fingerprint(value) for name, value in bound.arguments.items() if name != "path"}
@@ -459,7 +459,7 @@ def grid_comparison(
 
 def grid_comparison_figure(grid: pd.DataFrame, *, select_by: str = "val_loss",
                            selected_run_id: str | None = None) -> Figure:
-    from cnnpipe.report import rank_runs
+    from cnnpipe.reports.readme import rank_runs
 
     table = rank_runs(grid, select_by)
     loss = select_by == "val_loss"

@@ -3,7 +3,7 @@
 All live under ``<project root>/.cnnpipe-cache/`` (``runs/``: finished runs,
 ``state/``: unfinished or pruned runs that a later search continues,
 ``eval/`` and ``figures/``: evaluate's reports and plots' figures by their
-inputs, ``cnnpipe.outputcache``). They grow with every new config; this is
+inputs, ``cnnpipe.store.outputs``). They grow with every new config; this is
 how a user sees and bounds them.
 """
 
@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnpipe.errors import CnnpipeError
+from cnnpipe.util.errors import CnnpipeError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -41,7 +41,7 @@ def parse_age(text: str) -> float:
 
 
 def _run_entries() -> list[Entry]:
-    from cnnpipe.runcache import default_cache_dir
+    from cnnpipe.store.runs import default_cache_dir
 
     out = []
     root = default_cache_dir()
@@ -64,7 +64,7 @@ OUTPUT_KINDS = {"eval": "stored evaluate reports", "figures": "stored figures"}
 
 def _output_entries(kind: str) -> list[Entry]:
     """Stored outputs: the folder's time is its last use (a reuse touches it)."""
-    from cnnpipe.outputcache import OutputCache
+    from cnnpipe.store.outputs import OutputCache
 
     root = OutputCache(kind).root
     out = []
@@ -77,7 +77,7 @@ def _output_entries(kind: str) -> list[Entry]:
 
 
 def entries() -> list[Entry]:
-    from cnnpipe.search.runstate import RunStateStore
+    from cnnpipe.store.states import RunStateStore
 
     states = [Entry("state", s.path, s.bytes, s.modified, s.name, s.epoch) for s in RunStateStore().entries()]
     return _run_entries() + states + [e for kind in OUTPUT_KINDS for e in _output_entries(kind)]

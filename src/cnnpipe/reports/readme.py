@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cnnpipe.fsutil import atomic_write_text
+from cnnpipe.util.files import atomic_write_text
 
 # grid.csv columns that are bookkeeping, not something a reader compares
 _GRID_SKIP = {"run_id", "mlflow_run_id", "images_per_s"}

@@ -33,8 +33,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.fsutil import atomic_dir
-from cnnpipe.paths import project_root
+from cnnpipe.util.files import atomic_dir
+from cnnpipe.util.paths import project_root
 
 if TYPE_CHECKING:
     import torch

@@ -1,0 +1,1 @@
+"""Scoring a checkpoint: metrics on logits and the evaluate stage's reports."""
