@@ -2,8 +2,9 @@
 
 A finished run is stored under a key that hashes everything that can change
 its result: the run's full config (training values, resolved layers,
-dataset), the prepared data's fingerprint, the code that trains (a digest of
-the training modules' source), the torch version and the device. Change any
+dataset), the prepared data's fingerprint, the code that trains (the
+identity of every module a trial may import, ``store.code_identity``), the
+torch version and the device. Change any
 of them and the key changes, so a cached result is never stale; nothing is
 ever looked up by run name alone.
 
@@ -24,7 +25,6 @@ of torch threads can differ in the last bits, which a reuse ignores.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -33,7 +33,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cnnpipe.store.code_identity import code_identity
 from cnnpipe.util.files import atomic_dir
+from cnnpipe.util.hashing import digest
 from cnnpipe.util.paths import project_root
 
 if TYPE_CHECKING:
@@ -42,11 +44,9 @@ if TYPE_CHECKING:
     from cnnpipe.params import GridParams, RunConfig
 
 CACHE_DIRNAME = ".cnnpipe-cache"
-# Modules whose source decides what a run trains to; editing any invalidates the cache.
-TRAINING_MODULES = (
-    "engine", "models/build", "models/spec", "params", "metrics", "device",
-)
-FORMAT = "cnnpipe-runcache/1"
+# What trains a run: a trial (search.trial.run_one) and everything it may import.
+CODE_ENTRY = "cnnpipe.search.trial"
+FORMAT = "cnnpipe-runcache/2"
 HISTOGRAMS = "layer_histograms.png"
 NO_CACHE_ENV = "CNNPIPE_NO_CACHE"
 
@@ -66,23 +66,10 @@ def default_cache_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """Digest of the training code (package source) plus the torch version."""
-    import torch
+    """The identity of the code that trains (``CODE_ENTRY``'s import closure) plus the torch version."""
+    from importlib.metadata import version
 
-    return code_digest(Path(__file__).resolve().parent, torch.__version__)
-
-
-def code_digest(package: Path, torch_version: str) -> str:
-    """Hash the source of ``TRAINING_MODULES`` under ``package`` (other modules do not count)."""
-    digest = hashlib.sha256(f"torch={torch_version}".encode())
-    for name in TRAINING_MODULES:
-        candidates = [package / f"{name}.py", package / name]
-        for candidate in candidates:
-            files = sorted(candidate.rglob("*.py")) if candidate.is_dir() else [candidate] if candidate.is_file() else []
-            for path in files:
-                digest.update(path.relative_to(package).as_posix().encode())
-                digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return f"{code_identity(CODE_ENTRY)}/torch-{version('torch')}"
 
 
 def cache_key(cfg: "RunConfig", data_fingerprint: str, device: str, code: str | None = None) -> str:
@@ -95,7 +82,7 @@ def cache_key(cfg: "RunConfig", data_fingerprint: str, device: str, code: str | 
         "code": code or code_version(),
         "device": device.split(":")[0],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    return digest(payload)
 
 
 class RunCache:

@@ -23,7 +23,6 @@ holds trains without run state in this one, and that folder is left alone.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnpipe.util.files import atomic_write_json
+from cnnpipe.util.hashing import digest
 
 if TYPE_CHECKING:
     from cnnpipe.params import RunConfig
@@ -55,7 +55,7 @@ def state_key(cfg: "RunConfig", data_fingerprint: str, device: str, code: str | 
 
     payload = {"identity": state_identity(cfg), "data": data_fingerprint, "code": code or code_version(),
                "device": device.split(":")[0]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    return digest(payload)
 
 
 @dataclass(frozen=True)
