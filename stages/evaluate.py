@@ -31,7 +31,6 @@ def main() -> int:
     from cnnpipe.compute import turns
 
     params = load_params()
-    turns.claim()
     if params.mlflow.enabled:
         from cnnpipe import tracking
 
@@ -42,8 +41,7 @@ def main() -> int:
         paths = report_paths(REPORTS)
         print(f"evaluate: these weights were scored before on this data with these settings; reports reused (key {eval_key})")
     else:
-        with turns.compute_turn("evaluate"):  # concurrent experiments on this machine take turns (or share)
-            turns.rebalance()
+        with turns.compute_turn("evaluate"):  # concurrent experiments on this machine take turns
             evaluation = evaluate_checkpoint(
                 CHECKPOINT,
                 PREPARED,

@@ -40,7 +40,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     from cnnpipe import tracking
-    from cnnpipe.compute import turns
     from cnnpipe.reports import train_files
     from cnnpipe.store import runs
     from cnnpipe.params import load_params
@@ -58,7 +57,6 @@ def main(args: argparse.Namespace) -> int:
     from cnnpipe.compute.executors import make_executor
 
     device = resolve_device(params.device)
-    turns.claim()  # with CNNPIPE_SHARE_CORES=1, concurrent experiments on this machine share its cores
     executor = make_executor(params.grid, len(configs), device=device)  # ray missing: fail now
     executor.start()  # a Ray cluster that is unreachable or refuses us: one line, before any data or MLflow run
     data = TrainData.load(PREPARED, splits=("train", "val"))

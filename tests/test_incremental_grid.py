@@ -25,6 +25,7 @@ import yaml
 from cnnpipe.reports import train_files
 
 from cnnpipe.store import runs
+from cnnpipe.util.env import NO_CACHE
 from cnnpipe.tracking import NullTracker
 from cnnpipe.search.trial import TrainContext
 from cnnpipe.search.selection import select_best
@@ -184,7 +185,7 @@ def test_cache_policy_off_store_only_or_reuse(tmp_path, monkeypatch):
     assert runs.open_grid_cache(make_params(grid={"cache": False}).grid, root=tmp_path) is None
     assert runs.open_grid_cache(make_params().grid, root=tmp_path).reuse is True
     assert runs.open_grid_cache(make_params().grid, no_cache=True, root=tmp_path).reuse is False
-    monkeypatch.setenv(runs.NO_CACHE_ENV, "1")
+    monkeypatch.setenv(NO_CACHE, "1")
     assert runs.open_grid_cache(make_params().grid, root=tmp_path).reuse is False
 
 
@@ -193,7 +194,7 @@ def test_no_cache_retrains_and_refreshes_the_entry(data, tmp_path, monkeypatch):
     cache = GridCache(RunCache(tmp_path / "cache"))
     params = make_params(lr=0.01, epochs=1)
     run(params, data, cache)
-    monkeypatch.setenv(runs.NO_CACHE_ENV, "1")
+    monkeypatch.setenv(NO_CACHE, "1")
     store_only = runs.open_grid_cache(make_params().grid, root=tmp_path / "cache")
     lines: list[str] = []
     assert run(params, data, store_only, lines=lines)[1] == ["model=tiny"]
@@ -214,7 +215,7 @@ def stage_project(base: Path) -> tuple[Path, dict[str, str]]:
     raw.update({"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01], "batch_size": 64, "epochs": 1,
                 "mlflow": {"enabled": False}, "grid": {"workers": 1}})
     (base / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNPIPE_DEBUG", runs.NO_CACHE_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNPIPE_DEBUG", NO_CACHE)}
     env["DVC_ROOT"] = str(base)
     return base, env
 

@@ -33,6 +33,7 @@ from cnnpipe.search.progress import SearchProgress, run_line
 from cnnpipe.search.selection import RunRecord, failure_reason, one_line
 from cnnpipe.search.trial import RunOutcome, TrainContext, rebuild_model
 from cnnpipe.tracking import NullTracker
+from cnnpipe.util.errors import debug_enabled
 
 if TYPE_CHECKING:
     from cnnpipe.engine import RunResult, TrainData
@@ -149,10 +150,6 @@ def _quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     """Best-effort bookkeeping while another error is already on its way up."""
     with contextlib.suppress(Exception):
         fn(*args, **kwargs)
-
-
-def debug_enabled() -> bool:
-    return os.environ.get("CNNPIPE_DEBUG", "").strip() not in ("", "0")
 
 
 class SearchLog:

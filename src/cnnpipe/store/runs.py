@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnpipe.store.code_identity import code_identity
+from cnnpipe.util.env import CACHE_DIR, NO_CACHE, flag, text
 from cnnpipe.util.files import atomic_dir
 from cnnpipe.util.hashing import digest
 from cnnpipe.util.paths import project_root
@@ -48,7 +49,6 @@ CACHE_DIRNAME = ".cnnpipe-cache"
 CODE_ENTRY = "cnnpipe.search.trial"
 FORMAT = "cnnpipe-runcache/2"
 HISTOGRAMS = "layer_histograms.png"
-NO_CACHE_ENV = "CNNPIPE_NO_CACHE"
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class CachedRun:
 
 
 def default_cache_dir() -> Path:
-    override = os.environ.get("CNNPIPE_CACHE_DIR")
+    override = text(CACHE_DIR)
     return Path(override) if override else project_root() / CACHE_DIRNAME / "runs"
 
 
@@ -141,7 +141,8 @@ class GridCache:
 
 
 def env_no_cache() -> bool:
-    return os.environ.get(NO_CACHE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    """``CNNPIPE_NO_CACHE``: recompute every stored result (fresh ones are still stored)."""
+    return flag(NO_CACHE)
 
 
 def open_grid_cache(settings: "GridParams", *, no_cache: bool = False,
