@@ -39,8 +39,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cnnpipe import tracking
+    from cnnpipe.tracking import runs as tracking_runs
+    from cnnpipe.tracking import store as tracking_store
     from cnnpipe.reports import train_files
+    from cnnpipe.serving import publish
     from cnnpipe.store import runs
     from cnnpipe.params import load_params
     from cnnpipe.search import log, runner, space, strategies
@@ -50,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
 
     params = load_params()
     configs = space.expand(params)
-    target = tracking.preflight(params.mlflow)  # one-line TrackingError before any training
+    target = tracking_store.preflight(params.mlflow)  # one-line TrackingError before any training
 
     from cnnpipe.compute.device import describe, resolve_device
     from cnnpipe.engine import TrainData
@@ -65,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
           f"({len(data.train)} train / {len(data.val)} val images), select_by {params.select_by}", flush=True)
 
     cache = runs.open_grid_cache(params.grid, no_cache=args.no_cache)
-    tracker = tracking.open_tracker(params.mlflow, target=target, params=log.search_definition(params),
+    tracker = tracking_runs.open_tracker(params.mlflow, target=target, params=log.search_definition(params),
                                     tags=log.parent_tags(params, data, device))
     strategy = strategies.make_strategy(params.grid)
     with tracker.running():
@@ -77,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
         records = runner.run_search(configs, ctx, strategy=strategy, executor=executor, select_by=params.select_by,
                                     cache=cache, states=states, report=lambda line: print(line, flush=True))
         best = select_best([rec for rec in records if not rec.pruned], params.select_by)
-        published = train_files.publish(records, best, data, tracker, select_by=params.select_by,
+        published = publish.publish(records, best, data, tracker, select_by=params.select_by,
                                     best_dir=BEST_DIR, reports_dir=REPORTS, prepared_dir=PREPARED)
 
     print(train_files.summary_table(records, best, params.select_by))

@@ -32,7 +32,7 @@ from cnnpipe.params import Params, RunConfig
 from cnnpipe.search.progress import SearchProgress, run_line
 from cnnpipe.search.selection import RunRecord, failure_reason, one_line
 from cnnpipe.search.trial import RunOutcome, TrainContext, rebuild_model
-from cnnpipe.tracking import NullTracker
+from cnnpipe.tracking.runs import NullTracker
 from cnnpipe.util.errors import debug_enabled
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from cnnpipe.search.progress import SearchProgress, bars_wanted
 from cnnpipe.search.selection import RunRecord, one_line
 from cnnpipe.search.strategies import Exhaustive, SuccessiveHalving, promote
 from cnnpipe.search.trial import RunError, TrainContext, run_one
-from cnnpipe.tracking import NullTracker
+from cnnpipe.tracking.runs import NullTracker
 
 if TYPE_CHECKING:
     from cnnpipe.engine import TrainData

@@ -23,7 +23,7 @@ from cnnpipe.util.errors import CheckpointError, CnnpipeError, DataError
 from cnnpipe.compute.executors import Emit
 from cnnpipe.params import RunConfig
 from cnnpipe.search.selection import RunRecord, one_line
-from cnnpipe.tracking import NullTracker
+from cnnpipe.tracking.runs import NullTracker
 
 if TYPE_CHECKING:
     from torch import nn
