@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 from cnnpipe.compute.executors import Event
 from cnnpipe.params import Params, RunConfig
 from cnnpipe.search.progress import SearchProgress, run_line
-from cnnpipe.search.selection import RunRecord, failure_reason, one_line
+from cnnpipe.search.selection import RunRecord, failure_reason
+from cnnpipe.util.text import one_line
 from cnnpipe.search.trial import RunOutcome, TrainContext, rebuild_model
 from cnnpipe.tracking.runs import NullTracker
 from cnnpipe.util.errors import debug_enabled
