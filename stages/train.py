@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     from cnnpipe.serving import publish
     from cnnpipe.store import runs
     from cnnpipe.params import load_params
-    from cnnpipe.search import log, runner, space, strategies
+    from cnnpipe.search import payloads, runner, space, strategies
     from cnnpipe.store.states import RunStateStore
     from cnnpipe.search.selection import select_best
     from cnnpipe.search.trial import TrainContext
@@ -67,8 +67,8 @@ def main(args: argparse.Namespace) -> int:
           f"({len(data.train)} train / {len(data.val)} val images), select_by {params.select_by}", flush=True)
 
     cache = runs.open_grid_cache(params.grid, no_cache=args.no_cache)
-    tracker = tracking_runs.open_tracker(params.mlflow, target=target, params=log.search_definition(params),
-                                    tags=log.parent_tags(params, data, device))
+    tracker = tracking_runs.open_tracker(params.mlflow, target=target, params=payloads.search_definition(params),
+                                    tags=payloads.parent_tags(params, data, device))
     strategy = strategies.make_strategy(params.grid)
     with tracker.running():
         layer_stats = params.mlflow.enabled and params.mlflow.log_layer_stats

@@ -28,7 +28,7 @@ from cnnpipe.search.trial import TrainContext
 from cnnpipe.search.selection import select_best
 from cnnpipe.search.selection import RunRecord
 from cnnpipe.search.selection import GridFailed
-from cnnpipe.search.log import search_definition
+from cnnpipe.search.payloads import search_definition
 from cnnpipe.search.runner import run_search
 from cnnpipe.search.progress import run_line
 from cnnpipe.compute import executors
