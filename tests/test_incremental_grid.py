@@ -166,7 +166,7 @@ def test_anything_that_affects_training_invalidates(data, tmp_path, monkeypatch)
     other = TrainData.load(tmp_path / "other", splits=("train", "val"))
     assert other.fingerprint != data.fingerprint
     assert run(make_params(**one), other, cache)[1] == ["model=tiny"]
-    monkeypatch.setattr(runcache, "code_version", lambda: "edited-engine")  # as if engine/ or models/ changed
+    monkeypatch.setattr(runs, "code_version", lambda: "edited-engine")  # as if engine/ or models/ changed
     assert run(make_params(**one), data, cache)[1] == ["model=tiny"]
     monkeypatch.undo()
     assert run(make_params(**one), data, cache)[1] == []  # the original entry is still there
