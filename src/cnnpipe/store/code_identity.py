@@ -90,15 +90,17 @@ def _with_parents(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-@lru_cache(maxsize=256)
-def _parsed(path: Path, stamp: tuple[int, int]) -> ast.AST:
-    del stamp  # part of the cache key only: an edited file is parsed again
-    return ast.parse(path.read_bytes(), filename=str(path))
+@lru_cache(maxsize=1024)
+def _imports_at(path: Path, module: str, stamp: tuple[int, int]) -> frozenset[str]:
+    del stamp  # part of the cache key only: an edited file is read again
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    return frozenset(imported_names(tree, module, path.name == "__init__.py"))
 
 
-def _imports_of(path: Path, module: str) -> set[str]:
+def _imports_of(path: Path, module: str) -> frozenset[str]:
+    """``imported_names`` of a module file, read once per process while the file is unchanged."""
     stat = path.stat()
-    return imported_names(_parsed(path, (stat.st_mtime_ns, stat.st_size)), module, path.name == "__init__.py")
+    return _imports_at(path, module, (stat.st_mtime_ns, stat.st_size))
 
 
 def closure(entries: Iterable[str], root: Path | None = None, *, scripts: Iterable[Path] = ()) -> dict[str, Path]:
