@@ -276,6 +276,25 @@ def test_runs_keeps_all_digit_run_ids_as_text(tmp_path: Path, capsys: pytest.Cap
     assert code == 0 and out.splitlines()[1].split()[:2] == ["*", "0123456789"]
 
 
+def test_runs_shows_each_varying_axis_of_a_27_point_grid_uncut(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import itertools
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    grid = [{"run_id": f"{i:010x}", "run_name": f"lr={lr},batch_size={bs},weight_decay={wd}", "lr": lr,
+             "batch_size": bs, "weight_decay": wd, "seed": 42, "status": "finished", "val_loss": 0.5}
+            for i, (lr, bs, wd) in enumerate(itertools.product([0.03, 0.003, 0.0003], [16, 64, 256],
+                                                               [0.0, 0.0001, 0.001]))]
+    pd.DataFrame(grid).to_csv(reports / "grid.csv", index=False)
+    code, out, _ = cli(capsys, "runs", "--reports", str(reports))
+    header, *rows = out.splitlines()
+    assert code == 0 and header.split()[:6] == ["best", "run_id", "run_name", "lr", "batch_size", "weight_decay"]
+    assert "seed" not in header.split() and "..." not in out and len(rows) == 27
+    for row, run in zip(rows, grid):
+        assert row.split()[:2] == [run["run_id"], run["run_name"]]
+
+
 def test_show_model_and_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from project_builder import write_params
 
