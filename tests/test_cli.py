@@ -144,6 +144,49 @@ def test_predict_on_an_rgb_model_converts_grayscale_and_16_bit(tmp_path: Path, c
     assert array.shape == (1, 32, 32) and int(array.max()) == round(40000 / 257)  # rescaled, not clipped at 255
 
 
+def test_predict_reads_every_readable_image_and_names_the_unreadable_ones(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncated file among good PNGs: the good ones are predicted, the bad one is named, exit 1."""
+    from cnnpipe.models.build import build_model
+    from cnnpipe.models.checkpoint import save_checkpoint
+    from project_builder import TINY
+
+    model = tmp_path / "model"
+    save_checkpoint(model, build_model(TINY, (1, 28, 28), 10), {
+        "model": "tiny", "layers": TINY, "in_shape": [1, 28, 28], "num_classes": 10,
+        "classes": [f"c{i}" for i in range(10)], "mean": [0.5], "std": [0.25],
+    })
+    photos = tmp_path / "my_photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "d.png"):
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), mode="L").save(photos / name)
+    whole = (photos / "a.png").read_bytes()
+    (photos / "c.png").write_bytes(whole[: len(whole) // 2])  # truncated mid-stream
+    good = [str(photos / name) for name in ("a.png", "b.png", "d.png")]
+
+    code, out, err = cli(capsys, "predict", str(photos), "--model", str(model))
+    assert code == 1
+    assert [line.split()[0] for line in out.splitlines()] == good
+    assert err.splitlines() == [f"error: 1 of 4 images are unreadable and were not predicted: {photos / 'c.png'} "
+                                "(truncated); replace or remove them (the others were predicted)"]
+
+    code, out, err = cli(capsys, "predict", str(photos), "--model", str(model), "--json")
+    entries = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and [e["image"] for e in entries] == sorted([*good, str(photos / "c.png")])
+    assert entries[2] == {"image": str(photos / "c.png"), "error": "not a readable image (truncated)"}
+    assert all(len(e["predictions"]) == 3 and "error" not in e for i, e in enumerate(entries) if i != 2)
+    assert len(err.splitlines()) == 1 and err.startswith("error: 1 of 4 images are unreadable")
+
+    for i in range(6):  # many bad files: the first few by name, the rest counted
+        (photos / f"z{i}.png").write_text("not a png")
+    code, out, err = cli(capsys, "predict", str(photos), "--model", str(model))
+    assert code == 1 and len(out.splitlines()) == 3
+    (line,) = err.splitlines()
+    assert line.startswith("error: 7 of 10 images are unreadable") and line.count(str(photos)) == 5
+    assert f"{photos / 'z3.png'} (not an image) and 2 more;" in line and "z4.png" not in line
+
+
 # --------------------------------------------------------------------------- one-line errors
 
 

@@ -86,11 +86,24 @@ def load_image(path: Path, shape: tuple[int, int, int], *, note_resize: bool = T
     try:
         return to_array(path, channels, (height, width), note_resize=note_resize)
     except ImageProblem as err:
-        raise CnnpipeError(f"{path}: not a readable image ({err.reason}); give a PNG or JPEG file") from None
+        raise UnreadableImage(path, err.reason) from None
+
+
+class UnreadableImage(CnnpipeError):
+    """One input file that is not a usable image; ``predict`` reports it and goes on with the others."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: not a readable image ({reason}); give a PNG or JPEG file")
 
 
 def predict_files(model_dir: str, files: list[Path], top_k: int) -> list[dict[str, Any]]:
-    """Top-k classes per image, with the checkpoint's own normalization and class names."""
+    """Top-k classes per image, with the checkpoint's own normalization and class names.
+
+    One entry per file, in order. A file that cannot be read gets an entry
+    with an ``error`` field instead of ``predictions``: one truncated photo
+    among a thousand must not cost the answer for the other 999.
+    """
     import numpy as np
     import torch
 
@@ -104,37 +117,62 @@ def predict_files(model_dir: str, files: list[Path], top_k: int) -> list[dict[st
     trained_resized = sidecar.get("dataset") == "folder"  # prepare resized every training image to in_shape
     if not 1 <= top_k <= len(classes):
         raise CnnpipeError(f"--top-k must be between 1 and {len(classes)} (the number of classes), got {top_k}")
-    arrays, notes = [], []
+    results: list[dict[str, Any]] = []
+    arrays, readable = [], []
     for path in files:
-        array, note = load_image(path, shape, note_resize=not trained_resized)  # type: ignore[arg-type]
+        try:
+            array, note = load_image(path, shape, note_resize=not trained_resized)  # type: ignore[arg-type]
+        except UnreadableImage as err:
+            results.append({"image": str(path), "error": f"not a readable image ({err.reason})"})
+            continue
         arrays.append(array)
-        notes.append(note)
-    probs = torch.from_numpy(probabilities(checkpoint, np.stack(arrays)))  # the pyfunc model's numbers too
-    values, indices = probs.topk(top_k, dim=1)
-    results = []
-    for path, note, vals, idxs in zip(files, notes, values.tolist(), indices.tolist()):
-        results.append({
-            "image": str(path),
-            "predictions": [{"class": classes[i], "index": i, "probability": round(v, 6)} for v, i in zip(vals, idxs)],
-            "notes": note,
-        })
+        readable.append({"image": str(path), "predictions": [], "notes": note})
+        results.append(readable[-1])
+    if arrays:
+        probs = torch.from_numpy(probabilities(checkpoint, np.stack(arrays)))  # the pyfunc model's numbers too
+        values, indices = probs.topk(top_k, dim=1)
+        for result, vals, idxs in zip(readable, values.tolist(), indices.tolist()):
+            result["predictions"] = [{"class": classes[i], "index": i, "probability": round(v, 6)}
+                                     for v, i in zip(vals, idxs)]
     return results
+
+
+SHOWN_UNREADABLE = 5  # unreadable files named on the error line; the rest are counted
+
+
+def unreadable_line(results: list[dict[str, Any]]) -> str | None:
+    """One line naming the first unreadable files and counting all of them (None when every file was read)."""
+    bad = [r for r in results if "error" in r]
+    if not bad:
+        return None
+    if len(results) == 1:
+        return f"error: {bad[0]['image']}: {bad[0]['error']}; give a PNG or JPEG file"
+    named = ", ".join(f"{r['image']} ({r['error'].removeprefix('not a readable image ').strip('()')})"
+                      for r in bad[:SHOWN_UNREADABLE])
+    more = f" and {len(bad) - SHOWN_UNREADABLE} more" if len(bad) > SHOWN_UNREADABLE else ""
+    return (f"error: {len(bad)} of {len(results)} images are unreadable and were not predicted: {named}{more}; "
+            "replace or remove them (the others were predicted)")
 
 
 def _predict(args: argparse.Namespace) -> int:
     files = collect_images(args.images)
     results = predict_files(args.model, files, args.top_k)
     for result in results:
-        for note in result["notes"]:
+        for note in result.get("notes", ()):
             print(f"warning: {result['image']}: {note}", file=sys.stderr)
     if args.json:
         for result in results:
             print(json.dumps(result))
-        return 0
-    width = max(len(r["image"]) for r in results)
-    for result in results:
-        best = "  ".join(f"{p['class']} {p['probability']:.1%}" for p in result["predictions"])
-        print(f"{result['image']:<{width}}  {best}")
+    else:
+        predicted = [r for r in results if "error" not in r]
+        width = max((len(r["image"]) for r in predicted), default=0)
+        for result in predicted:
+            best = "  ".join(f"{p['class']} {p['probability']:.1%}" for p in result["predictions"])
+            print(f"{result['image']:<{width}}  {best}")
+    problem = unreadable_line(results)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
     return 0
 
 
