@@ -180,12 +180,39 @@ def test_mistakes_grid_without_mistakes(tmp_path: Path) -> None:
     assert_png(path, (2.3 + 0.4, 2.55 + 0.7))
 
 
-def test_figure_write_is_atomic_and_overwrites(tmp_path: Path) -> None:
+def test_figure_write_is_atomic_and_overwrites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that dies half-way (disk full) leaves the old figure whole; a good one replaces it."""
+    import io
+
+    from matplotlib.figure import Figure
+
     target = tmp_path / "cmp.png"
     target.write_bytes(b"old")
     figures.grid_comparison(make_grid(), target)
-    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    old = target.read_bytes()
+    assert old[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["cmp.png"]  # no temp file left behind
+
+    real_savefig = Figure.savefig
+
+    def dies_half_way(self, fname, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_savefig(self, buffer, *args, **kwargs)
+        half = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+        if hasattr(fname, "write"):
+            fname.write(half)
+        else:
+            Path(fname).write_bytes(half)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        figures.grid_comparison(make_grid(), target, selected_run_id="r1")
+    assert target.read_bytes() == old  # never observed half-written
+    assert [p.name for p in tmp_path.iterdir()] == ["cmp.png"]
+    monkeypatch.setattr(Figure, "savefig", real_savefig)
+    figures.grid_comparison(make_grid(), target, selected_run_id="r1")
+    assert target.read_bytes() != old and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- README
