@@ -317,12 +317,66 @@ def _ui(args: argparse.Namespace) -> int:
                            f"open http://{args.host}:{args.port} or pass --port N")
     command = ui_command(store.tracking_uri, store.artifact_location, args.host, args.port, args.workers)
     url = ui_url(store, params.mlflow.experiment, f"http://{args.host}:{args.port}")  # opens on the runs table
-    print(f"MLflow UI for {store.tracking_uri}: {url}  (Ctrl-C to stop; it answers after ~25 s)", flush=True)
+    print(f"MLflow UI for {store.tracking_uri}: {url}  (Ctrl-C or kill {os.getpid()} to stop; it answers after ~25 s)",
+          flush=True)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    # Become the server (exec, not a child): Ctrl-C, `kill PID` or a closed terminal
-    # then reach mlflow itself instead of orphaning it on the port.
+    return serve_group(command, env)
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+STOP_GRACE_S = 10.0  # mlflow's own graceful shutdown, before the group is killed
+
+
+def serve_group(command: list[str], env: dict[str, str]) -> int:
+    """Run ``command`` (``mlflow ui``) in a process group of its own until it exits or we are signalled.
+
+    ``mlflow ui`` starts uvicorn workers and job-runner consumers that outlive
+    it: an ``exec`` into mlflow let ``kill PID`` end mlflow alone and leave
+    them serving on the port. So Ctrl-C, ``kill PID`` or a closed terminal
+    (SIGINT / SIGTERM / SIGHUP) is forwarded to the whole group, and whatever
+    is still in it when mlflow has exited gets SIGTERM, then SIGKILL.
+    """
+    import signal
+    import subprocess
+
     try:
-        os.execve(command[0], command, env)
+        proc = subprocess.Popen(command, env=env, start_new_session=True)
     except OSError as err:
         raise CnnpipeError(f"cannot start {command[0]} ({err.strerror}); reinstall mlflow (make setup)") from None
-    return 0  # not reached
+    stopped: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        _signal_group(proc.pid, signum)
+
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), forward)
+    try:
+        code = proc.wait()
+    finally:
+        stop_group(proc.pid)
+    return 0 if stopped else code
+
+
+def _signal_group(pgid: int, signum: int) -> bool:
+    """Send ``signum`` to process group ``pgid``; False when the group is gone."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_group(pgid: int, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM every process left in group ``pgid``; SIGKILL what is still there after ``grace`` seconds."""
+    import signal
+    import time
+
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + grace
+        if not _signal_group(pgid, signum):
+            return
+        while time.monotonic() < deadline:
+            if not _signal_group(pgid, 0):
+                return
+            time.sleep(0.1)
