@@ -39,26 +39,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cnnpipe import tracking
-    from cnnpipe.compute import turns
+    from cnnpipe.tracking import runs as tracking_runs
+    from cnnpipe.tracking import store as tracking_store
     from cnnpipe.reports import train_files
+    from cnnpipe.serving import publish
     from cnnpipe.store import runs
     from cnnpipe.params import load_params
-    from cnnpipe.search import log, runner, space, strategies
+    from cnnpipe.search import payloads, runner, space, strategies
     from cnnpipe.store.states import RunStateStore
     from cnnpipe.search.selection import select_best
     from cnnpipe.search.trial import TrainContext
 
     params = load_params()
     configs = space.expand(params)
-    target = tracking.preflight(params.mlflow)  # one-line TrackingError before any training
+    target = tracking_store.preflight(params.mlflow)  # one-line TrackingError before any training
 
     from cnnpipe.compute.device import describe, resolve_device
     from cnnpipe.engine import TrainData
     from cnnpipe.compute.executors import make_executor
 
     device = resolve_device(params.device)
-    turns.claim()  # with CNNPIPE_SHARE_CORES=1, concurrent experiments on this machine share its cores
     executor = make_executor(params.grid, len(configs), device=device)  # ray missing: fail now
     executor.start()  # a Ray cluster that is unreachable or refuses us: one line, before any data or MLflow run
     data = TrainData.load(PREPARED, splits=("train", "val"))
@@ -70,9 +70,9 @@ def main(args: argparse.Namespace) -> int:
     from cnnpipe.data.registry import get_dataset
 
     source = params.data.source if get_dataset(params.data.dataset).is_folder else str(PREPARED)
-    tracker = tracking.open_tracker(params.mlflow, target=target, params=log.search_definition(params),
-                                    tags=log.parent_tags(params, data, device),
-                                    dataset=(params.data.dataset, data.fingerprint, source))
+    tracker = tracking_runs.open_tracker(params.mlflow, target=target, params=payloads.search_definition(params),
+                                         tags=payloads.parent_tags(params, data, device),
+                                         dataset=(params.data.dataset, data.fingerprint, source))
     strategy = strategies.make_strategy(params.grid)
     with tracker.running():
         layer_stats = params.mlflow.enabled and params.mlflow.log_layer_stats
@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
         records = runner.run_search(configs, ctx, strategy=strategy, executor=executor, select_by=params.select_by,
                                     cache=cache, states=states, report=lambda line: print(line, flush=True))
         best = select_best([rec for rec in records if not rec.pruned], params.select_by)
-        published = train_files.publish(records, best, data, tracker, select_by=params.select_by,
+        published = publish.publish(records, best, data, tracker, select_by=params.select_by,
                                     best_dir=BEST_DIR, reports_dir=REPORTS, prepared_dir=PREPARED)
 
     print(train_files.summary_table(records, best, params.select_by))

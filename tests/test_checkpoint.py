@@ -13,7 +13,7 @@ import torch
 
 from cnnpipe.models.checkpoint import FORMAT, SIDECAR_FILE, WEIGHTS_FILE, load_checkpoint, read_sidecar, save_checkpoint
 from cnnpipe.util.errors import CheckpointError
-from cnnpipe.util.files import sha256_file
+from cnnpipe.util.hashing import sha256_file
 from cnnpipe.models.build import build_model
 
 LAYERS = [{"conv": 6, "kernel": 3, "padding": 1, "bias": False}, "batchnorm", "relu", {"maxpool": 2},

@@ -1,4 +1,4 @@
-"""The core ledger: concurrent trains on one machine split its cores instead of each taking all."""
+"""The compute turn: concurrent trains and evaluates on one machine compute one at a time."""
 
 from __future__ import annotations
 
@@ -12,40 +12,7 @@ from pathlib import Path
 import pytest
 
 from cnnpipe.compute import turns
-
-
-@pytest.fixture
-def ledger(tmp_path: Path):
-    yield tmp_path
-    turns.release()
-
-
-def test_unclaimed_processes_keep_every_core(ledger: Path, monkeypatch) -> None:
-    assert turns.share(8) == 8
-    monkeypatch.delenv(turns.SHARE_ENV, raising=False)
-    assert turns.claim(ledger) is None and turns.share(8) == 8  # opt-in: by default threads stay as planned
-
-
-def test_claims_split_the_cores_and_dead_claims_are_dropped(ledger: Path) -> None:
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    try:
-        mine = turns.claim(ledger, force=True)
-        assert mine.parent == ledger / turns.LEDGER_DIR and turns.claim(ledger, force=True) == mine  # idempotent
-        assert turns.share(4) == 4  # alone
-        folder = mine.parent
-        (folder / f"{turns._host()}-{sleeper.pid}").touch()
-        stale = folder / f"{turns._host()}-{dead.stdout.strip()}"
-        stale.touch()
-        assert turns.share(4) == 2 and turns.share(3) == 1 and turns.share(1) == 1
-        assert not stale.exists()  # a claim of a dead process is removed by the reader
-        sleeper.kill()
-        sleeper.wait()
-        assert turns.share(4) == 4  # the other train ended: all cores again
-    finally:
-        sleeper.kill()
-    turns.release()
-    assert not mine.exists() and turns.share(4) == 4
+from cnnpipe.util.env import TAKE_TURNS
 
 
 # --------------------------------------------------------------------------- taking turns (the default)
@@ -64,7 +31,7 @@ with turns.compute_turn("train", root=Path({root!r}), report=None):
 def _holder(root: Path) -> subprocess.Popen[str]:
     """Another process of the same project in the middle of its compute turn."""
     src = str(Path(turns.__file__).resolve().parents[1])
-    env = {k: v for k, v in os.environ.items() if k not in (turns.SHARE_ENV, turns.TURNS_ENV, "DVC_EXP_NAME")}
+    env = {k: v for k, v in os.environ.items() if k not in (TAKE_TURNS, "DVC_EXP_NAME")}
     proc = subprocess.Popen([sys.executable, "-c", HOLD.format(src=src, root=str(root))], env=env,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "holding"
@@ -72,8 +39,7 @@ def _holder(root: Path) -> subprocess.Popen[str]:
 
 
 def test_a_turn_waits_for_the_holder_names_it_and_is_freed_by_kill_9(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.delenv(turns.SHARE_ENV, raising=False)
-    monkeypatch.delenv(turns.TURNS_ENV, raising=False)
+    monkeypatch.delenv(TAKE_TURNS, raising=False)
     holder = _holder(tmp_path)
     lines: list[str] = []
     got: list[float] = []
@@ -90,7 +56,7 @@ def test_a_turn_waits_for_the_holder_names_it_and_is_freed_by_kill_9(tmp_path: P
         time.sleep(1.0)
         assert not got, "took the turn while another process held it"
         assert len(lines) == 1 and lines[0].startswith(f"evaluate: waiting for the cores: the train of pid {holder.pid}")
-        assert turns.SHARE_ENV in lines[0] and turns.TURNS_ENV in lines[0]
+        assert TAKE_TURNS in lines[0]
         killed = time.monotonic()
         holder.kill()  # SIGKILL: the kernel drops its flock
         waiter.join(30)
@@ -103,10 +69,9 @@ def test_a_turn_waits_for_the_holder_names_it_and_is_freed_by_kill_9(tmp_path: P
         waiter.join(30)
 
 
-@pytest.mark.parametrize("env", [{turns.TURNS_ENV: "0"}, {turns.SHARE_ENV: "1"}])
-def test_opting_out_or_sharing_threads_never_waits_for_a_turn(tmp_path: Path, monkeypatch, env: dict[str, str]) -> None:
-    monkeypatch.delenv(turns.SHARE_ENV, raising=False)
-    monkeypatch.delenv(turns.TURNS_ENV, raising=False)
+@pytest.mark.parametrize("env", [{TAKE_TURNS: "0"}, {TAKE_TURNS: "off"}])
+def test_opting_out_never_waits_for_a_turn(tmp_path: Path, monkeypatch, env: dict[str, str]) -> None:
+    monkeypatch.delenv(TAKE_TURNS, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     holder = _holder(tmp_path)
@@ -127,7 +92,7 @@ def test_the_train_stage_trains_only_in_its_turn(tmp_path: Path) -> None:
     work, root = stage_project(tmp_path, epochs=1, grid={"workers": 1, "cache": False}, mlflow={"enabled": False})
     holder = _holder(root)
     env = {k: v for k, v in os.environ.items()
-           if k not in (turns.SHARE_ENV, turns.TURNS_ENV, "DVC_EXP_NAME", "MLFLOW_TRACKING_URI", "CNNPIPE_DEBUG")}
+           if k not in (TAKE_TURNS, "DVC_EXP_NAME", "MLFLOW_TRACKING_URI", "CNNPIPE_DEBUG")}
     env.update(DVC_ROOT=str(root), DVC_STAGE="train", DVC_EXP_NAME="exp-late")
     train = subprocess.Popen([sys.executable, "stages/train.py"], cwd=work, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)

@@ -77,3 +77,16 @@ def test_dvc_repro_end_to_end_then_offline_plots(tmp_path: Path, no_proxy: None)
     again = run([str(BIN / "dvc"), "repro"], project)
     assert again.returncode == 0
     assert "Running stage" not in again.stdout
+
+    # Editing the scoring code re-scores: evaluate's stored reports key on the code evaluate runs
+    # (engine/loop.py's evaluate_logits was once missing from a hand-kept list, and 91% was served).
+    loop = project / "src" / "cnnpipe" / "engine" / "loop.py"
+    source = loop.read_text()
+    assert source.count("    return out if out is not None else torch.zeros(0, 0)\n") == 1
+    loop.write_text(source.replace("    return out if out is not None else torch.zeros(0, 0)\n",
+                                   "    return -out if out is not None else torch.zeros(0, 0)\n"))
+    rescored = run([str(BIN / "dvc"), "repro", "-s", "evaluate"], project)
+    assert rescored.returncode == 0, rescored.stdout[-3000:] + rescored.stderr[-3000:]
+    assert "Running stage 'evaluate'" in rescored.stdout and "reports reused" not in rescored.stdout
+    negated = json.loads((reports / "metrics.json").read_text())
+    assert negated["test_top1"] < metrics["test_top1"] and negated["test_loss"] > metrics["test_loss"]

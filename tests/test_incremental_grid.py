@@ -25,7 +25,8 @@ import yaml
 from cnnpipe.reports import train_files
 
 from cnnpipe.store import runs
-from cnnpipe.tracking import NullTracker
+from cnnpipe.util.env import NO_CACHE
+from cnnpipe.tracking.runs import NullTracker
 from cnnpipe.search.trial import TrainContext
 from cnnpipe.search.selection import select_best
 from cnnpipe.search.runner import run_search
@@ -34,7 +35,7 @@ from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.params import MlflowParams
 from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.store.runs import GridCache, RunCache
-from cnnpipe.tracking import open_tracker
+from cnnpipe.tracking.runs import open_tracker
 from synthetic import TINY, tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +166,7 @@ def test_anything_that_affects_training_invalidates(data, tmp_path, monkeypatch)
     other = TrainData.load(tmp_path / "other", splits=("train", "val"))
     assert other.fingerprint != data.fingerprint
     assert run(make_params(**one), other, cache)[1] == ["model=tiny"]
-    monkeypatch.setattr(runcache, "code_version", lambda: "edited-engine")  # as if engine/ or models/ changed
+    monkeypatch.setattr(runs, "code_version", lambda: "edited-engine")  # as if engine/ or models/ changed
     assert run(make_params(**one), data, cache)[1] == ["model=tiny"]
     monkeypatch.undo()
     assert run(make_params(**one), data, cache)[1] == []  # the original entry is still there
@@ -184,7 +185,7 @@ def test_cache_policy_off_store_only_or_reuse(tmp_path, monkeypatch):
     assert runs.open_grid_cache(make_params(grid={"cache": False}).grid, root=tmp_path) is None
     assert runs.open_grid_cache(make_params().grid, root=tmp_path).reuse is True
     assert runs.open_grid_cache(make_params().grid, no_cache=True, root=tmp_path).reuse is False
-    monkeypatch.setenv(runs.NO_CACHE_ENV, "1")
+    monkeypatch.setenv(NO_CACHE, "1")
     assert runs.open_grid_cache(make_params().grid, root=tmp_path).reuse is False
 
 
@@ -193,7 +194,7 @@ def test_no_cache_retrains_and_refreshes_the_entry(data, tmp_path, monkeypatch):
     cache = GridCache(RunCache(tmp_path / "cache"))
     params = make_params(lr=0.01, epochs=1)
     run(params, data, cache)
-    monkeypatch.setenv(runs.NO_CACHE_ENV, "1")
+    monkeypatch.setenv(NO_CACHE, "1")
     store_only = runs.open_grid_cache(make_params().grid, root=tmp_path / "cache")
     lines: list[str] = []
     assert run(params, data, store_only, lines=lines)[1] == ["model=tiny"]
@@ -214,7 +215,7 @@ def stage_project(base: Path) -> tuple[Path, dict[str, str]]:
     raw.update({"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01], "batch_size": 64, "epochs": 1,
                 "mlflow": {"enabled": False}, "grid": {"workers": 1}})
     (base / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNPIPE_DEBUG", runs.NO_CACHE_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CNNPIPE_DEBUG", NO_CACHE)}
     env["DVC_ROOT"] = str(base)
     return base, env
 

@@ -19,7 +19,6 @@ answers in well under a second.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -753,9 +752,10 @@ class RunConfig(_Strict):
     @property
     def run_id(self) -> str:
         """Short stable id: hash of everything that changes what is trained."""
-        payload = {"values": self.values.model_dump(mode="json"), "layers": list(self.layers), "dataset": self.dataset}
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:10]
+        from cnnpipe.util.hashing import digest
+
+        return digest({"values": self.values.model_dump(mode="json"), "layers": list(self.layers),
+                       "dataset": self.dataset}, length=10)
 
     @property
     def name(self) -> str:

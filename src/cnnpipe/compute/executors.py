@@ -520,10 +520,10 @@ def plan_parallelism(requested: int | str, runs: int, cores: int) -> tuple[int, 
 
 
 def cpu_cores() -> int:
-    from cnnpipe.compute.turns import share
+    """The cores this process may use (its CPU affinity: a container's or ``taskset``'s limit holds)."""
     from cnnpipe.compute.device import default_threads
 
-    return share(default_threads())  # this process's share when concurrent trains claimed cores (cnnpipe.compute.turns)
+    return default_threads()
 
 
 def make_executor(settings: "GridParams", runs: int, *, device: str = "cpu", cores: int | None = None) -> Executor:

@@ -40,6 +40,7 @@ from cnnpipe import __version__
 from cnnpipe.data.formats import RawCheck, RawFormatError, inspect_raw
 from cnnpipe.data.registry import DatasetSpec, RawFile
 from cnnpipe.data.sources import Source, sources_for
+from cnnpipe.util.retry import retrying
 from cnnpipe.util.errors import DataError
 
 USER_AGENT = f"cnnpipe/{__version__} (dataset download; python-urllib)"
@@ -232,18 +233,15 @@ def fetch_file(
     """Get one file from the first source whose copy verifies; one-line DataError otherwise."""
     tried: list[str] = []
     for source in sources:
-        for attempt in range(retries + 1):
-            try:
-                return _attempt(source, spec, raw, dest, pins, timeout, progress)
-            except _Rejected as err:
-                tried.append(f"{source} ({err})")
-                break
-            except _Transient as err:
-                if attempt == retries or not source.is_remote:  # a local copy reads the same every time
-                    times = f"; {attempt + 1} attempts" if attempt else ""
-                    tried.append(f"{source} ({err}{times})")
-                    break
-                time.sleep(min(backoff * (2**attempt), MAX_BACKOFF))
+        try:  # a local copy reads the same every time: only a remote one is tried again
+            return retrying(lambda: _attempt(source, spec, raw, dest, pins, timeout, progress), retries=retries,
+                            delay=backoff, max_delay=MAX_BACKOFF,
+                            transient=lambda err: isinstance(err, _Transient) and source.is_remote)
+        except _Rejected as err:
+            tried.append(f"{source} ({err})")
+        except _Transient as err:
+            times = f"; {retries + 1} attempts" if source.is_remote and retries else ""
+            tried.append(f"{source} ({err}{times})")
     fix = ("check data.source and data.sha256, or your network" if spec.is_folder
            else "add a mirror in data.mirrors (a folder or URL holding the files) or check your network")
     raise DataError(f"{spec.name}: could not get {raw.name}: {', '.join(tried) or 'no sources'}; {fix}")

@@ -91,7 +91,7 @@ def prepare_source(source: str, raw_dir: str | os.PathLike[str], *, sha256: str 
             archive, described = _fetch_archive(source, Path(tmp), sha256, timeout=timeout, retries=retries,
                                                 backoff=backoff, progress=progress)
             lines.append(described)
-            from cnnpipe.util.files import sha256_file
+            from cnnpipe.util.hashing import sha256_file
 
             manifest["archive_sha256"] = sha256_file(archive)
             extracted = safe_extract(archive, Path(tmp) / IMAGES)

@@ -12,7 +12,6 @@ so a file swapped in from another dataset is refused, not trained on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cnnpipe.util.errors import DataError
-from cnnpipe.util.files import atomic_path, atomic_write_json, sha256_file
+from cnnpipe.util.files import atomic_path, atomic_write_json
+from cnnpipe.util.hashing import digest, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -53,8 +53,7 @@ class PreparedStats:
     @property
     def fingerprint(self) -> str:
         """One digest naming this exact prepared data (the data version)."""
-        blob = json.dumps(sorted(self.files.items())).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return digest(sorted(self.files.items()), length=16)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnpipe.compute.turns import rebalance
 from cnnpipe.compute.device import configure_backend, is_cuda, resolve_device, thread_limit
 from cnnpipe.engine.augment import augment, norm_constants, normalize
 from cnnpipe.engine.data import TrainData
@@ -46,6 +45,7 @@ from cnnpipe.engine.inference import has_conv, inference_copy
 from cnnpipe.engine.optim import build_optimizer, build_scheduler, current_lr
 from cnnpipe.engine.records import EpochRecord, RunResult
 from cnnpipe.engine.resume import load_resume_state, save_resume_state, state_identity
+from cnnpipe.util.env import progress_bars
 from cnnpipe.util.errors import CnnpipeError
 from cnnpipe.evaluation.metrics import topk_accuracy
 from cnnpipe.models.build import build_model
@@ -116,10 +116,6 @@ class LayerStats:
         self.grad_sum.zero_()
         self.steps = 0
         return out
-
-
-def _progress_enabled(progress: bool) -> bool:
-    return bool(progress) and sys.stderr.isatty() and os.environ.get("CNNPIPE_PROGRESS", "1") != "0"
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -217,20 +213,7 @@ def train_run(
     configure_backend(dev)
     fork_devices = [torch.device(dev).index or 0] if is_cuda(dev) else []
     with thread_limit(num_threads), torch.random.fork_rng(devices=fork_devices):
-        if num_threads is None and not is_cuda(dev):  # CNNPIPE_SHARE_CORES=1: concurrent trains share the cores
-            on_epoch = _rebalancing(on_epoch)
         return _train(cfg, data, dev, on_epoch, resume_dir, progress, layer_stats, stop_after)
-
-
-def _rebalancing(on_epoch: OnEpoch | None) -> OnEpoch:
-    """``on_epoch`` that first re-reads this process's core share (a no-op unless the stage claimed one)."""
-    rebalance()
-
-    def hook(record: EpochRecord, model: nn.Module) -> None:
-        rebalance()
-        if on_epoch is not None:
-            on_epoch(record, model)
-    return hook
 
 
 @dataclass
@@ -431,7 +414,7 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         elif stop_reason is None and stopper.should_stop and len(history) < v.epochs:
             stop_reason = "early_stopping"  # saved at the old last epoch; a longer run would have stopped there
 
-    show = _progress_enabled(progress)
+    show = progress_bars(progress)
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
     last = v.epochs if stop_after is None else max(0, min(v.epochs, stop_after))
     for epoch in range(len(history) + 1, last + 1):

@@ -39,13 +39,12 @@ def state_identity(cfg: "RunConfig") -> str:
     bit-for-bit when ``epochs`` is raised to 27. Cosine and one-cycle
     schedules are defined over ``epochs``: there it is part of the identity.
     """
-    import hashlib
+    from cnnpipe.util.hashing import digest
 
     values = cfg.values.model_dump(mode="json")
     if values.get("schedule") == "none":
         values.pop("epochs", None)
-    payload = {"values": values, "layers": list(cfg.layers), "dataset": cfg.dataset}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    return digest({"values": values, "layers": list(cfg.layers), "dataset": cfg.dataset}, length=16)
 
 
 def state_path(state_dir: str | os.PathLike[str]) -> Path:

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnpipe.util.errors import CheckpointError
-from cnnpipe.util.files import atomic_path, atomic_write_json
+from cnnpipe.util.files import atomic_write_json
+from cnnpipe.util.tables import write_csv
 
 if TYPE_CHECKING:
     import torch
@@ -54,9 +55,8 @@ TRAIN_SUBSET = 10_000  # train-split images scored (a fixed seeded subset; all w
 SUBSET_SEED = 0
 SIDECAR_IDS = ("run_id", "run_name", "mlflow_run_id", "mlflow_parent_run_id", "mlflow_experiment_id")
 REPORT_FILES = (METRICS_FILE, PER_CLASS_FILE, CONFUSION_FILE, MISTAKES_FILE)
-# The code a report depends on, beside this file (editing any of it invalidates stored reports).
-SCORING_SOURCES = ("evaluation.py", "metrics.py", "checkpoint.py", "device.py", "engine/inference.py",
-                   "models/build.py", "models/spec.py", "data/prepared.py")
+# What scores a checkpoint: this module and everything it may import (store.code_identity).
+CODE_ENTRY = "cnnpipe.evaluation.score"
 CACHE_KIND = "eval"
 
 
@@ -155,14 +155,14 @@ def evaluation_key(checkpoint_dir: str | os.PathLike[str], prepared_dir: str | o
 
     from cnnpipe.models.checkpoint import WEIGHTS_FILE, read_sidecar
     from cnnpipe.data.prepared import load_stats
-    from cnnpipe.util.files import sha256_file
-    from cnnpipe.store.outputs import digest, source_digest
+    from cnnpipe.util.hashing import sha256_file
+    from cnnpipe.store.code_identity import code_identity
+    from cnnpipe.util.hashing import digest
 
     checkpoint_dir, prepared_dir = Path(checkpoint_dir), Path(prepared_dir)
     sidecar = read_sidecar(checkpoint_dir)
     stats = load_stats(prepared_dir)
     check_compatible(sidecar, stats, checkpoint_dir, prepared_dir)
-    package = Path(__file__).resolve().parent
     return digest({
         "model": {k: v for k, v in sidecar.items() if k not in SIDECAR_IDS and k != "created"},
         "weights": sha256_file(checkpoint_dir / WEIGHTS_FILE) if (checkpoint_dir / WEIGHTS_FILE).is_file() else None,
@@ -171,7 +171,7 @@ def evaluation_key(checkpoint_dir: str | os.PathLike[str], prepared_dir: str | o
         "tta": resolve_tta(str(settings.get("tta", "none")), stats.dataset, (sidecar.get("params") or {}).get("augment")),
         "device": device if device == "cpu" else f"{device}@{platform.node()}",
         "torch": version("torch"),
-        "code": source_digest(package / name for name in SCORING_SOURCES),
+        "code": code_identity(CODE_ENTRY),
     })
 
 
@@ -306,15 +306,6 @@ def evaluate_checkpoint(
     )
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> Path:
-    import pandas as pd
-
-    frame = pd.DataFrame(rows, columns=list(columns))
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6g")
-    return path
-
-
 def write_reports(evaluation: Evaluation, reports_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write metrics.json, per_class.csv, confusion.csv and mistakes.csv atomically."""
     out = Path(reports_dir)
@@ -327,18 +318,18 @@ def write_reports(evaluation: Evaluation, reports_dir: str | os.PathLike[str]) -
         MISTAKES_FILE: out / MISTAKES_FILE,
     }
     atomic_write_json(paths[METRICS_FILE], evaluation.metrics)
-    _write_csv(paths[PER_CLASS_FILE], evaluation.per_class_rows(), PER_CLASS_COLUMNS)
+    write_csv(paths[PER_CLASS_FILE], evaluation.per_class_rows(), columns=PER_CLASS_COLUMNS, float_format="%.6g")
     confusion_rows = [
         {"actual": names[a], "predicted": names[p]}
         for a, p in zip(evaluation.test_labels.tolist(), evaluation.test_predicted.tolist())
     ]
-    _write_csv(paths[CONFUSION_FILE], confusion_rows, ("actual", "predicted"))
+    write_csv(paths[CONFUSION_FILE], confusion_rows, columns=("actual", "predicted"), float_format="%.6g")
     m = evaluation.mistakes
     mistake_rows = [
         {"index": i, "actual": names[a], "predicted": names[p], "confidence": c}
         for i, a, p, c in zip(m.index.tolist(), m.actual.tolist(), m.predicted.tolist(), m.confidence.tolist())
     ]
-    _write_csv(paths[MISTAKES_FILE], mistake_rows, MISTAKES_COLUMNS)
+    write_csv(paths[MISTAKES_FILE], mistake_rows, columns=MISTAKES_COLUMNS, float_format="%.6g")
     return paths
 
 

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from cnnpipe import __version__
 from cnnpipe.util.errors import CheckpointError, CnnpipeError
-from cnnpipe.util.files import atomic_dir, atomic_write_json, sha256_file
+from cnnpipe.util.files import atomic_dir, atomic_write_json
+from cnnpipe.util.hashing import sha256_file
 
 if TYPE_CHECKING:
     from torch import nn

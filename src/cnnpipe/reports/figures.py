@@ -95,18 +95,22 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# What draws a figure: this module and everything it may import (store.code_identity).
+CODE_ENTRY = "cnnpipe.reports.figures"
+
+
 @functools.lru_cache(maxsize=1)
 def _code_version() -> str:
-    """This module's source and matplotlib's version (read once per process, not once per figure)."""
+    """The drawing code's identity and matplotlib's version (computed once per process, not once per figure)."""
     import matplotlib
 
-    from cnnpipe.store.outputs import source_digest
+    from cnnpipe.store.code_identity import code_identity
 
-    return f"{source_digest([Path(__file__)])}/matplotlib-{matplotlib.__version__}"
+    return f"{code_identity(CODE_ENTRY)}/matplotlib-{matplotlib.__version__}"
 
 
 def _key(fn: Callable[..., Path], bound: inspect.BoundArguments) -> str:
-    from cnnpipe.store.outputs import digest
+    from cnnpipe.util.hashing import digest
 
     bound.apply_defaults()
     arguments = {name: _fingerprint(value) for name, value in bound.arguments.items() if name != "path"}

@@ -9,22 +9,19 @@ search, counting epochs done of epochs planned, with tqdm's ETA.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cnnpipe.params import RunConfig
-from cnnpipe.search.selection import RunRecord, failure_reason, one_line
+from cnnpipe.util.env import progress_bars as bars_wanted
+from cnnpipe.search.selection import RunRecord, failure_reason
+from cnnpipe.util.text import one_line
 
 if TYPE_CHECKING:
     from cnnpipe.engine.records import EpochRecord
 
 Report = Callable[[str], None]
-
-
-def bars_wanted(progress: bool) -> bool:
-    return bool(progress) and sys.stderr.isatty() and os.environ.get("CNNPIPE_PROGRESS", "1") != "0"
 
 
 def run_line(rec: RunRecord, total: int, select_by: str = "val_top1") -> str:

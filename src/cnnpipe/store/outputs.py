@@ -17,8 +17,6 @@ output (and stores the fresh one), like it retrains every run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -27,20 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from cnnpipe.util.files import atomic_dir, atomic_path
-
-
-def digest(payload: Any) -> str:
-    """A short stable hash of a JSON-able payload (key order does not matter)."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def source_digest(files: Iterable[Path]) -> str:
-    """Hash of source files' bytes: editing the code that computes an output invalidates its entries."""
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
 
 
 class OutputCache:

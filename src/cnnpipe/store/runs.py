@@ -2,8 +2,9 @@
 
 A finished run is stored under a key that hashes everything that can change
 its result: the run's full config (training values, resolved layers,
-dataset), the prepared data's fingerprint, the code that trains (a digest of
-the training modules' source), the torch version and the device. Change any
+dataset), the prepared data's fingerprint, the code that trains (the
+identity of every module a trial may import, ``store.code_identity``), the
+torch version and the device. Change any
 of them and the key changes, so a cached result is never stale; nothing is
 ever looked up by run name alone.
 
@@ -24,31 +25,34 @@ of torch threads can differ in the last bits, which a reuse ignores.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cnnpipe.store.code_identity import code_identity
+from cnnpipe.util.env import CACHE_DIR, NO_CACHE, flag, text
 from cnnpipe.util.files import atomic_dir
+from cnnpipe.util.hashing import digest
 from cnnpipe.util.paths import project_root
 
 if TYPE_CHECKING:
     import torch
 
+    from cnnpipe.engine import RunResult, TrainData
     from cnnpipe.params import GridParams, RunConfig
+    from cnnpipe.search.selection import RunRecord
+    from cnnpipe.tracking.runs import NullTracker
 
 CACHE_DIRNAME = ".cnnpipe-cache"
-# Modules whose source decides what a run trains to; editing any invalidates the cache.
-TRAINING_MODULES = (
-    "engine", "models/build", "models/spec", "params", "metrics", "device",
-)
-FORMAT = "cnnpipe-runcache/1"
+# What trains a run: a trial (search.trial.run_one) and everything it may import.
+CODE_ENTRY = "cnnpipe.search.trial"
+FORMAT = "cnnpipe-runcache/2"
 HISTOGRAMS = "layer_histograms.png"
-NO_CACHE_ENV = "CNNPIPE_NO_CACHE"
 
 
 @dataclass(frozen=True)
@@ -60,29 +64,16 @@ class CachedRun:
 
 
 def default_cache_dir() -> Path:
-    override = os.environ.get("CNNPIPE_CACHE_DIR")
+    override = text(CACHE_DIR)
     return Path(override) if override else project_root() / CACHE_DIRNAME / "runs"
 
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """Digest of the training code (package source) plus the torch version."""
-    import torch
+    """The identity of the code that trains (``CODE_ENTRY``'s import closure) plus the torch version."""
+    from importlib.metadata import version
 
-    return code_digest(Path(__file__).resolve().parent, torch.__version__)
-
-
-def code_digest(package: Path, torch_version: str) -> str:
-    """Hash the source of ``TRAINING_MODULES`` under ``package`` (other modules do not count)."""
-    digest = hashlib.sha256(f"torch={torch_version}".encode())
-    for name in TRAINING_MODULES:
-        candidates = [package / f"{name}.py", package / name]
-        for candidate in candidates:
-            files = sorted(candidate.rglob("*.py")) if candidate.is_dir() else [candidate] if candidate.is_file() else []
-            for path in files:
-                digest.update(path.relative_to(package).as_posix().encode())
-                digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return f"{code_identity(CODE_ENTRY)}/torch-{version('torch')}"
 
 
 def cache_key(cfg: "RunConfig", data_fingerprint: str, device: str, code: str | None = None) -> str:
@@ -95,7 +86,7 @@ def cache_key(cfg: "RunConfig", data_fingerprint: str, device: str, code: str | 
         "code": code or code_version(),
         "device": device.split(":")[0],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    return digest(payload)
 
 
 class RunCache:
@@ -136,6 +127,49 @@ class RunCache:
         return entry
 
 
+# --------------------------------------------------------------------------- what an entry holds
+
+
+def entry_record(rec: "RunRecord", tracker: "NullTracker") -> dict[str, Any]:
+    """What the cache keeps of a finished run besides its weights (plain JSON)."""
+    r = rec.result
+    return {
+        "run_id": rec.cfg.run_id,
+        "run_name": rec.cfg.name,
+        "params": rec.cfg.flat(),
+        "status": r.status,
+        "stop_reason": r.stop_reason,
+        "best_epoch": r.best_epoch,
+        "epochs_run": r.epochs_run,
+        "seconds": r.seconds,
+        "images_per_s": r.images_per_s,
+        "device": r.device,
+        "history": [epoch.to_dict() for epoch in r.history],
+        "mlflow_run_id": rec.mlflow_run_id,
+        "mlflow_experiment_id": tracker.experiment_id,
+        "tracking_uri": tracker.uri,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def cached_result(hit: CachedRun, cfg: "RunConfig", data: "TrainData", device: str) -> "RunResult | None":
+    """The cached run as a ``RunResult`` with its model rebuilt; None if the entry does not fit."""
+    from cnnpipe.engine import EpochRecord, RunResult
+    from cnnpipe.search.trial import rebuild_model
+
+    try:
+        raw = hit.record
+        history = [EpochRecord.from_dict(epoch) for epoch in raw["history"]]
+        best_epoch = raw["best_epoch"]
+        best = next(epoch for epoch in history if epoch.epoch == best_epoch)
+        model = rebuild_model(cfg, data, hit.state_dict)
+        return RunResult(run_id=cfg.run_id, status=raw["status"], stop_reason=raw["stop_reason"], best_epoch=best_epoch,
+                         best=best, history=history, epochs_run=int(raw["epochs_run"]), seconds=float(raw["seconds"]),
+                         images_per_s=float(raw["images_per_s"]), model=model, device=str(raw.get("device", device)))
+    except (KeyError, TypeError, ValueError, StopIteration, RuntimeError):
+        return None
+
+
 @dataclass
 class GridCache:
     """The train stage's use of a ``RunCache``: look up before training (when ``reuse``), store after."""
@@ -154,7 +188,8 @@ class GridCache:
 
 
 def env_no_cache() -> bool:
-    return os.environ.get(NO_CACHE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    """``CNNPIPE_NO_CACHE``: recompute every stored result (fresh ones are still stored)."""
+    return flag(NO_CACHE)
 
 
 def open_grid_cache(settings: "GridParams", *, no_cache: bool = False,

@@ -23,7 +23,6 @@ holds trains without run state in this one, and that folder is left alone.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -33,8 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnpipe.util.files import atomic_write_json
+from cnnpipe.util.locks import try_hold
+from cnnpipe.util.hashing import digest
 
 if TYPE_CHECKING:
+    from filelock import FileLock
+
     from cnnpipe.params import RunConfig
 
 STATE_DIRNAME = "state"
@@ -55,7 +58,7 @@ def state_key(cfg: "RunConfig", data_fingerprint: str, device: str, code: str | 
 
     payload = {"identity": state_identity(cfg), "data": data_fingerprint, "code": code or code_version(),
                "device": device.split(":")[0]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    return digest(payload)
 
 
 @dataclass(frozen=True)
@@ -74,35 +77,26 @@ class RunStateStore:
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root) if root is not None else default_state_dir()
-        self._claims: dict[str, int] = {}
+        self._claims: dict[str, FileLock] = {}
 
     def claim(self, folder: Path) -> bool:
         """Take ``folder`` for this search (False: another live search is training that trial now)."""
         if folder.name in self._claims:
             return True
         try:
-            import fcntl
-        except ImportError:  # no flock (Windows): concurrent trains of one trial are not guarded there
-            return True
-        locks = self.root / LOCKS_DIRNAME
-        try:
-            locks.mkdir(parents=True, exist_ok=True)
-            fd = os.open(locks / folder.name, os.O_CREAT | os.O_RDWR, 0o644)
+            lock = try_hold(self.root / LOCKS_DIRNAME / folder.name)
         except OSError:
             return True  # a read-only store: nothing will be written there anyway
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+        if lock is None:
             return False
-        self._claims[folder.name] = fd
+        self._claims[folder.name] = lock
         return True
 
     def release(self) -> None:
         """Let other searches have the folders again (the lock files stay: unlinking one races a waiter)."""
-        for fd in self._claims.values():
+        for lock in self._claims.values():
             with contextlib.suppress(OSError):
-                os.close(fd)
+                lock.release()
         self._claims.clear()
 
     def folder(self, cfg: "RunConfig", fingerprint: str, device: str) -> Path:

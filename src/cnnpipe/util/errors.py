@@ -45,7 +45,10 @@ class TrackingError(CnnpipeError):
 
 
 def debug_enabled() -> bool:
-    return os.environ.get("CNNPIPE_DEBUG", "").strip() not in ("", "0", "false", "no")
+    """``CNNPIPE_DEBUG`` is on: show tracebacks instead of one-line errors."""
+    from cnnpipe.util.env import DEBUG, flag
+
+    return flag(DEBUG)
 
 
 def fail(err: CnnpipeError) -> NoReturn:

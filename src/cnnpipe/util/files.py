@@ -1,4 +1,4 @@
-"""Atomic file and folder writes, and content hashing.
+"""Atomic file and folder writes.
 
 A failed or interrupted stage must never leave a half-written output where a
 good one stood: everything goes to a temporary sibling first and is renamed
@@ -8,7 +8,6 @@ into place only when complete.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -16,9 +15,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-CHUNK = 1 << 20
-
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -29,14 +25,6 @@ def _umask() -> int:
 def _public_mode(path: Path, directory: bool = False) -> None:
     """mkstemp/mkdtemp create 0600/0700; give outputs the usual umask-based mode."""
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,214 @@
+"""Which code computed a stored result, derived from the import graph (never a hand-kept list).
+
+A stored result (a cached run, a run state, stored evaluate reports and
+figures, cached backbone features) is only valid for the code that computed
+it. Each store names its computation by an *entry module*
+(``CODE_ENTRY`` in the store's module); ``code_identity`` hashes the source of
+every cnnpipe module in that module's static import closure, plus the package
+data files (``*.yaml``, ``*.json``) beside any module of the closure (the
+presets file is read, not imported).
+
+The closure is read from the source with ``ast``, so imports inside
+functions (cnnpipe imports its heavy parts lazily) count as much as
+module-level ones; ``from cnnpipe.x import y`` counts ``cnnpipe.x.y`` when that
+is a module, and every parent package (its ``__init__`` runs first). Imports
+under ``if TYPE_CHECKING:`` never run and do not count. A module added
+tomorrow and imported anywhere below the entry is in the identity without
+anyone remembering it; a module nobody imports from there cannot change the
+result and stays out (editing it keeps the caches).
+
+The same closure gives each DVC stage's code deps (``stage_code_files``): a test
+checks ``dvc.yaml`` against it, and ``python -m cnnpipe.store.code_identity
+stages/train.py`` prints the list (``--write`` rewrites ``dvc.yaml``).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import sys
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+
+PACKAGE = "cnnpipe"
+DATA_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def package_root() -> Path:
+    """The folder of the ``cnnpipe`` package whose code is running (``src/cnnpipe`` in a checkout)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def module_file(name: str, root: Path) -> Path | None:
+    """The source file of module ``name`` (``cnnpipe.a.b``) under ``root`` (the package folder), or None."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = root.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py") if parts[1:] else None, base / "__init__.py"):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    return None
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Every ``cnnpipe`` module name an AST may import at run time (candidates: not all need to exist)."""
+    found: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {name for name in found if name == PACKAGE or name.startswith(PACKAGE + ".")}
+
+
+def _with_parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+@lru_cache(maxsize=256)
+def _parsed(path: Path, stamp: tuple[int, int]) -> ast.AST:
+    del stamp  # part of the cache key only: an edited file is parsed again
+    return ast.parse(path.read_bytes(), filename=str(path))
+
+
+def _imports_of(path: Path, module: str) -> set[str]:
+    stat = path.stat()
+    return imported_names(_parsed(path, (stat.st_mtime_ns, stat.st_size)), module, path.name == "__init__.py")
+
+
+def closure(entries: Iterable[str], root: Path | None = None, *, scripts: Iterable[Path] = ()) -> dict[str, Path]:
+    """Module name -> source file for every cnnpipe module the ``entries`` (and ``scripts``) may import."""
+    root = root or package_root()
+    todo: list[str] = []
+    for script in scripts:
+        todo.extend(imported_names(ast.parse(Path(script).read_bytes()), "__main__", False))
+    todo.extend(entries)
+    found: dict[str, Path] = {}
+    while todo:
+        for name in _with_parents(todo.pop()):
+            if name in found:
+                continue
+            path = module_file(name, root)
+            if path is None:
+                continue
+            found[name] = path
+            todo.extend(_imports_of(path, name))
+    return dict(sorted(found.items()))
+
+
+def data_files(modules: dict[str, Path]) -> list[Path]:
+    """Package data files (yaml/json) in the folder of any package in ``modules``: they are read, not imported."""
+    folders = {path.parent for name, path in modules.items() if path.name == "__init__.py"}
+    return sorted(p for folder in folders for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+
+
+def identity_files(*entries: str, root: Path | None = None) -> list[Path]:
+    """The files whose bytes make up ``code_identity(*entries)``: the closure's sources and its data files."""
+    modules = closure(entries, root)
+    return sorted({*modules.values(), *data_files(modules)})
+
+
+def files_digest(files: Iterable[Path], root: Path) -> str:
+    """SHA-256 over each file's path (relative to ``root``) and bytes, in path order (16 hex characters)."""
+    sha = hashlib.sha256()
+    for path in sorted(files):
+        sha.update(path.relative_to(root).as_posix().encode() + b"\0")
+        sha.update(path.read_bytes())
+        sha.update(b"\0")
+    return sha.hexdigest()[:16]
+
+
+def code_identity(*entries: str, root: Path | None = None) -> str:
+    """A digest naming the code that ``entries`` run: every module of their import closure, and its data files."""
+    root = root or package_root()
+    return files_digest(identity_files(*entries, root=root), root)
+
+
+def stage_code_files(script: Path, root: Path | None = None) -> list[Path]:
+    """The cnnpipe files a stage script runs (its import closure and their data files), for ``dvc.yaml`` deps."""
+    modules = closure((), root, scripts=[script])
+    return sorted({*modules.values(), *data_files(modules)})
+
+
+def write_stage_deps(dvc_yaml: Path, root: Path | None = None) -> list[str]:
+    """Rewrite each stage's code deps in ``dvc_yaml`` (its ``src/``/``stages/`` lines) from its import closure.
+
+    Other lines (comments, data deps, params, outs) stay as they are. Returns
+    the names of the stages whose deps changed.
+    """
+    import re
+
+    root = root or package_root()
+    project = dvc_yaml.parent
+    lines = dvc_yaml.read_text(encoding="utf-8").splitlines()
+    out: list[str] = []
+    changed: list[str] = []
+    stage = script = None
+    written = False
+    code_dep = re.compile(r"^(\s+)- (src|stages)/\S+$")
+    for line in lines:
+        head = re.match(r"^  (\w+):\s*$", line)
+        if head:
+            stage, written = head.group(1), False
+        cmd = re.match(r"^\s+cmd: python (stages/\S+\.py)", line)
+        if cmd:
+            script = project / cmd.group(1)
+        dep = code_dep.match(line)
+        if not dep or script is None:
+            out.append(line)
+            continue
+        if not written:
+            wanted = [script, *stage_code_files(script, root)]
+            block = [f"{dep.group(1)}- {path.relative_to(project).as_posix()}" for path in wanted]
+            out.extend(block)
+            written = True
+            changed.append(str(stage))
+    text = "\n".join(out) + "\n"
+    if text != dvc_yaml.read_text(encoding="utf-8"):
+        dvc_yaml.write_text(text, encoding="utf-8")
+        return changed
+    return []
+
+
+def main(argv: list[str]) -> int:
+    """Print each stage script's ``dvc.yaml`` code deps; ``--write`` rewrites them in ``dvc.yaml``."""
+    root = package_root()
+    project = root.parents[1]
+    if argv == ["--write"]:
+        changed = write_stage_deps(project / "dvc.yaml", root)
+        print(f"dvc.yaml: code deps rewritten ({', '.join(changed)})" if changed else "dvc.yaml: code deps up to date")
+        return 0
+    for script in argv:
+        print(f"# {script}")
+        for path in [project / script, *stage_code_files(project / script, root)]:
+            print(f"      - {path.relative_to(project).as_posix()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
