@@ -321,13 +321,10 @@ def grid_curves(
 
 def _clip_diverged(ax, history: pd.DataFrame, finished: list[str], columns: list[str]) -> bool:
     """Keep a diverging run's exploding loss from flattening every other curve; True if clipped.
-
-    ``finished`` runs set the range, less any whose best loss is over ten times the median run's.
-    """
+    ``finished`` runs set the range, less any whose best loss is over ten times the median run's."""
     columns = [c for c in columns if c in history]
     best = history[history["run_id"].isin(finished)].groupby("run_id")[columns].min().min(axis=1)
-    finished = list(best.index[best <= 10 * best.median()]) if len(best) else []
-    ok = history[history["run_id"].isin(finished)][columns].to_numpy(dtype=float)
+    ok = history[history["run_id"].isin(best.index[best <= 10 * best.median()])][columns].to_numpy(dtype=float)
     every = history[columns].to_numpy(dtype=float)
     ok, every = ok[np.isfinite(ok)], every[np.isfinite(every)]
     if ok.size and every.size and every.max() > 1.5 * ok.max():
@@ -591,7 +588,6 @@ def halving_rungs_figure(history: pd.DataFrame, grid: pd.DataFrame, *, selected_
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else ""))
-        ax.grid(True, which="minor", axis="y", alpha=0.15)
         ax.set_ylim(float(finite.min()) / 1.15, min(float(finite.max()), limit) * 1.15)
     if select_by == "val_top1":
         _percent_axis(ax)
