@@ -67,8 +67,12 @@ def main(args: argparse.Namespace) -> int:
           f"({len(data.train)} train / {len(data.val)} val images), select_by {params.select_by}", flush=True)
 
     cache = runs.open_grid_cache(params.grid, no_cache=args.no_cache)
+    from cnnpipe.data.registry import get_dataset
+
+    source = params.data.source if get_dataset(params.data.dataset).is_folder else str(PREPARED)
     tracker = tracking_runs.open_tracker(params.mlflow, target=target, params=payloads.search_definition(params),
-                                    tags=payloads.parent_tags(params, data, device))
+                                         tags=payloads.parent_tags(params, data, device),
+                                         dataset=(params.data.dataset, data.fingerprint, source))
     strategy = strategies.make_strategy(params.grid)
     with tracker.running():
         layer_stats = params.mlflow.enabled and params.mlflow.log_layer_stats

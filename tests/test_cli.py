@@ -144,6 +144,49 @@ def test_predict_on_an_rgb_model_converts_grayscale_and_16_bit(tmp_path: Path, c
     assert array.shape == (1, 32, 32) and int(array.max()) == round(40000 / 257)  # rescaled, not clipped at 255
 
 
+def test_predict_reads_every_readable_image_and_names_the_unreadable_ones(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncated file among good PNGs: the good ones are predicted, the bad one is named, exit 1."""
+    from cnnpipe.models.build import build_model
+    from cnnpipe.models.checkpoint import save_checkpoint
+    from project_builder import TINY
+
+    model = tmp_path / "model"
+    save_checkpoint(model, build_model(TINY, (1, 28, 28), 10), {
+        "model": "tiny", "layers": TINY, "in_shape": [1, 28, 28], "num_classes": 10,
+        "classes": [f"c{i}" for i in range(10)], "mean": [0.5], "std": [0.25],
+    })
+    photos = tmp_path / "my_photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "d.png"):
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), mode="L").save(photos / name)
+    whole = (photos / "a.png").read_bytes()
+    (photos / "c.png").write_bytes(whole[: len(whole) // 2])  # truncated mid-stream
+    good = [str(photos / name) for name in ("a.png", "b.png", "d.png")]
+
+    code, out, err = cli(capsys, "predict", str(photos), "--model", str(model))
+    assert code == 1
+    assert [line.split()[0] for line in out.splitlines()] == good
+    assert err.splitlines() == [f"error: 1 of 4 images are unreadable and were not predicted: {photos / 'c.png'} "
+                                "(truncated); replace or remove them (the others were predicted)"]
+
+    code, out, err = cli(capsys, "predict", str(photos), "--model", str(model), "--json")
+    entries = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and [e["image"] for e in entries] == sorted([*good, str(photos / "c.png")])
+    assert entries[2] == {"image": str(photos / "c.png"), "error": "not a readable image (truncated)"}
+    assert all(len(e["predictions"]) == 3 and "error" not in e for i, e in enumerate(entries) if i != 2)
+    assert len(err.splitlines()) == 1 and err.startswith("error: 1 of 4 images are unreadable")
+
+    for i in range(6):  # many bad files: the first few by name, the rest counted
+        (photos / f"z{i}.png").write_text("not a png")
+    code, out, err = cli(capsys, "predict", str(photos), "--model", str(model))
+    assert code == 1 and len(out.splitlines()) == 3
+    (line,) = err.splitlines()
+    assert line.startswith("error: 7 of 10 images are unreadable") and line.count(str(photos)) == 5
+    assert f"{photos / 'z3.png'} (not an image) and 2 more;" in line and "z4.png" not in line
+
+
 # --------------------------------------------------------------------------- one-line errors
 
 
@@ -274,6 +317,25 @@ def test_runs_keeps_all_digit_run_ids_as_text(tmp_path: Path, capsys: pytest.Cap
     (reports / "train.json").write_text(json.dumps({"run_id": "0123456789"}))
     code, out, _ = cli(capsys, "runs", "--reports", str(reports))
     assert code == 0 and out.splitlines()[1].split()[:2] == ["*", "0123456789"]
+
+
+def test_runs_shows_each_varying_axis_of_a_27_point_grid_uncut(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import itertools
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    grid = [{"run_id": f"{i:010x}", "run_name": f"lr={lr},batch_size={bs},weight_decay={wd}", "lr": lr,
+             "batch_size": bs, "weight_decay": wd, "seed": 42, "status": "finished", "val_loss": 0.5}
+            for i, (lr, bs, wd) in enumerate(itertools.product([0.03, 0.003, 0.0003], [16, 64, 256],
+                                                               [0.0, 0.0001, 0.001]))]
+    pd.DataFrame(grid).to_csv(reports / "grid.csv", index=False)
+    code, out, _ = cli(capsys, "runs", "--reports", str(reports))
+    header, *rows = out.splitlines()
+    assert code == 0 and header.split()[:6] == ["best", "run_id", "run_name", "lr", "batch_size", "weight_decay"]
+    assert "seed" not in header.split() and "..." not in out and len(rows) == 27
+    for row, run in zip(rows, grid):
+        assert row.split()[:2] == [run["run_id"], run["run_name"]]
 
 
 def test_show_model_and_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -49,3 +49,31 @@ def test_dvc_repro_trains_on_a_dvc_added_folder_and_reruns_prepare_when_it_chang
     again = run_ok([DVC, "repro", "prepare"], project, timeout=600).stdout
     assert "Running stage 'prepare'" in again
     assert sum(json.loads((project / "data/prepared/stats.json").read_text())["sizes"].values()) == 17
+
+
+@pytest.mark.slow
+def test_switching_to_a_folder_dataset_with_S_prints_no_missing_hash_warning(tmp_path: Path) -> None:
+    """A committed dvc.lock of a benchmark dataset, then ``dvc exp run -S data.dataset=folder``.
+
+    The download stage's out was ``data/raw/${data.dataset}``: the lock had no hash for
+    ``data/raw/folder``, and DVC warned "No file hash info found for '.../data/raw/folder'.
+    It won't be created." The out is now the fixed ``data/raw``.
+    """
+    import contextlib
+
+    from fixtures_raw import make_idx_raw, serve
+    from project_builder import run
+
+    raw = make_idx_raw(tmp_path / "www", n_train=50, n_test=20)
+    with contextlib.contextmanager(serve)(raw.folder) as server:
+        project = pipeline_project(tmp_path / "project", server.url, raw.checksums, commit=True)
+        run_ok([DVC, "repro", "download"], project)
+    make_tree(project / "my_images", {"cat": 4, "dog": 4})
+    run_ok([DVC, "add", "-q", "my_images"], project)
+    commit_all(project, "baseline: the benchmark dataset downloaded")
+    done = run([DVC, "exp", "run", "download", "-S", "data.dataset=folder", "-S", "data.source=my_images"], project,
+               timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Running stage 'download'" in done.stdout and "8 files used in place" in done.stdout
+    assert "No file hash info" not in done.stdout + done.stderr, done.stderr
+    assert json.loads((project / "data/raw/folder/source.json").read_text())["files"] == 8

@@ -288,6 +288,37 @@ def test_dvc_and_mlflow_link_both_ways(repo: ExpRepo) -> None:
     assert plain.info.run_name.startswith("train-") and plain.data.tags["mlflow.source.git.commit"]
 
 
+RANGE = {"log_uniform": [0.0001, 0.1]}
+
+
+def test_a_range_replaces_a_list_from_the_command_line(repo: ExpRepo) -> None:
+    """The README's form: ``-S '~lr' -S '+lr={log_uniform: [...]}'`` turns a list key into a range.
+
+    A plain ``-S 'lr={log_uniform: [...]}'`` fails on a key that is a list (the shipped
+    ``lr: [0.01, 0.001]``): DVC cannot write a mapping over a list. Runs last: it leaves the
+    workspace's ``lr`` a range and adds an experiment the link test above does not expect.
+    """
+    path = repo.path / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["lr"] = [0.01, 0.001]  # as in the shipped params.yaml
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    plain = run([DVC, "exp", "run", "-S", "lr={log_uniform: [0.0001, 0.1]}"], repo.path)
+    assert plain.returncode != 0 and "Cannot merge DictConfig with ListConfig" in plain.stdout + plain.stderr
+
+    out = repo.dvc("exp", "run", "-S", "~lr", "-S", "+lr={log_uniform: [0.0001, 0.1]}", "-S", "grid.samples=2")
+    name = re.search(r"Reproducing experiment '([\w-]+)'", out).group(1)
+    assert ran(out) == {"train", "evaluate", "plots"}
+    row = repo.exp_show()[name]
+    assert row["params"]["lr"] == RANGE and row["params"]["grid"]["samples"] == 2
+    client = repo.mlflow()
+    parent = client.get_run(row["train"]["mlflow_parent_run_id"])
+    assert parent.info.run_name == name
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    drawn = sorted(float(child.data.params["lr"]) for child in children)
+    assert len(drawn) == 2 and drawn[0] < drawn[1] and all(0.0001 <= lr <= 0.1 for lr in drawn)
+
+
 def test_setup_remote_default_override_and_team_remote(tmp_path: Path) -> None:
     """``scripts/setup.sh remote``: ../cnnpipe-dvc-remote by default, CNNPIPE_DVC_REMOTE wins, a team default is kept."""
     project = tmp_path / "repo"

@@ -5,7 +5,11 @@ A 2 x 2 sweep (``-S lr=... -S batch_size=...``) is queued and run by
 (``seed: [1, 2]``), so both workers create, log and end runs in the
 repository-root ``mlflow.db`` concurrently. Promised: all 4 experiments
 succeed, the root store has 4 parent runs named after them with 2 FINISHED
-children each, and no worker log mentions ``database is locked``.
+children each, and no worker log mentions ``database is locked``. The workers
+run with ``CNNPIPE_TAKE_TURNS=0``: by default concurrent trains take turns
+(``compute.turns``), which would serialize the two searches and their
+writes; the test checks that children of two experiments really were open
+in the store at the same time.
 (``test_exp_workflows.py`` covers a 2-experiment queued sweep and the
 DVC <-> MLflow links.)
 """
@@ -34,7 +38,7 @@ def queue_status(project: Path) -> str:
     return run_ok([DVC, "queue", "status"], project, timeout=120).stdout
 
 
-def start_and_drain(project: Path, jobs: int) -> str:
+def start_and_drain(project: Path, jobs: int, env: dict[str, str] | None = None) -> str:
     """``dvc queue start -j N``, then poll ``dvc queue status`` until nothing is Queued or Running.
 
     The README's way. Not ``dvc exp run --run-all``: that waits for every
@@ -45,7 +49,7 @@ def start_and_drain(project: Path, jobs: int) -> str:
     with pipes, waiting for their EOF would wait for them to idle out.
     Returns the last status; ``stop_leftover_workers`` ends what is left.
     """
-    started = subprocess.run([DVC, "queue", "start", "-j", str(jobs)], cwd=project, env=clean_env(project),
+    started = subprocess.run([DVC, "queue", "start", "-j", str(jobs)], cwd=project, env=clean_env(project, env),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     assert started.returncode == 0
     deadline = time.monotonic() + SAFETY_S
@@ -77,7 +81,7 @@ def test_two_queue_workers_share_the_root_sqlite_store(tmp_path: Path) -> None:
                             project).stdout
             names = re.findall(r"Queued experiment '([\w-]+)' for future execution", queued)
             assert len(names) == 4, queued
-            status = start_and_drain(project, jobs=2)
+            status = start_and_drain(project, jobs=2, env={"CNNPIPE_TAKE_TURNS": "0"})  # no turns: truly concurrent
             logs = {name: run_ok([DVC, "queue", "logs", name], project).stdout for name in names}
         finally:
             run([DVC, "queue", "stop"], project, timeout=120)
@@ -105,4 +109,10 @@ def test_two_queue_workers_share_the_root_sqlite_store(tmp_path: Path) -> None:
         assert all("val_loss" in c.data.metrics for c in children)
         combos.add((children[0].data.params["lr"], children[0].data.params["batch_size"]))
     assert combos == {("0.01", "50"), ("0.01", "100"), ("0.003", "50"), ("0.003", "100")}
+    # The writes really overlapped: a child of one experiment started while a child of another was open.
+    spans = [(parent, c.info.start_time, c.info.end_time) for parent in parents
+             for c in runs if c.data.tags.get("mlflow.parentRunId") == parents[parent].info.run_id]
+    overlapping = {(a, b) for a, a_start, a_end in spans for b, b_start, b_end in spans
+                   if a < b and a_start < b_end and b_start < a_end}
+    assert overlapping, sorted(spans, key=lambda span: span[1])
     assert not list((project / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))  # nothing landed in a temp copy

@@ -131,6 +131,24 @@ def test_all_failed_is_one_line_grid_error():
     assert "lr=0.1: diverged: loss is nan at epoch 2 batch 1" in message
 
 
+def test_summary_table_shows_every_axis_value_of_a_27_point_grid_uncut():
+    """Rows of a 3x3x3 grid differ in the table: one column per axis, no run name cut to ``...``."""
+    configs = expand_grid(make_params(lr=[0.03, 0.003, 0.0003], batch_size=[16, 64, 256],
+                                      weight_decay=[0.0, 0.0001, 0.001]))
+    epoch = EpochRecord(1, 1.0, 0.5, 0.4, 0.8, 0.9, 0.01, 1.0, 100.0)
+    records = [RunRecord(i + 1, cfg, RunResult(cfg.run_id, "finished", "max_epochs", 1, epoch, [epoch], 1, 1.0,
+                                               100.0, None, "cpu")) for i, cfg in enumerate(configs)]
+    assert len(records) == 27 and max(len(cfg.name) for cfg in configs) > 36  # the old table cut these
+    header, *rows, footer = train_files.summary_table(records, records[4], "val_loss").splitlines()
+    assert header.split()[:3] == ["lr", "batch_size", "weight_decay"]
+    assert "..." not in "\n".join(rows) and len(rows) == 27
+    shown = [tuple(row.lstrip("* ").split()[:3]) for row in rows]
+    assert len(set(shown)) == 27
+    assert shown == [(str(c.values.lr), str(c.values.batch_size), str(c.values.weight_decay)) for c in configs]
+    assert rows[4].startswith("*") and sum(row.startswith("*") for row in rows) == 1
+    assert footer == f"* selected by val_loss: {configs[4].name} (run {configs[4].run_id})"
+
+
 def test_progress_line_format():
     ok = record(2, "finished", 0.4, 0.912)
     ok.result.seconds = 41.2

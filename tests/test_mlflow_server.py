@@ -165,3 +165,53 @@ def test_cnnpipe_ui_serves_the_project_store(store: tuple[Path, Path], tmp_path:
         with urllib.request.urlopen(f"{base}/", timeout=30) as page:
             assert b"<html" in page.read(4096).lower()  # the UI itself, not just the API
     assert proc.poll() is not None
+
+
+def process_tree(pid: int) -> set[int]:
+    """``pid`` and every descendant, read from /proc (snapshot: taken before anything is killed)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if entry.name.isdigit():
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = set(), [pid]
+    while todo:
+        tree.add(current := todo.pop())
+        todo += children.get(current, [])
+    return tree
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child that nobody reaped yet is gone for our purpose)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_of_cnnpipe_ui_stops_every_process_it_started(tmp_path: Path) -> None:
+    """``kill PID`` (SIGTERM) of ``cnnpipe ui`` ends mlflow ui, its uvicorn workers and job consumers too."""
+    import sys
+
+    from mlflow import MlflowClient
+
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", root / "params.yaml")
+    MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").search_experiments()  # a small, empty store
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with serving([sys.executable, "-m", "cnnpipe", "ui", "--port", str(port)], root, log) as proc:
+        wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+        tree = process_tree(proc.pid)
+        assert len(tree) >= 3, tree  # cnnpipe, mlflow ui, its server (and job consumers)
+        os.kill(proc.pid, signal.SIGTERM)  # the pid alone, as `kill PID` does: not its group
+        assert proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 30
+        while (alive := sorted(p for p in tree if running(p))) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert alive == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in alive if running(p)]
+        with pytest.raises(OSError):  # nothing serves the port any more
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)

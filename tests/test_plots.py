@@ -180,12 +180,39 @@ def test_mistakes_grid_without_mistakes(tmp_path: Path) -> None:
     assert_png(path, (2.3 + 0.4, 2.55 + 0.7))
 
 
-def test_figure_write_is_atomic_and_overwrites(tmp_path: Path) -> None:
+def test_figure_write_is_atomic_and_overwrites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that dies half-way (disk full) leaves the old figure whole; a good one replaces it."""
+    import io
+
+    from matplotlib.figure import Figure
+
     target = tmp_path / "cmp.png"
     target.write_bytes(b"old")
     figures.grid_comparison(make_grid(), target)
-    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    old = target.read_bytes()
+    assert old[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["cmp.png"]  # no temp file left behind
+
+    real_savefig = Figure.savefig
+
+    def dies_half_way(self, fname, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_savefig(self, buffer, *args, **kwargs)
+        half = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+        if hasattr(fname, "write"):
+            fname.write(half)
+        else:
+            Path(fname).write_bytes(half)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        figures.grid_comparison(make_grid(), target, selected_run_id="r1")
+    assert target.read_bytes() == old  # never observed half-written
+    assert [p.name for p in tmp_path.iterdir()] == ["cmp.png"]
+    monkeypatch.setattr(Figure, "savefig", real_savefig)
+    figures.grid_comparison(make_grid(), target, selected_run_id="r1")
+    assert target.read_bytes() != old and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- README
@@ -425,3 +452,75 @@ def test_a_figure_that_cannot_be_stored_is_still_written(tmp_path: Path, capsys)
     path = figures.draw(figures.grid_comparison, make_grid(), tmp_path / "a.png", cache=cache, selected_run_id="r0")
     assert path.stat().st_size > 1000
     assert "cache: could not store" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a 27-point halving search
+
+DIVERGED = "t05"
+
+
+def halving_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """history.csv / grid.csv of a 3x3x3 search halved with eta 3 (rungs at epochs 1, 3, 9), one trial diverging.
+
+    Trial ``i`` has val_loss ``(0.3 + 0.02 i)(0.6 + 0.4 / epoch)``; ``t05``'s is 25 at epoch 1 (pruned there).
+    """
+    import itertools
+
+    points = list(itertools.product([0.03, 0.003, 0.0003], [16, 64, 256], [0.0, 0.0001, 0.001]))
+    base = {f"t{i:02d}": 0.3 + 0.02 * i for i in range(len(points))}
+    ranked = sorted((r for r in base if r != DIVERGED), key=base.get)
+    stop = {r: 9 if r in ranked[:3] else 3 if r in ranked[:9] else 1 for r in base}
+    history, grid = [], []
+    for (run_id, level), (lr, bs, wd) in zip(base.items(), points):
+        name = f"lr={lr},batch_size={bs},weight_decay={wd}"
+        losses = [25.0 if run_id == DIVERGED else level * (0.6 + 0.4 / e) for e in range(1, stop[run_id] + 1)]
+        history += [{"run_id": run_id, "run_name": name, "epoch": e, "val_loss": v, "val_top1": max(0.1, 1 - v / 2)}
+                    for e, v in enumerate(losses, 1)]
+        grid.append({"run_id": run_id, "run_name": name, "status": "finished" if stop[run_id] == 9 else "paused",
+                     "best_epoch": len(losses), "epochs_run": stop[run_id], "val_loss": losses[-1],
+                     "val_top1": max(0.1, 1 - losses[-1] / 2), "rung": {1: 0, 3: 1, 9: 2}[stop[run_id]],
+                     "pruned": stop[run_id] < 9})
+    return pd.DataFrame(history), pd.DataFrame(grid)
+
+
+def test_halving_rungs_clip_a_diverged_trial_on_a_log_axis(tmp_path: Path) -> None:
+    """One trial at val_loss 25 must not flatten the others: log axis, top at 10x the median best loss."""
+    history, grid = halving_tables()
+    ax = figures.halving_rungs_figure(history, grid, selected_run_id="t00").axes[0]
+    sane = history[history["run_id"] != DIVERGED]["val_loss"]
+    low, high = ax.get_ylim()
+    assert ax.get_yscale() == "log" and low <= sane.min() and sane.max() <= high < 25
+    assert high < 10 * sane.max()  # the sane curves fill the axis, not a tenth of it
+    assert "1 diverging trial(s) clipped" in ax.get_title() and "rungs end at epochs 1, 3" in ax.get_title()
+    assert_png(figures.halving_rungs(history, grid, tmp_path / "halving_rungs.png", selected_run_id="t00"), (9, 5.2))
+    top1 = figures.halving_rungs_figure(history, grid, select_by="val_top1").axes[0]
+    assert top1.get_yscale() == "linear"
+
+
+def test_grid_comparison_sets_pruned_trials_apart_from_the_ranked_finalists(tmp_path: Path) -> None:
+    history, grid = halving_tables()
+    fig = figures.grid_comparison_figure(grid, select_by="val_loss", selected_run_id="t00")
+    ax = fig.axes[0]
+    names = dict(zip(grid["run_name"], grid["run_id"]))
+    order = [names[t.get_text().removesuffix("  (selected)")] for t in ax.get_yticklabels()]
+    stop = dict(zip(grid["run_id"], grid["epochs_run"]))
+    loss = dict(zip(grid["run_id"], grid["val_loss"]))
+    finalists = [r for r in order if stop[r] == 9]
+    assert order[:3] == finalists == sorted(finalists, key=loss.get) and order[0] == "t00"
+    assert [stop[r] for r in order] == [9] * 3 + [3] * 6 + [1] * 18  # pruned: latest rung first
+    for rung in (3, 1):
+        trials = [r for r in order if stop[r] == rung]
+        assert trials == sorted(trials, key=loss.get)  # ranked only within a rung (one epoch)
+    texts = [t.get_text() for t in ax.texts]
+    assert not any("paused" in text for text in texts)
+    assert [text.endswith(f"(pruned at epoch {stop[r]})") for text, r in zip(texts, order)] == [False] * 3 + [True] * 24
+    colors = [bar.get_facecolor() for bar in ax.patches]
+    from matplotlib.colors import to_rgba
+
+    assert colors[3:] == [to_rgba(figures.PRUNED_COLOR)] * 24 and to_rgba(figures.PRUNED_COLOR) not in colors[:3]
+    assert ax.get_title().startswith("3 finalists ranked by select_by: val_loss")
+    assert ax.get_xlim()[1] < 25  # the diverged trial's bar runs off the edge instead of shrinking every other
+    assert_png(figures.grid_comparison(grid, tmp_path / "grid_comparison.png", selected_run_id="t00"),
+               (12, 1.6 + 0.42 * 27))  # wider: room for the "pruned at epoch N" labels
+    curves = figures.grid_curves(history, tmp_path / "grid_curves.png", grid=grid, selected_run_id="t00")
+    assert curves.is_file()

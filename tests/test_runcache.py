@@ -70,3 +70,102 @@ def test_corrupt_or_foreign_entries_are_misses_not_errors(tmp_path):
     shutil.rmtree(entry)
     shutil.copytree(other, entry)  # an entry filed under the wrong key
     assert cache.get(key) is None
+
+
+# ----------------------------------------------------------------- every schema field is in every key
+# The cases come from the schema (``TrainingValues.model_fields``), never a hand-kept list: a
+# key that ignored any training key (``weight_decay``, say) fails here.
+
+def _changed(name: str, values):
+    """``values`` with field ``name`` set to another value the schema accepts (derived from its type)."""
+    from typing import Literal, get_args, get_origin
+
+    from pydantic import ValidationError
+
+    from cnnpipe.params import TrainingValues
+
+    field = TrainingValues.model_fields[name]
+    current = getattr(values, name)
+    kind = field.annotation
+    if get_origin(kind) is Literal:
+        candidates = [option for option in get_args(kind) if option != current]
+    elif kind is bool:
+        candidates = [not current]
+    elif kind is int:
+        candidates = [current + 1, current * 2, current - 1]
+    elif kind is float:
+        candidates = [current + 0.5, current / 2, (current + 1) / 2, current * 2]
+    elif kind is str:
+        candidates = [current + "_other", "other"]
+    else:
+        raise AssertionError(f"no perturbation for {name}: {kind!r}; teach _changed this type")
+    for candidate in candidates:
+        try:
+            changed = TrainingValues.model_validate(values.model_dump() | {name: candidate})
+        except ValidationError:
+            continue
+        if getattr(changed, name) != current:
+            return changed
+    raise AssertionError(f"no other valid value for {name} among {candidates}")
+
+
+def _with_values(cfg, values):
+    return cfg.model_copy(update={"values": values})
+
+
+def _training_fields():
+    from cnnpipe.params import TrainingValues
+
+    return list(TrainingValues.model_fields)
+
+
+def test_every_training_field_changes_the_cache_key_and_the_run_id():
+    cfg = config()
+    assert len(_training_fields()) >= 17
+    base, base_id = cache_key(cfg, "fp", "cpu", code="c"), cfg.run_id
+    keys, ids = {}, {}
+    for name in _training_fields():
+        other = _with_values(cfg, _changed(name, cfg.values))
+        keys[name], ids[name] = cache_key(other, "fp", "cpu", code="c"), other.run_id
+    assert [name for name, key in keys.items() if key == base] == []
+    assert [name for name, run_id in ids.items() if run_id == base_id] == []
+    assert len(set(keys.values())) == len(keys) and len(set(ids.values())) == len(ids)
+
+
+def test_every_run_config_field_but_axes_changes_the_cache_key_and_the_run_id():
+    """``layers`` and ``dataset`` decide what is trained; ``axes`` only names the run."""
+    from cnnpipe.params import RunConfig
+
+    cfg = config()
+    base, base_id = cache_key(cfg, "fp", "cpu", code="c"), cfg.run_id
+    changes = {
+        "values": _changed("lr", cfg.values),
+        "layers": (*cfg.layers, {"dropout": 0.1}),
+        "dataset": cfg.dataset + "-other",
+        "axes": ("lr", "seed"),
+    }
+    assert set(changes) == set(RunConfig.model_fields)  # a new RunConfig field must be added here
+    unchanged = [name for name, value in changes.items()
+                 if cache_key(cfg.model_copy(update={name: value}), "fp", "cpu", code="c") == base]
+    assert unchanged == ["axes"]
+    assert [name for name, value in changes.items() if cfg.model_copy(update={name: value}).run_id == base_id] == ["axes"]
+
+
+def test_every_training_field_changes_the_state_key_but_epochs_without_a_schedule():
+    """The run-state key ignores ``epochs`` exactly when ``schedule: none`` (a state continues to more epochs)."""
+    from cnnpipe.store.states import state_key
+
+    cfg = config()
+    assert cfg.values.schedule == "none"
+    base = state_key(cfg, "fp", "cpu", code="c")
+    same = [name for name in _training_fields()
+            if state_key(_with_values(cfg, _changed(name, cfg.values)), "fp", "cpu", code="c") == base]
+    assert same == ["epochs"]
+    scheduled = _with_values(cfg, cfg.values.model_copy(update={"schedule": "cosine"}))
+    base = state_key(scheduled, "fp", "cpu", code="c")
+    same = [name for name in _training_fields()
+            if state_key(_with_values(scheduled, _changed(name, scheduled.values)), "fp", "cpu", code="c") == base]
+    assert same == []
+    for changed in (state_key(cfg, "fp2", "cpu", code="c"), state_key(cfg, "fp", "cuda:0", code="c"),
+                    state_key(cfg, "fp", "cpu", code="c2")):
+        assert changed != state_key(cfg, "fp", "cpu", code="c")

@@ -217,6 +217,28 @@ def test_children_nest_log_per_epoch_batches_and_end_with_status(store):
     assert client.get_run(tracker.parent_run_id).info.status == "FINISHED"
 
 
+def test_the_dataset_is_the_input_of_the_parent_and_every_child(store):
+    """The MLflow runs table's Dataset column: name, the prepared data's digest, and its source."""
+    client = client_for(store)
+    opened = {}
+    for digest in ("0123456789abcdef", "fedcba9876543210"):  # the same dataset prepared twice, differently
+        tracker = open_tracker(settings(store, "datasets"), dataset=("fashion-mnist", digest, "data/prepared"))
+        with tracker.running():
+            worker = pickle.loads(pickle.dumps(tracker))  # a process-pool worker starts children too
+            opened[digest] = [tracker.parent_run_id, tracker.start_child("lr=0.1", params={"lr": 0.1}, tags={}),
+                              worker.start_child("lr=0.01", params={"lr": 0.01}, tags={})]
+    for digest, run_ids in opened.items():
+        for run_id in run_ids:
+            inputs = client.get_run(run_id).inputs.dataset_inputs
+            assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("fashion-mnist", digest)]
+            assert json.loads(inputs[0].dataset.source) == {"uri": "data/prepared"}
+            assert {t.key: t.value for t in inputs[0].tags} == {"mlflow.data.context": "train"}
+    plain = open_tracker(settings(store, "datasets"))  # no dataset given: no input logged
+    with plain.running():
+        child = plain.start_child("x", params={}, tags={})
+    assert client.get_run(child).inputs.dataset_inputs == []
+
+
 def test_interrupt_marks_parent_killed_and_propagates(store):
     client = client_for(store)
     tracker = open_tracker(settings(store, "interrupt"))

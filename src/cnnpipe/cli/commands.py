@@ -86,11 +86,24 @@ def load_image(path: Path, shape: tuple[int, int, int], *, note_resize: bool = T
     try:
         return to_array(path, channels, (height, width), note_resize=note_resize)
     except ImageProblem as err:
-        raise CnnpipeError(f"{path}: not a readable image ({err.reason}); give a PNG or JPEG file") from None
+        raise UnreadableImage(path, err.reason) from None
+
+
+class UnreadableImage(CnnpipeError):
+    """One input file that is not a usable image; ``predict`` reports it and goes on with the others."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: not a readable image ({reason}); give a PNG or JPEG file")
 
 
 def predict_files(model_dir: str, files: list[Path], top_k: int) -> list[dict[str, Any]]:
-    """Top-k classes per image, with the checkpoint's own normalization and class names."""
+    """Top-k classes per image, with the checkpoint's own normalization and class names.
+
+    One entry per file, in order. A file that cannot be read gets an entry
+    with an ``error`` field instead of ``predictions``: one truncated photo
+    among a thousand must not cost the answer for the other 999.
+    """
     import numpy as np
     import torch
 
@@ -104,37 +117,62 @@ def predict_files(model_dir: str, files: list[Path], top_k: int) -> list[dict[st
     trained_resized = sidecar.get("dataset") == "folder"  # prepare resized every training image to in_shape
     if not 1 <= top_k <= len(classes):
         raise CnnpipeError(f"--top-k must be between 1 and {len(classes)} (the number of classes), got {top_k}")
-    arrays, notes = [], []
+    results: list[dict[str, Any]] = []
+    arrays, readable = [], []
     for path in files:
-        array, note = load_image(path, shape, note_resize=not trained_resized)  # type: ignore[arg-type]
+        try:
+            array, note = load_image(path, shape, note_resize=not trained_resized)  # type: ignore[arg-type]
+        except UnreadableImage as err:
+            results.append({"image": str(path), "error": f"not a readable image ({err.reason})"})
+            continue
         arrays.append(array)
-        notes.append(note)
-    probs = torch.from_numpy(probabilities(checkpoint, np.stack(arrays)))  # the pyfunc model's numbers too
-    values, indices = probs.topk(top_k, dim=1)
-    results = []
-    for path, note, vals, idxs in zip(files, notes, values.tolist(), indices.tolist()):
-        results.append({
-            "image": str(path),
-            "predictions": [{"class": classes[i], "index": i, "probability": round(v, 6)} for v, i in zip(vals, idxs)],
-            "notes": note,
-        })
+        readable.append({"image": str(path), "predictions": [], "notes": note})
+        results.append(readable[-1])
+    if arrays:
+        probs = torch.from_numpy(probabilities(checkpoint, np.stack(arrays)))  # the pyfunc model's numbers too
+        values, indices = probs.topk(top_k, dim=1)
+        for result, vals, idxs in zip(readable, values.tolist(), indices.tolist()):
+            result["predictions"] = [{"class": classes[i], "index": i, "probability": round(v, 6)}
+                                     for v, i in zip(vals, idxs)]
     return results
+
+
+SHOWN_UNREADABLE = 5  # unreadable files named on the error line; the rest are counted
+
+
+def unreadable_line(results: list[dict[str, Any]]) -> str | None:
+    """One line naming the first unreadable files and counting all of them (None when every file was read)."""
+    bad = [r for r in results if "error" in r]
+    if not bad:
+        return None
+    if len(results) == 1:
+        return f"error: {bad[0]['image']}: {bad[0]['error']}; give a PNG or JPEG file"
+    named = ", ".join(f"{r['image']} ({r['error'].removeprefix('not a readable image ').strip('()')})"
+                      for r in bad[:SHOWN_UNREADABLE])
+    more = f" and {len(bad) - SHOWN_UNREADABLE} more" if len(bad) > SHOWN_UNREADABLE else ""
+    return (f"error: {len(bad)} of {len(results)} images are unreadable and were not predicted: {named}{more}; "
+            "replace or remove them (the others were predicted)")
 
 
 def _predict(args: argparse.Namespace) -> int:
     files = collect_images(args.images)
     results = predict_files(args.model, files, args.top_k)
     for result in results:
-        for note in result["notes"]:
+        for note in result.get("notes", ()):
             print(f"warning: {result['image']}: {note}", file=sys.stderr)
     if args.json:
         for result in results:
             print(json.dumps(result))
-        return 0
-    width = max(len(r["image"]) for r in results)
-    for result in results:
-        best = "  ".join(f"{p['class']} {p['probability']:.1%}" for p in result["predictions"])
-        print(f"{result['image']:<{width}}  {best}")
+    else:
+        predicted = [r for r in results if "error" not in r]
+        width = max((len(r["image"]) for r in predicted), default=0)
+        for result in predicted:
+            best = "  ".join(f"{p['class']} {p['probability']:.1%}" for p in result["predictions"])
+            print(f"{result['image']:<{width}}  {best}")
+    problem = unreadable_line(results)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
     return 0
 
 
@@ -279,12 +317,66 @@ def _ui(args: argparse.Namespace) -> int:
                            f"open http://{args.host}:{args.port} or pass --port N")
     command = ui_command(store.tracking_uri, store.artifact_location, args.host, args.port, args.workers)
     url = ui_url(store, params.mlflow.experiment, f"http://{args.host}:{args.port}")  # opens on the runs table
-    print(f"MLflow UI for {store.tracking_uri}: {url}  (Ctrl-C to stop; it answers after ~25 s)", flush=True)
+    print(f"MLflow UI for {store.tracking_uri}: {url}  (Ctrl-C or kill {os.getpid()} to stop; it answers after ~25 s)",
+          flush=True)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    # Become the server (exec, not a child): Ctrl-C, `kill PID` or a closed terminal
-    # then reach mlflow itself instead of orphaning it on the port.
+    return serve_group(command, env)
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+STOP_GRACE_S = 10.0  # mlflow's own graceful shutdown, before the group is killed
+
+
+def serve_group(command: list[str], env: dict[str, str]) -> int:
+    """Run ``command`` (``mlflow ui``) in a process group of its own until it exits or we are signalled.
+
+    ``mlflow ui`` starts uvicorn workers and job-runner consumers that outlive
+    it: an ``exec`` into mlflow let ``kill PID`` end mlflow alone and leave
+    them serving on the port. So Ctrl-C, ``kill PID`` or a closed terminal
+    (SIGINT / SIGTERM / SIGHUP) is forwarded to the whole group, and whatever
+    is still in it when mlflow has exited gets SIGTERM, then SIGKILL.
+    """
+    import signal
+    import subprocess
+
     try:
-        os.execve(command[0], command, env)
+        proc = subprocess.Popen(command, env=env, start_new_session=True)
     except OSError as err:
         raise CnnpipeError(f"cannot start {command[0]} ({err.strerror}); reinstall mlflow (make setup)") from None
-    return 0  # not reached
+    stopped: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        _signal_group(proc.pid, signum)
+
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), forward)
+    try:
+        code = proc.wait()
+    finally:
+        stop_group(proc.pid)
+    return 0 if stopped else code
+
+
+def _signal_group(pgid: int, signum: int) -> bool:
+    """Send ``signum`` to process group ``pgid``; False when the group is gone."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_group(pgid: int, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM every process left in group ``pgid``; SIGKILL what is still there after ``grace`` seconds."""
+    import signal
+    import time
+
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + grace
+        if not _signal_group(pgid, signum):
+            return
+        while time.monotonic() < deadline:
+            if not _signal_group(pgid, 0):
+                return
+            time.sleep(0.1)

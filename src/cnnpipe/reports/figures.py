@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 from cnnpipe.util.files import atomic_path
 
@@ -43,6 +43,7 @@ TEST_COLOR = "#ff7f0e"
 BEST_COLOR = "#555555"
 SELECTED_COLOR = "#2ca02c"
 OTHER_COLOR = "#9bb7d4"
+PRUNED_COLOR = "#d0d0d0"
 METRIC_LABELS = {"val_top1": "validation top-1 accuracy", "val_top5": "validation top-5 accuracy",
                  "val_loss": "validation loss"}
 # train_loss / train_top1 are running means over the epoch's batches as they were trained (train mode: dropout
@@ -264,6 +265,7 @@ def grid_curves(
     if grid is not None and "best_epoch" in grid:
         best = {r: int(e) for r, e in zip(grid["run_id"], grid["best_epoch"]) if pd.notna(e)}
     status = dict(zip(grid["run_id"], grid["status"].astype(str))) if grid is not None and "status" in grid else {}
+    pruned_at = _pruned_at(grid) if grid is not None else {}
     colors = dict(zip(run_ids, _run_colors(len(run_ids))))
     legend_rows = math.ceil(len(run_ids) / 3) + 1
     fig = Figure(figsize=(15, 4.8 + 0.25 * legend_rows), layout="constrained")
@@ -286,8 +288,8 @@ def grid_curves(
             if not row.empty and val_column in row:
                 ax.plot(epoch, float(row[val_column].iloc[0]), marker="o", markersize=7, color=colors[run_id],
                         markeredgecolor="black", linestyle="none", zorder=5)
-        clipped = not percent and _clip_diverged(
-            ax, history, [r for r in run_ids if status.get(r, "finished") == "finished"], [c for c, _, _ in series])
+        sane = [r for r in run_ids if status.get(r, "finished") == "finished" or r in pruned_at]
+        clipped = not percent and _clip_diverged(ax, history, sane, [c for c, _, _ in series])
         ax.set_title(f"{panel_title} (diverged runs clipped)" if clipped else panel_title)
         ax.set_ylabel(ylabel)
         _epoch_axis(ax, int(history["epoch"].max()) if len(history) else 1)
@@ -296,7 +298,9 @@ def grid_curves(
 
     def label(run_id: str) -> str:
         extra = "  (selected)" if run_id == selected_run_id else ""
-        if status.get(run_id, "finished") != "finished":
+        if run_id in pruned_at:
+            extra += f"  (pruned at epoch {pruned_at[run_id]})"
+        elif status.get(run_id, "finished") != "finished":
             extra += f"  ({status[run_id]})"
         return f"{names.get(run_id, run_id)}{extra}"
 
@@ -316,9 +320,12 @@ def grid_curves(
 
 
 def _clip_diverged(ax, history: pd.DataFrame, finished: list[str], columns: list[str]) -> bool:
-    """Keep a diverging run's exploding loss from flattening every other curve; True if clipped."""
-    ok = history[history["run_id"].isin(finished)][[c for c in columns if c in history]].to_numpy(dtype=float)
-    every = history[[c for c in columns if c in history]].to_numpy(dtype=float)
+    """Keep a diverging run's exploding loss from flattening every other curve; True if clipped.
+    ``finished`` runs set the range, less any whose best loss is over ten times the median run's."""
+    columns = [c for c in columns if c in history]
+    best = history[history["run_id"].isin(finished)].groupby("run_id")[columns].min().min(axis=1)
+    ok = history[history["run_id"].isin(best.index[best <= 10 * best.median()])][columns].to_numpy(dtype=float)
+    every = history[columns].to_numpy(dtype=float)
     ok, every = ok[np.isfinite(ok)], every[np.isfinite(every)]
     if ok.size and every.size and every.max() > 1.5 * ok.max():
         span = max(float(ok.max() - ok.min()), 1e-6)
@@ -447,61 +454,84 @@ def _confidence(value: float) -> str:
 # --------------------------------------------------------------------------- grid comparison
 
 
-def grid_comparison(
-    grid: pd.DataFrame,
-    path: str | os.PathLike[str],
-    *,
-    select_by: str = "val_loss",
-    selected_run_id: str | None = None,
-) -> Path:
+def grid_comparison(grid: pd.DataFrame, path: str | os.PathLike[str], *, select_by: str = "val_loss",
+                    selected_run_id: str | None = None) -> Path:
     """Every grid run's ``select_by`` (at its best epoch) as labelled bars, ranked as the train stage selects.
 
     The selected (green) run is on top; failed or diverged runs are listed last with their status.
+    Trials pruned by successive halving were measured at an earlier epoch: they are not ranked
+    with the finalists but set apart below (grey, "pruned at epoch N"), later rungs first.
     """
     return _save(grid_comparison_figure(grid, select_by=select_by, selected_run_id=selected_run_id), path)
+
+
+def _pruned_at(grid: pd.DataFrame) -> dict[str, int]:
+    """Run id -> the epoch successive halving stopped it at (only pruned trials)."""
+    if "pruned" not in grid or "epochs_run" not in grid:
+        return {}
+    flags = grid["pruned"].astype(str).str.lower().isin(("true", "1", "1.0"))  # bools, or text read back from CSV
+    return {r: int(e) for r, e, f in zip(grid["run_id"], grid["epochs_run"], flags) if f and pd.notna(e)}
 
 
 def grid_comparison_figure(grid: pd.DataFrame, *, select_by: str = "val_loss",
                            selected_run_id: str | None = None) -> Figure:
     from cnnpipe.reports.readme import rank_runs
 
-    table = rank_runs(grid, select_by)
+    pruned_at = _pruned_at(grid)
     loss = select_by == "val_loss"
+    ranked = rank_runs(grid, select_by)
+    finalists = ranked[~ranked["run_id"].isin(list(pruned_at))]
+    pruned = grid[grid["run_id"].isin(list(pruned_at))]  # by rung (latest first), then metric: one epoch per rung
+    metric = pd.to_numeric(pruned[select_by], errors="coerce").to_numpy(dtype=float) * (1 if loss else -1)
+    pruned = pruned.iloc[np.lexsort((np.arange(len(pruned)), np.nan_to_num(metric, nan=np.inf),
+                                     [-pruned_at[r] for r in pruned["run_id"]]))]
+    table = pd.concat([finalists, pruned])
     other = "val_top1" if loss else "val_loss"
     n = len(table)
-    fig = Figure(figsize=(10, 1.6 + 0.42 * n), layout="constrained")
+    fig = Figure(figsize=(12 if pruned_at else 10, 1.6 + 0.42 * n), layout="constrained")
     ax = fig.subplots()
     y = np.arange(n)
     raw = pd.to_numeric(table[select_by], errors="coerce")
     second = pd.to_numeric(table[other], errors="coerce") if other in table else pd.Series(np.nan, index=table.index)
     values = raw.fillna(0.0).to_numpy()
-    colors = [SELECTED_COLOR if r == selected_run_id else OTHER_COLOR for r in table["run_id"]]
+    colors = [SELECTED_COLOR if r == selected_run_id else PRUNED_COLOR if r in pruned_at else OTHER_COLOR
+              for r in table["run_id"]]
     ax.barh(y, values, color=colors, edgecolor="#333333", linewidth=0.5)
     statuses = table["status"] if "status" in table else pd.Series(["finished"] * n, index=table.index)
-    top = float(values.max()) if n and values.max() > 0 else 1.0
+    sane = values[values <= 10 * np.median(values[values > 0])] if (values > 0).any() else values
+    top = float(sane.max()) if n and sane.max() > 0 else 1.0  # a diverging trial's bar runs off the edge
     span = 1.0 if not loss else top
-    for yi, value, main, extra, status in zip(y, values, raw, second, statuses):
+    room = 1.3 if pruned_at else 1.0  # the longer "pruned at epoch N" labels
+    for yi, value, main, extra, status, run_id in zip(y, values, raw, second, statuses, table["run_id"]):
         if pd.notna(main):
             text = f"{main:.4f} (top-1 {extra:.2%})" if loss and pd.notna(extra) else (
                 f"{main:.2%} (loss {extra:.4f})" if pd.notna(extra) else (f"{main:.4f}" if loss else f"{main:.2%}"))
-            if status not in ("finished", None) and str(status) != "nan":
+            if run_id in pruned_at:
+                text += f" (pruned at epoch {pruned_at[run_id]})"
+            elif status not in ("finished", None) and str(status) != "nan":
                 text += f" ({status})"
         else:
             text = str(status)
-        ax.text(value + 0.005 * span, yi, text, va="center", fontsize=9)
+        off_edge = value > top * 1.2 - 1e-12 and loss  # a diverging trial's bar: its label sits on it
+        ax.text(top * 1.35 * room if off_edge else value + 0.005 * span, yi, text, va="center", fontsize=9,
+                ha="right" if off_edge else "left", **({"backgroundcolor": "white"} if off_edge else {}))
     labels = [f"{name}  (selected)" if r == selected_run_id else str(name)
               for name, r in zip(table["run_name"], table["run_id"])]
     ax.set_yticks(y, labels)
     ax.invert_yaxis()  # best on top
     if loss:
-        ax.set_xlim(0, top * 1.35)  # from zero: bar lengths stay honest; labels give the exact values
+        ax.set_xlim(0, top * 1.35 * room)  # from zero: bar lengths stay honest; labels give the exact values
     else:
-        ax.set_xlim(0, 1.12)
+        ax.set_xlim(0, 1.12 * room)
         ax.set_xticks(np.linspace(0, 1, 6))
         ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     name = METRIC_LABELS.get(select_by, select_by)
     ax.set_xlabel(f"{name} at each run's best epoch ({'lower' if loss else 'higher'} is better)")
-    ax.set_title(f"{n} grid runs ranked by select_by: {select_by} (green: selected)")
+    if pruned_at:
+        ax.axhline(len(finalists) - 0.5, color="0.3", linewidth=1.2)
+    ax.set_title(f"{len(finalists)} finalists ranked by select_by: {select_by} (green: selected)\ngrey: {len(pruned)} "
+                 "trials pruned earlier, not ranked with them (latest rung first)" if pruned_at else
+                 f"{n} grid runs ranked by select_by: {select_by} (green: selected)")
     ax.grid(True, axis="x", alpha=0.3)
     return fig
 
@@ -511,40 +541,59 @@ def grid_comparison_figure(grid: pd.DataFrame, *, select_by: str = "val_loss",
 
 def halving_rungs(history: pd.DataFrame, grid: pd.DataFrame, path: str | os.PathLike[str], *,
                   selected_run_id: str | None = None, select_by: str = "val_loss") -> Path:
-    """The rungs of a successive-halving search: ``select_by`` per trial per epoch, pruned trials grey.
+    """The rungs of a successive-halving search: ``select_by`` per trial per epoch, pruned trials grey."""
+    return _save(halving_rungs_figure(history, grid, selected_run_id=selected_run_id, select_by=select_by), path)
 
-    A pruned trial's curve ends where it was stopped (``x``); each rung's end is
-    a dashed line; the trials promoted to the last rung are coloured, the
-    selected one drawn thickest.
-    """
-    pruned = dict(zip(grid["run_id"], grid["pruned"].astype(bool))) if "pruned" in grid else {}
+
+def halving_rungs_figure(history: pd.DataFrame, grid: pd.DataFrame, *, selected_run_id: str | None = None,
+                         select_by: str = "val_loss") -> Figure:
+    """Pruned curves end at ``x``, rungs at dashed lines; finalists coloured, the selected one thickest.
+    A loss axis is logarithmic, capped at 10x the median trial's best loss: one diverged trial (val_loss
+    25) would flatten every other curve; its points above the cap are ``^`` on the top edge."""
+    pruned = _pruned_at(grid)
     names = dict(zip(grid["run_id"], grid["run_name"]))
-    survivors = [r for r in grid["run_id"] if not pruned.get(r, False)]
+    survivors = [r for r in grid["run_id"] if r not in pruned]
     colors = dict(zip(survivors, _run_colors(len(survivors))))
     fig = Figure(figsize=(9, 5.2), layout="constrained")
     ax = fig.subplots()
-    stops = sorted({int(e) for r, e in zip(grid["run_id"], grid["epochs_run"]) if pruned.get(r) and pd.notna(e)})
+    stops = sorted(set(pruned.values()))
     for epoch in stops:
         ax.axvline(epoch, color="0.6", linestyle="--", linewidth=1)
+    loss = select_by != "val_top1"
+    values = pd.to_numeric(history[select_by], errors="coerce") if select_by in history else pd.Series(dtype=float)
+    finite = values[np.isfinite(values) & (values > 0)]
+    best = finite.groupby(history.loc[finite.index, "run_id"]).min()
+    limit = float(best.median() * 10) if loss and len(best) else math.inf
+    clipped = set()
     for run_id in grid["run_id"]:
         run = history[history["run_id"] == run_id].sort_values("epoch")
         if run.empty or select_by not in run:
             continue
-        if pruned.get(run_id, False):
-            ax.plot(run["epoch"], run[select_by], color="0.7", linewidth=1, marker=_marker(len(run)), markersize=3)
-            ax.plot(run["epoch"].iloc[-1], run[select_by].iloc[-1], marker="x", color="0.45", linestyle="none")
+        ys = pd.to_numeric(run[select_by], errors="coerce").to_numpy(dtype=float)
+        over, shown = ys > limit, np.minimum(ys, limit)
+        color, selected = "0.45" if run_id in pruned else colors[run_id], run_id == selected_run_id
+        if run_id in pruned:
+            ax.plot(run["epoch"], shown, color="0.7", linewidth=1, marker=_marker(len(run)), markersize=3)
+            ax.plot(run["epoch"].iloc[-1], shown[-1], marker="x", color=color, linestyle="none")
         else:
-            selected = run_id == selected_run_id
-            ax.plot(run["epoch"], run[select_by], color=colors[run_id], linewidth=3 if selected else 1.8,
-                    marker=_marker(len(run)), markersize=4,
-                    label=f"{names[run_id]}{' (selected)' if selected else ''}")
-    ax.plot([], [], color="0.7", marker="x", label=f"pruned ({sum(pruned.values())} trials)")
+            ax.plot(run["epoch"], shown, color=color, linewidth=3 if selected else 1.8, marker=_marker(len(run)),
+                    markersize=4, label=f"{names[run_id]}{' (selected)' if selected else ''}")
+        if over.any():
+            clipped.add(run_id)
+            ax.plot(run["epoch"][over], shown[over], marker="^", color=color, linestyle="none")
+    ax.plot([], [], color="0.7", marker="x", label=f"pruned ({len(pruned)} trials)")
     ax.set_xlabel("epoch")
-    ax.set_ylabel(select_by)
+    ax.set_ylabel(f"{select_by} (log scale)" if loss else select_by)
+    if loss and len(finite):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else ""))
+        ax.set_ylim(float(finite.min()) / 1.15, min(float(finite.max()), limit) * 1.15)
     if select_by == "val_top1":
         _percent_axis(ax)
     _epoch_axis(ax, int(history["epoch"].max()) if len(history) else 1)
-    ax.set_title(f"Successive halving: {len(grid)} trials, rungs end at epochs {', '.join(map(str, stops)) or '-'}")
+    note = f"\n{len(clipped)} diverging trial(s) clipped at {limit:.3g} (^ on the top edge)" if clipped else ""
+    ax.set_title(f"Successive halving: {len(grid)} trials, rungs end at epochs {', '.join(map(str, stops)) or '-'}{note}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return fig

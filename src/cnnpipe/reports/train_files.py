@@ -145,17 +145,26 @@ def history_csv_text(rec: "RunRecord") -> str:
 
 
 def summary_table(records: Sequence["RunRecord"], best: "RunRecord", select_by: str) -> str:
-    """The fixed-width table the stage prints at the end (selected run marked ``*``)."""
-    header = f"{'':1} {'run':<36} {'status':<9} {'epoch':>5} {'val_loss':>9} {'val_top1':>9} {'seconds':>8}"
-    lines = [header]
-    for rec in records:
+    """The fixed-width table the stage prints at the end (selected run marked ``*``).
+
+    One column per search axis holds that run's value, never cut: a truncated
+    run name (``lr=0.03,batch_size=16,weight_deca...``) made rows of a large
+    grid look identical. Without axes (one run) the model names the row.
+    """
+    from cnnpipe.params import _fmt
+
+    axes = list(dict.fromkeys(axis for rec in records for axis in rec.cfg.axes)) or ["model"]
+    cells = [[_fmt(getattr(rec.cfg.values, axis)) for axis in axes] for rec in records]
+    widths = [max([len(axis), *(len(row[i]) for row in cells)]) for i, axis in enumerate(axes)]
+    head = " ".join(f"{axis:<{width}}" for axis, width in zip(axes, widths))
+    lines = [f"{'':1} {head} {'status':<9} {'epoch':>5} {'val_loss':>9} {'val_top1':>9} {'seconds':>8}"]
+    for rec, row in zip(records, cells):
         r = rec.result
         mark = "*" if rec is best else ""
-        name = rec.cfg.name if len(rec.cfg.name) <= 36 else rec.cfg.name[:33] + "..."
+        values = " ".join(f"{value:<{width}}" for value, width in zip(row, widths))
         loss = f"{r.best.val_loss:.4f}" if r.best else "-"
         top1 = f"{r.best.val_top1:.4f}" if r.best else "-"
         epoch = str(r.best_epoch) if r.best_epoch else "-"
-        status = rec.status
-        lines.append(f"{mark:1} {name:<36} {status:<9} {epoch:>5} {loss:>9} {top1:>9} {r.seconds:>8.1f}")
+        lines.append(f"{mark:1} {values} {rec.status:<9} {epoch:>5} {loss:>9} {top1:>9} {r.seconds:>8.1f}")
     lines.append(f"* selected by {select_by}: {best.cfg.name} (run {best.cfg.run_id})")
     return "\n".join(lines)

@@ -35,6 +35,7 @@ from cnnpipe.util.text import one_line
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput
 
     from cnnpipe.params import MlflowParams
 
@@ -155,6 +156,7 @@ class MlflowTracker(NullTracker, CallPolicy):
     # later MLflow call is skipped. Otherwise a failed call raises TrackingError.
     keep_going: bool = field(default=False, compare=False)
     lost: str | None = field(default=None, compare=False)
+    dataset: tuple[str, str, str] | None = None  # (name, digest, source): see ``dataset_input``
     enabled = True
 
     def __getstate__(self) -> dict[str, Any]:
@@ -197,6 +199,8 @@ class MlflowTracker(NullTracker, CallPolicy):
             return None
         run_id = run.info.run_id
         self._batch(run_id, params=params)
+        if self.dataset:
+            self.call("log_inputs", self.client.log_inputs, run_id, [dataset_input(*self.dataset)])
         return run_id
 
     def reopen_child(self, run_id: str, *, tags: Mapping[str, str]) -> set[int] | None:
@@ -311,13 +315,30 @@ def kill_stale_runs(client: "MlflowClient", experiment_id: str, host: str | None
     return stale
 
 
+def dataset_input(name: str, digest: str, source: str) -> "DatasetInput":
+    """The run's data as an MLflow dataset input: it fills the runs table's Dataset column.
+
+    ``digest`` is the prepared data's fingerprint, so runs on different data
+    are told apart at a glance; ``source`` says where it came from (the
+    user's folder or URL, or the prepared folder). Plain entities, not
+    ``mlflow.data`` (which imports pandas and reads the data): one
+    ``log_inputs`` call per run.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return DatasetInput(Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source})),
+                        tags=[InputTag("mlflow.data.context", "train")])
+
+
 def open_tracker(settings: "MlflowParams", *, target: TrackingTarget | None = None, params: Mapping[str, Any] | None = None,
-                 tags: Mapping[str, str] | None = None, root: Path | None = None) -> NullTracker:
+                 tags: Mapping[str, str] | None = None, root: Path | None = None,
+                 dataset: tuple[str, str, str] | None = None) -> NullTracker:
     """Start this execution's parent run (kills stale runs of dead processes first).
 
     Returns a ``NullTracker`` (and imports nothing) when tracking is disabled.
     ``target`` comes from ``preflight``; without it the store is resolved and
-    checked here.
+    checked here. ``dataset`` (name, digest, source) is logged as the input of
+    the parent and of every child (``dataset_input``).
     """
     if not settings.enabled:
         return NullTracker()
@@ -346,11 +367,14 @@ def open_tracker(settings: "MlflowParams", *, target: TrackingTarget | None = No
         base_tags=base,
         _client=client,
         keep_going=True,
+        dataset=tuple(dataset) if dataset else None,
     )
     if stale:
         print(f"mlflow: marked {len(stale)} stale RUNNING run(s) of dead processes as KILLED", flush=True)
     if params:
         tracker._batch(tracker.parent_run_id, params=params)
+    if tracker.dataset:
+        tracker.call("log_inputs", client.log_inputs, tracker.parent_run_id, [dataset_input(*tracker.dataset)])
     return tracker
 
 
