@@ -299,3 +299,19 @@ def test_prepare_memory_stays_flat_when_the_folder_grows_four_times(tmp_path: Pa
         assert load_stats(tmp_path / f"out{count}").sizes["train"] > 0.75 * count
     decoded_growth = 2400 * 3 * 64 * 64 / 1e6
     assert peaks[3200] - peaks[800] < 0.25 * decoded_growth, peaks
+
+
+def test_prepare_says_once_when_the_train_split_is_larger_than_the_memory_available(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from cnnpipe.data.folder_prepare import available_memory, describe, prepare_folder
+
+    source = _noise_folder(tmp_path / "imgs", 40)
+    result = prepare_folder(source, tmp_path / "out", image_size=[8, 8], channels=3, val_fraction=0.2,
+                            test_fraction=0.2, split_seed=0)
+    assert result.train_bytes == result.stats.sizes["train"] * 3 * 8 * 8 and result.memory == pytest.approx(
+        available_memory(), rel=0.5)
+    assert not [line for line in describe(result, str(source), True) if "read it from disk" in line]
+    lines = [line for line in describe(replace(result, memory=result.train_bytes - 1), str(source), True)
+             if "read it from disk" in line]
+    assert len(lines) == 1 and lines[0].startswith("prepare: note: the train split (0.0 GB) is larger than the memory")
