@@ -34,6 +34,7 @@ QUICK: dict[str, list[str]] = {
     "engine": ["--repeats", "1", "--eval-repeats", "2"],
     "grid": ["--repeats", "1", "--epochs", "1"],
     "time_to_accuracy": ["--epochs", "2"],
+    "memory": ["--big", "8000", "--phases", "generate,prepare,train,throughput", "--repeats", "1"],
 }
 
 

@@ -148,11 +148,14 @@ def test_an_image_above_the_pixel_cap_is_refused_by_name(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_dataset_too_big_for_memory_is_refused_before_decoding(tmp_path):
+def test_a_dataset_too_big_for_the_disk_is_refused_before_decoding(tmp_path):
     tree = make_tree(tmp_path / "imgs", {"cat": 4, "dog": 4})
     (tree / "cat" / "000.jpg").write_bytes(b"would fail decoding, but is never decoded")
-    with pytest.raises(DataError, match=r"8 images at 3x512x512 need ~0.0 GB .* set a smaller data.image_size, e.g. \[\d+, \d+\]"):
-        prep(tree, tmp_path / "out", image_size=[512, 512], memory_budget=1_000_000)
+    with pytest.raises(DataError, match=r"8 images at 3x512x512 need ~0.0 GB of free disk .* but 0.0 GB is free; "
+                                         r"free some space, or set a smaller data.image_size, e.g. \[\d+, \d+\]") as err:
+        prep(tree, tmp_path / "out", image_size=[512, 512], disk_free=1_000_000)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".prepare-*"))
 
 
 def _zip(path: Path, members: dict[str, bytes]) -> Path:

@@ -12,8 +12,10 @@ and workers never import mlflow (~3 s each). Ctrl-C is handled once, in the
 parent: workers ignore SIGINT, the parent stops them and marks runs KILLED.
 
 Workers get their data from a ``DataSource``, not a pickle of the tensors:
-``PreparedSource`` re-reads the prepared folder (safetensors, a fraction of a
-second) once per worker process; ``RaySource`` falls back to a copy in Ray's
+``PreparedSource`` maps the prepared folder (memory-mapped safetensors:
+the workers of one machine share one copy in the page cache, none holds a
+private one) once per worker process, trusting the content hashes the
+parent already computed for the same files (same inode, size and mtime); ``RaySource`` falls back to a copy in Ray's
 object store when the folder does not exist on that node (a cluster).
 
 Nothing here imports torch or ray at module level.
@@ -57,11 +59,13 @@ class ClusterError(CnnpipeError):
 _LOADED: dict[tuple[str, str], "TrainData"] = {}  # per process: a worker trains many runs on one load
 
 
-def _load_prepared(folder: Path, fingerprint: str) -> "TrainData":
+def _load_prepared(folder: Path, fingerprint: str, digests: tuple[Any, ...] = ()) -> "TrainData":
+    from cnnpipe.data.prepared import trust_digests
     from cnnpipe.engine import TrainData
 
     key = (str(folder), fingerprint)
     if key not in _LOADED:
+        trust_digests(list(digests))
         data = TrainData.load(folder, splits=("train", "val"))
         if data.fingerprint != fingerprint:
             raise DataError(f"{folder} changed while the grid was running (fingerprint {data.fingerprint}, "
@@ -73,13 +77,18 @@ def _load_prepared(folder: Path, fingerprint: str) -> "TrainData":
 
 @dataclass(frozen=True)
 class PreparedSource:
-    """The prepared folder a worker reloads (hash-verified) instead of receiving pickled tensors."""
+    """The prepared folder a worker maps (verified) instead of receiving pickled tensors.
+
+    ``digests``: the parent's ``known_digests`` of the folder's split files,
+    so each worker skips re-hashing gigabytes the parent hashed already.
+    """
 
     folder: Path
     fingerprint: str
+    digests: tuple[Any, ...] = ()
 
     def load(self) -> "TrainData":
-        return _load_prepared(self.folder, self.fingerprint)
+        return _load_prepared(self.folder, self.fingerprint, self.digests)
 
 
 @dataclass(frozen=True)
@@ -262,7 +271,11 @@ class ProcessExecutor:
         """Nothing to stop (each ``map`` shuts its pool down)."""
 
     def data_source(self, data: "TrainData", folder: Path | None) -> DataSource:
-        return PreparedSource(Path(folder).resolve(), data.fingerprint) if folder is not None else InlineSource(data)
+        if folder is None:
+            return InlineSource(data)
+        from cnnpipe.data.prepared import known_digests
+
+        return PreparedSource(Path(folder).resolve(), data.fingerprint, tuple(known_digests(folder)))
 
     def map(self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]],
             on_event: Callable[[Event], None] | None = None) -> Iterator[Any]:

@@ -1,7 +1,8 @@
 """The training loop: one run of one ``RunConfig`` on one device.
 
-Design (after Keller Jordan's airbench): each split is one uint8 tensor on
-the device; an epoch is a seeded ``torch.randperm``; a batch is an index
+Design (after Keller Jordan's airbench): each split is one uint8 tensor (on
+the CPU the memory-mapped split itself, on CUDA a copy on the GPU when it
+fits); an epoch is a seeded ``torch.randperm``; a batch is an index
 into it, augmented and normalized with a handful of batched tensor ops. No
 DataLoader, no worker processes, no per-image Python. The same code runs on
 CPU (tests, laptops) and CUDA (bf16 autocast, channels_last, cuDNN
@@ -38,10 +39,11 @@ from torch import nn
 
 from cnnpipe.compute.device import configure_backend, is_cuda, resolve_device, thread_limit
 from cnnpipe.engine.augment import augment, norm_constants, normalize
-from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.data import TrainData, gather, on_device
 from cnnpipe.engine.early_stopping import EarlyStopping
 from cnnpipe.engine.ema import make_ema
 from cnnpipe.engine.inference import has_conv, inference_copy
+from cnnpipe.engine.progress import progress_every, progress_line
 from cnnpipe.engine.optim import build_optimizer, build_scheduler, current_lr
 from cnnpipe.engine.records import EpochRecord, RunResult
 from cnnpipe.engine.resume import load_resume_state, save_resume_state, state_identity
@@ -137,18 +139,20 @@ def evaluate_logits(
     Runs an inference copy of ``model`` (``engine.inference``: BatchNorm
     folded, channels_last, eval mode), so the caller's model is untouched.
     ``device`` is where the forward passes run (the model is expected there);
-    the split moves there once. ``tta="flip"`` averages the probabilities of
-    each image and its mirror image and returns their log (test-time
-    augmentation; ``cross_entropy`` and ``softmax`` read it like logits).
+    on CUDA the split moves there once when it fits, on the CPU batches are
+    sliced from it as it is (a mapped split is not copied whole).
+    ``tta="flip"`` averages the probabilities of each image and its mirror
+    image and returns their log (test-time augmentation; ``cross_entropy``
+    and ``softmax`` read it like logits).
     """
     device = resolve_device(device)
     scale, shift = norm_constants(mean, std, device)
     channels_last = has_conv(model)
     net = inference_copy(model, channels_last=channels_last)
-    images = images_uint8.to(device, non_blocking=True)
+    images = on_device(images_uint8, device)
     out: torch.Tensor | None = None
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size]
+        x = images[start:start + batch_size].to(device, non_blocking=True)
         if channels_last:  # uint8 first: the float batch is born NHWC, no float copy
             x = x.contiguous(memory_format=torch.channels_last)
         x = normalize(x, scale, shift)
@@ -202,7 +206,10 @@ def train_run(
     called after every epoch with the live model (in train mode, on the device).
     ``resume_dir``: a folder for this run's per-epoch resume state; a state for
     the same ``run_id`` and data found there is continued from. ``progress``:
-    a tqdm bar per epoch when stderr is a terminal. ``layer_stats``: per-module
+    a tqdm bar per epoch when stderr is a terminal; without a bar (not a
+    terminal, or a grid worker) an epoch running longer than
+    ``CNNPIPE_PROGRESS_EVERY`` seconds (default 30) prints a flushed line
+    that often (batches done, images/s, ETA). ``layer_stats``: per-module
     weight/gradient norms in each ``EpochRecord``. ``stop_after``: train at
     most up to this epoch (a successive-halving rung); a run that is not done
     by then returns status 'paused' and continues from ``resume_dir`` later,
@@ -231,7 +238,7 @@ class _Epoch:
 def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, generator: torch.Generator, train_x: torch.Tensor, train_y: torch.Tensor,
                  plan: list[tuple[int, int]], scale: torch.Tensor, shift: torch.Tensor, channels_last: bool,
-                 dev: str, stats: LayerStats | None, show: bool) -> _Epoch:
+                 dev: str, stats: LayerStats | None, show: bool, every: float | None = None) -> _Epoch:
     v = cfg.values
     aug_mode = resolve_augment(v.augment, cfg.dataset)
     start = time.perf_counter()
@@ -249,6 +256,7 @@ def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: tor
     step_lr = current_lr(optimizer)
     seen = 0
     bar = None
+    next_line = start + every if every is not None and not show else math.inf
     if show:
         from tqdm.auto import tqdm
 
@@ -256,7 +264,7 @@ def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: tor
     try:
         for b, (lo, hi) in enumerate(plan):
             idx = order[lo:hi]
-            x = train_x[idx]
+            x = gather(train_x, idx, dev)
             y = train_y[idx]
             if aug_mode != "none":
                 x = augment(x, aug_mode, generator)
@@ -290,6 +298,11 @@ def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: tor
                     reason = f"diverged: loss is {what} at epoch {epoch} batch {first + 1}"
                     return _Epoch(math.nan, 0.0, step_lr, time.perf_counter() - start, seen, reason)
                 checked = b + 1
+            if time.perf_counter() >= next_line:  # one clock read a batch: no lines for short epochs
+                now = time.perf_counter()
+                print(progress_line(cfg.name, epoch, v.epochs, b + 1, len(plan), seen, now - start),
+                      file=sys.stderr, flush=True)
+                next_line = now + (every or math.inf)
             if bar is not None:
                 bar.update(1)
                 if b % 25 == 0:
@@ -365,9 +378,9 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    train_x = data.train.images.to(dev, non_blocking=True)
+    train_x = on_device(data.train.images, dev)  # on the CPU: the mapped split itself, no copy
     train_y = data.train.labels.to(dev, non_blocking=True)
-    val_x = data.val.images.to(dev, non_blocking=True)
+    val_x = on_device(data.val.images, dev)
     n = int(train_y.shape[0])
     if n == 0 or len(data.val) == 0:
         which = "training" if n == 0 else "validation"
@@ -415,6 +428,7 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
             stop_reason = "early_stopping"  # saved at the old last epoch; a longer run would have stopped there
 
     show = progress_bars(progress)
+    every = progress_every()
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
     last = v.epochs if stop_after is None else max(0, min(v.epochs, stop_after))
     for epoch in range(len(history) + 1, last + 1):
@@ -423,7 +437,8 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         try:
             ep = _train_epoch(epoch=epoch, cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler,
                               generator=generator, train_x=train_x, train_y=train_y, plan=plan, scale=scale,
-                              shift=shift, channels_last=channels_last, dev=dev, stats=stats, show=show)
+                              shift=shift, channels_last=channels_last, dev=dev, stats=stats, show=show,
+                              every=every)
         except Exception as err:
             if oom is not None and isinstance(err, oom):
                 raise CnnpipeError(f"out of GPU memory training {cfg.name} (batch_size {v.batch_size}, model {v.model}); lower batch_size or use a smaller model") from None

@@ -257,12 +257,16 @@ def evaluate_checkpoint(
     def score(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         data = load_split(prepared_dir, split)
         images, labels = data.images, data.labels
-        if split == "train":
-            subset = train_subset(len(labels), train_images)
-            if subset is not None:
-                images, labels = images[subset], labels[subset]
+        subset = train_subset(len(labels), train_images) if split == "train" else None
+        if subset is None:
+            logits = evaluate_logits(model, images, mean=mean, std=std, batch_size=batch_size, device=dev, tta=tta)
+        else:  # gathered from the mapped split a few batches at a time, never the whole subset at once
+            labels = labels[subset]
+            step = batch_size * max(1, 8192 // batch_size)
+            logits = torch.cat([evaluate_logits(model, images[subset[i:i + step]], mean=mean, std=std,
+                                                batch_size=batch_size, device=dev, tta=tta)
+                                for i in range(0, len(subset), step)])
         scored[split] = int(len(labels))
-        logits = evaluate_logits(model, images, mean=mean, std=std, batch_size=batch_size, device=dev, tta=tta)
         if logits.numel() == 0:
             logits = torch.zeros(0, num_classes)
         return logits, labels

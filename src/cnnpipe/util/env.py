@@ -16,6 +16,7 @@ DEBUG = "CNNPIPE_DEBUG"  # tracebacks instead of one-line errors
 NO_CACHE = "CNNPIPE_NO_CACHE"  # recompute every stored result (and store the fresh ones)
 PROGRESS = "CNNPIPE_PROGRESS"  # tqdm bars on a terminal (default on; 0: plain lines)
 TAKE_TURNS = "CNNPIPE_TAKE_TURNS"  # concurrent experiments compute one at a time (default on)
+PROGRESS_EVERY = "CNNPIPE_PROGRESS_EVERY"  # seconds between mid-epoch lines when not a terminal (0: none)
 CACHE_DIR = "CNNPIPE_CACHE_DIR"  # where .cnnpipe-cache/runs lives (the other stores beside it)
 
 
@@ -32,6 +33,14 @@ def progress_bars(asked: bool) -> bool:
     import sys
 
     return bool(asked) and sys.stderr.isatty() and flag(PROGRESS, default=True)
+
+
+def number(name: str, default: float) -> float:
+    """A numeric setting: ``default`` when unset, empty or not a number."""
+    try:
+        return float(os.environ.get(name, "").strip() or default)
+    except ValueError:
+        return default
 
 
 def text(name: str) -> str | None:
