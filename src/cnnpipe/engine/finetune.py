@@ -28,13 +28,16 @@ keys are inert and the optimizer gets the engine's usual groups.
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from typing import Any
 
 from torch import nn
 
 from cnnpipe.engine.optim import param_groups as plain_groups
+from cnnpipe.models import torchvision_spec as tvs
 from cnnpipe.models.torchvision_nets import TorchvisionNet
-from cnnpipe.params import TrainingValues
+from cnnpipe.params import RunConfig, TrainingValues
 
 
 def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -100,3 +103,39 @@ def parameter_counts(model: nn.Module, values: TrainingValues) -> dict[str, int]
     if values.finetune in ("full", "gradual"):
         out["params_trainable"] = total
     return out
+
+
+@lru_cache(maxsize=16)
+def _counts(spec_json: str, in_shape: tuple[int, ...], num_classes: int, values_json: str) -> dict[str, int]:
+    import torch
+
+    from cnnpipe.models.build import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        model = build_model([json.loads(spec_json)], in_shape, num_classes)
+    return parameter_counts(model, TrainingValues.model_validate_json(values_json))
+
+
+def tracking_fields(cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """(MLflow params, MLflow tags) describing a torchvision run's starting weights and trained parameters.
+
+    Params: the weights' name and the parameter counts (total, trainable in
+    each phase); tags: the weights' source (URL, file or checkpoint) and
+    SHA-256 as the manifest of ``data/weights`` records them. Empty for
+    cnnpipe layer lists.
+    """
+    spec = tvs.spec_of(cfg.layers)
+    if spec is None:
+        return {}, {}
+    params: dict[str, Any] = {"pretrained_weights": spec["weights"]}
+    params.update(_counts(json.dumps(spec, sort_keys=True), tuple(int(d) for d in in_shape), int(num_classes),
+                          cfg.values.model_dump_json()))
+    tags: dict[str, str] = {}
+    if tvs.is_pretrained(spec) and spec.get("weights_sha256"):
+        tags["pretrained.sha256"] = str(spec["weights_sha256"])
+        if cfg.weights_dir is not None:
+            from cnnpipe.models.pretrained_weights import read_manifest
+
+            entry = read_manifest(cfg.weights_dir)["weights"].get(spec["torchvision"], {})
+            tags["pretrained.source"] = str(entry.get("source", ""))
+    return params, tags
