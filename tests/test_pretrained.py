@@ -393,3 +393,53 @@ def test_mlflow_fields_name_the_weights_and_count_parameters_per_phase(fetched: 
     manifest = json.loads((fetched / "manifest.json").read_text())["weights"][ARCH]
     assert tags == {"pretrained.sha256": manifest["sha256"], "pretrained.source": manifest["source"]}
     assert tracking_fields(expand(parse_params({"model": "small_bn"}))[0], (1, 28, 28), 10) == ({}, {})
+
+
+# --------------------------------------------------------------------------- the real pipeline
+
+
+@pytest.mark.slow
+def test_dvc_repro_fine_tunes_a_torchvision_model_from_placed_weights_then_evaluates_and_registers(
+        placed: Path, tmp_path: Path, no_proxy: None) -> None:
+    import yaml
+    from fixtures_raw import make_idx_raw
+    from project_builder import BIN, pipeline_project, run
+
+    registered = "cnnpipe-classifier"
+    fixture = make_idx_raw(tmp_path / "www", n_train=200, n_test=40)
+    env = {"TORCH_HOME": str(placed.parents[2])}
+    with contextlib.contextmanager(serve)(fixture.folder) as server:
+        project = pipeline_project(tmp_path / "project", server.url, fixture.checksums, params={
+            "model": NAME, "finetune": "gradual", "freeze_epochs": 1, "epochs": 2, "lr": 0.01, "batch_size": 50,
+            "mlflow": {"enabled": True, "tracking_uri": None, "experiment": "cnnpipe",
+                       "registered_model": registered, "log_layer_stats": False}})
+        repro = run([str(BIN / "dvc"), "repro"], project, timeout=600, env=env)
+    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    for stage in ("weights", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in repro.stdout
+
+    manifest = json.loads((project / "data" / "weights" / "manifest.json").read_text())["weights"][ARCH]
+    assert manifest["sha256"] == sha256_file(placed)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert any(out["path"] == "data/weights" for out in lock["stages"]["weights"]["outs"])
+    assert any(dep["path"] == "data/weights" for dep in lock["stages"]["train"]["deps"])
+
+    sidecar = json.loads((project / "models" / "best" / "model.json").read_text())
+    spec = tvs.spec_of(sidecar["layers"])
+    assert spec["weights_sha256"] == manifest["sha256"] and spec["weights"] == "IMAGENET1K_V1"
+    assert sidecar["mean"] == [pytest.approx(sum(manifest["mean"]) / 3)]
+    assert sidecar["params"]["finetune"] == "gradual"
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert metrics["test_images"] == 40 and 0.0 <= metrics["test_top1"] <= 1.0
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    child = client.get_run(metrics["mlflow_run_id"])
+    assert child.data.params["finetune"] == "gradual" and child.data.params["pretrained_weights"] == "IMAGENET1K_V1"
+    assert int(child.data.params["params_trainable_frozen"]) == 1024 * 10 + 10
+    assert child.data.tags["pretrained.sha256"] == manifest["sha256"]
+    assert [int(m.step) for m in client.get_metric_history(child.info.run_id, "val_loss")] == [1, 2]
+    version = client.get_model_version_by_alias(registered, "champion")
+    assert version.run_id == metrics["mlflow_run_id"]
