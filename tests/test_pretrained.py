@@ -31,7 +31,7 @@ from cnnpipe.models.torchvision_nets import TorchvisionNet
 from cnnpipe.params import Params, TrainingValues, parse_params
 from cnnpipe.search.space import expand
 from cnnpipe.util.errors import CheckpointError, CnnpipeError, DataError, ParamsError
-from cnnpipe.util.files import sha256_file
+from cnnpipe.util.hashing import sha256_file
 
 ARCH = "mobilenet_v3_small"  # 1.5M parameters: the smallest torchvision classifier with BatchNorm
 NAME = f"{tvs.PREFIX}{ARCH}"

@@ -45,7 +45,8 @@ from urllib.parse import urlparse
 
 from cnnpipe.models import torchvision_spec as tvs
 from cnnpipe.util.errors import CheckpointError, CnnpipeError, DataError
-from cnnpipe.util.files import atomic_dir, atomic_path, sha256_file
+from cnnpipe.util.files import atomic_dir, atomic_path
+from cnnpipe.util.hashing import sha256_file
 
 if TYPE_CHECKING:
     import torch
