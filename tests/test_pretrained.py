@@ -23,7 +23,7 @@ import torchvision
 from fixtures_raw import Evil, no_proxy, serve  # noqa: F401 - no_proxy is a fixture
 
 from cnnpipe.engine import TrainData, train_run
-from cnnpipe.engine.finetune import body_and_head, frozen_at, param_groups, parameter_counts, tracking_fields
+from cnnpipe.engine.finetune import body_and_head, frozen_at, param_groups, parameter_counts, set_phase, tracking_fields
 from cnnpipe.models import pretrained_weights as pw
 from cnnpipe.models import torchvision_spec as tvs
 from cnnpipe.models.build import build_model
@@ -45,15 +45,19 @@ def arch_state(arch: str = ARCH, seed: int = 0) -> dict[str, torch.Tensor]:
     return torchvision.models.get_model(arch, weights=None).state_dict()
 
 
+def place(home: Path, arch: str) -> Path:
+    """``arch``'s IMAGENET1K_V1 (random values) in ``home``'s hub cache, under torchvision's own file name."""
+    url = torchvision.models.get_model_weights(arch)["IMAGENET1K_V1"].url
+    target = home / "hub" / "checkpoints" / os.path.basename(url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(arch_state(arch), target)
+    return target
+
+
 @pytest.fixture(scope="module")
 def placed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A TORCH_HOME whose hub cache holds IMAGENET1K_V1 of ``ARCH`` under torchvision's own file name."""
-    home = tmp_path_factory.mktemp("torch_home")
-    url = torchvision.models.get_model_weights(ARCH)["IMAGENET1K_V1"].url
-    target = home / "hub" / "checkpoints" / os.path.basename(url)
-    target.parent.mkdir(parents=True)
-    torch.save(arch_state(), target)
-    return target
+    """A TORCH_HOME whose hub cache holds IMAGENET1K_V1 of ``ARCH``."""
+    return place(tmp_path_factory.mktemp("torch_home"), ARCH)
 
 
 @pytest.fixture
@@ -304,6 +308,14 @@ def test_optimizer_groups_are_the_same_in_every_phase(finetune: str) -> None:
     assert [g["lr"] for g in groups] == pytest.approx([0.01, 0.01, body_lr, body_lr])
     assert [frozen_at(values, epoch) for epoch in (1, 2, 3)] == \
         {"full": [False] * 3, "head": [True] * 3, "gradual": [True, True, False]}[finetune]
+    model.train()
+    assert set_phase(model, values, 1) == frozen_at(values, 1)
+    norms = [m for m in model.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.training != frozen_at(values, 1) for m in norms)  # bn_frozen: a frozen body's BN stats stay
+    assert all(p.requires_grad != frozen_at(values, 1) for p in model.body.parameters())
+    model.train()
+    set_phase(model, values.model_copy(update={"bn_frozen": False}), 1)
+    assert all(m.training for m in norms)
     counts = parameter_counts(model, values)
     assert counts["params_total"] == sum(p.numel() for p in model.parameters())
     assert counts.get("params_trainable_frozen") == (3075 if finetune != "full" else None)  # 1024*3 + 3
@@ -350,7 +362,7 @@ def test_gradual_trains_the_head_then_everything_reproducibly_and_resumes_across
 
 @pytest.mark.slow
 def test_a_fine_tuned_model_ships_export_and_pyfunc_with_the_weights_normalization(
-        fetched: Path, tiny_prepared: Path, tmp_path: Path) -> None:
+        tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
 
     from cnnpipe.models.checkpoint import load_checkpoint, save_checkpoint
@@ -360,8 +372,13 @@ def test_a_fine_tuned_model_ships_export_and_pyfunc_with_the_weights_normalizati
     from cnnpipe.serving.mlflow_model import save_pyfunc
     from cnnpipe.tracking import NullTracker
 
+    # resnet18: its ONNX export traces several times faster than mobilenet_v3_small's
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    place(tmp_path / "home", "resnet18")
+    params = params_for(model="torchvision:resnet18", finetune="head", epochs=1, batch_size=100)
+    pw.fetch_weights(params, tmp_path / "weights", progress=False)
+    cfg = expand(params, weights_dir=tmp_path / "weights")[0]
     data = TrainData.load(tiny_prepared)
-    cfg = _gradual(fetched, epochs=1, finetune="head")
     result = train_run(cfg, data, **QUIET)
     sidecar = checkpoint_sidecar(RunRecord(1, cfg, result), data, NullTracker())
     assert sidecar["mean"] == [pytest.approx((0.485 + 0.456 + 0.406) / 3)]  # the weights', not the data's
@@ -376,7 +393,7 @@ def test_a_fine_tuned_model_ships_export_and_pyfunc_with_the_weights_normalizati
 
     import mlflow.pyfunc
 
-    save_pyfunc(tmp_path / "best", tmp_path / "pyfunc")
+    save_pyfunc(tmp_path / "best", tmp_path / "pyfunc", prepared_dir=tiny_prepared)
     frame = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(images)
     from cnnpipe.engine import evaluate_logits
 
@@ -443,3 +460,10 @@ def test_dvc_repro_fine_tunes_a_torchvision_model_from_placed_weights_then_evalu
     assert [int(m.step) for m in client.get_metric_history(child.info.run_id, "val_loss")] == [1, 2]
     version = client.get_model_version_by_alias(registered, "champion")
     assert version.run_id == metrics["mlflow_run_id"]
+
+    # Continue from your own model: the champion as the next project's starting weights.
+    again = params_for(pretrained={"weights": f"models:/{registered}@champion"},
+                       mlflow={"tracking_uri": uri, "registered_model": registered})
+    entry = pw.fetch_weights(again, tmp_path / "from_champion", progress=False)["weights"][ARCH]
+    assert entry["sha256"] == sidecar["weights_sha256"] and entry["mean"] == manifest["mean"]
+    assert entry["source"] == f"models:/{registered}@champion"

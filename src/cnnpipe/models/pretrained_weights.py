@@ -96,16 +96,16 @@ def read_state_dict(path: Path, what: str) -> dict[str, "torch.Tensor"]:
         except pickle.UnpicklingError as err:
             first = str(err).strip().splitlines()
             detail = next((line.strip() for line in first if "Unsupported" in line or "global" in line.lower()), "")
-            raise CheckpointError(f"{what} ({path}) is a pickle that would run code or build objects other than "
+            raise CheckpointError(f"{what}: {path} is a pickle that would run code or build objects other than "
                                   f"tensors{f' ({detail})' if detail else ''}; refused (cnnpipe loads weights_only): "
                                   "convert it to safetensors or a plain state dict") from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-            raise CheckpointError(f"{what} ({path}) is truncated or corrupt ({size} bytes: "
-                                  f"{str(err).splitlines()[0][:120]}); delete it and fetch it again") from None
+            raise CheckpointError(f"{what}: {path} is truncated or corrupt ({size} bytes: "
+                                  f"{str(err).splitlines()[0].split('. ')[0][:100]}); delete it and fetch it again") from None
         if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
             state = state["state_dict"]  # a {"state_dict": ...} training checkpoint
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{what} ({path}) holds a {type(state).__name__}, not a state dict of tensors; "
+            raise CheckpointError(f"{what}: {path} holds a {type(state).__name__}, not a state dict of tensors; "
                                   "save model.state_dict() instead")
         return {str(k): v for k, v in state.items()}
     from cnnpipe.models.checkpoint import check_weights_file
@@ -116,9 +116,9 @@ def read_state_dict(path: Path, what: str) -> dict[str, "torch.Tensor"]:
     except CheckpointError as err:
         text = str(err)
         reason = "truncated" if "truncated" in text else "not a safetensors or torch file"
-        raise CheckpointError(f"{what} ({path}) is {reason} ({size} bytes); delete it and fetch it again") from None
+        raise CheckpointError(f"{what}: {path} is {reason} ({size} bytes); delete it and fetch it again") from None
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{what} ({path}) is unreadable ({err}); delete it and fetch it again") from None
+        raise CheckpointError(f"{what}: {path} is unreadable ({err}); delete it and fetch it again") from None
 
 
 # --------------------------------------------------------------------------- fetching
