@@ -32,9 +32,10 @@ def main() -> int:
 
     params = load_params()
     if params.mlflow.enabled:
-        from cnnpipe import tracking
+        from cnnpipe.tracking import stages as tracking_stages
+        from cnnpipe.tracking import store as tracking_store
 
-        tracking.warm_up(params.mlflow)  # mlflow's import and store open overlap with the forward passes
+        tracking_store.warm_up(params.mlflow)  # mlflow's import and store open overlap with the forward passes
     eval_key = evaluation_key(CHECKPOINT, PREPARED, settings=params.eval.model_dump(mode="json"), device=params.device)
     metrics = reuse_reports(eval_key, CHECKPOINT, REPORTS)
     if metrics is not None:
@@ -69,7 +70,7 @@ def main() -> int:
             from cnnpipe.serving.registry import LOCK_TAG, dvc_lock_hash
 
             lock_hash = dvc_lock_hash()  # DVC locked train before running evaluate
-            logged = tracking.log_evaluation(
+            logged = tracking_stages.log_evaluation(
                 params.mlflow,
                 parent_run_id=metrics["mlflow_parent_run_id"],
                 child_run_id=metrics.get("mlflow_run_id"),

@@ -47,9 +47,10 @@ def main() -> int:
 
     params = load_params()
     if params.mlflow.enabled:
-        from cnnpipe import tracking
+        from cnnpipe.tracking import stages as tracking_stages
+        from cnnpipe.tracking import store as tracking_store
 
-        tracking.warm_up(params.mlflow)  # mlflow's import and store open overlap with the drawing
+        tracking_store.warm_up(params.mlflow)  # mlflow's import and store open overlap with the drawing
     data = _read_inputs()
     train, grid, history = data["train.json"], data["grid.csv"], data["history.csv"]
     selected = train.get("run_id")
@@ -97,11 +98,12 @@ def main() -> int:
     print(f"plots: wrote {len(figures)} figures in {FIGURES}/{reused} and {README}", flush=True)
 
     if params.mlflow.enabled and train.get("mlflow_parent_run_id"):
-        from cnnpipe import tracking
+        from cnnpipe.tracking import stages as tracking_stages
+        from cnnpipe.tracking import store as tracking_store
 
         parent = train["mlflow_parent_run_id"]
         # same layout as on disk, so the README's relative figure links work in the MLflow UI too
-        if tracking.log_evaluation(params.mlflow, parent_run_id=parent, files=list(figures.values()),
+        if tracking_stages.log_evaluation(params.mlflow, parent_run_id=parent, files=list(figures.values()),
                                    artifact_path="report/figures", artifacts={"report": [README]}):
             print(f"mlflow: figures and README logged to parent run {parent} (artifacts: report/)")
     return 0

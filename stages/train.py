@@ -40,18 +40,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cnnpipe import tracking
+    from cnnpipe.tracking import runs as tracking_runs
+    from cnnpipe.tracking import store as tracking_store
     from cnnpipe.reports import train_files
+    from cnnpipe.serving import publish
     from cnnpipe.store import runs
     from cnnpipe.params import load_params
-    from cnnpipe.search import log, runner, space, strategies
+    from cnnpipe.search import payloads, runner, space, strategies
     from cnnpipe.store.states import RunStateStore
     from cnnpipe.search.selection import select_best
     from cnnpipe.search.trial import TrainContext
 
     params = load_params()
     configs = space.expand(params, weights_dir=WEIGHTS)  # pins pretrained weights by SHA-256 (never downloads)
-    target = tracking.preflight(params.mlflow)  # one-line TrackingError before any training
+    target = tracking_store.preflight(params.mlflow)  # one-line TrackingError before any training
 
     from cnnpipe.compute.device import describe, resolve_device
     from cnnpipe.engine import TrainData
@@ -66,8 +68,8 @@ def main(args: argparse.Namespace) -> int:
           f"({len(data.train)} train / {len(data.val)} val images), select_by {params.select_by}", flush=True)
 
     cache = runs.open_grid_cache(params.grid, no_cache=args.no_cache)
-    tracker = tracking.open_tracker(params.mlflow, target=target, params=log.search_definition(params),
-                                    tags=log.parent_tags(params, data, device))
+    tracker = tracking_runs.open_tracker(params.mlflow, target=target, params=payloads.search_definition(params),
+                                    tags=payloads.parent_tags(params, data, device))
     strategy = strategies.make_strategy(params.grid)
     with tracker.running():
         layer_stats = params.mlflow.enabled and params.mlflow.log_layer_stats
@@ -78,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
         records = runner.run_search(configs, ctx, strategy=strategy, executor=executor, select_by=params.select_by,
                                     cache=cache, states=states, report=lambda line: print(line, flush=True))
         best = select_best([rec for rec in records if not rec.pruned], params.select_by)
-        published = train_files.publish(records, best, data, tracker, select_by=params.select_by,
+        published = publish.publish(records, best, data, tracker, select_by=params.select_by,
                                     best_dir=BEST_DIR, reports_dir=REPORTS, prepared_dir=PREPARED)
 
     print(train_files.summary_table(records, best, params.select_by))

@@ -161,7 +161,7 @@ def test_stage_error_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_stage_logs_test_metrics_to_best_child_and_parent(project: Path, tmp_path: Path) -> None:
-    from cnnpipe import tracking
+    from cnnpipe.tracking import runs as tracking_runs
     from cnnpipe.params import MlflowParams
 
     work = tmp_path / "proj"
@@ -169,7 +169,7 @@ def test_stage_logs_test_metrics_to_best_child_and_parent(project: Path, tmp_pat
     shutil.copytree(project / "data", work / "data")
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     settings = MlflowParams(enabled=True, tracking_uri=uri, experiment="evaltest", registered_model=None)
-    tracker = tracking.open_tracker(settings, root=work)
+    tracker = tracking_runs.open_tracker(settings, root=work)
     child = tracker.start_child("tiny", params={"lr": 0.01}, tags={})
     tracker.end_child(child, status="FINISHED")
     tracker.end_parent()

@@ -114,7 +114,7 @@ def test_server_killed_mid_grid_training_finishes_outputs_written_exit_nonzero(t
 def test_a_lost_store_raises_for_later_stages_and_is_remembered_by_train(monkeypatch, keep_going: bool) -> None:
     """evaluate/plots (keep_going=False) fail in one line; train's tracker remembers and skips every later call."""
     from cnnpipe.util.errors import TrackingError
-    from cnnpipe.tracking import MlflowTracker
+    from cnnpipe.tracking.runs import MlflowTracker
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
@@ -147,7 +147,7 @@ def test_ctrl_c_inside_an_mlflow_call_waits_for_it_then_the_parent_ends_killed(t
     from mlflow import MlflowClient
 
     from cnnpipe.params import MlflowParams
-    from cnnpipe.tracking import open_tracker
+    from cnnpipe.tracking.runs import open_tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = open_tracker(MlflowParams(tracking_uri=uri, experiment="ctrl-c-mid-call"))
@@ -161,7 +161,7 @@ def test_ctrl_c_inside_an_mlflow_call_waits_for_it_then_the_parent_ends_killed(t
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     try:
         with pytest.raises(KeyboardInterrupt), tracker.running():
-            tracker._call("log_metric", interrupted_log)
+            tracker.call("log_metric", interrupted_log)
     finally:
         signal.signal(signal.SIGINT, previous)
     client = MlflowClient(uri)

@@ -11,7 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from cnnpipe.data.formats import RawFormatError, idx_bytes, inspect_raw, load_idx, read_cifar_archive, read_idx
+from cnnpipe.data.formats import RawFormatError, idx_bytes, inspect_raw, load_idx, read_cifar_archive
 from cnnpipe.util.errors import DataError
 from fixtures_raw import CIFAR_CLASSES, gunzip_sha256, make_cifar_raw, make_idx_raw, write_idx_gz
 
@@ -22,7 +22,7 @@ def test_idx_round_trip_gz_and_raw(tmp_path, dtype):
     write_idx_gz(tmp_path / "a.gz", array)
     (tmp_path / "a.idx").write_bytes(idx_bytes(array))
     for path in (tmp_path / "a.gz", tmp_path / "a.idx"):
-        back = read_idx(path)
+        back, _ = load_idx(path)
         assert back.shape == (2, 3, 4) and back.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(back, array)
 
@@ -45,7 +45,7 @@ def test_truncated_idx_is_refused(tmp_path):
     data = idx_bytes(np.zeros((10, 28, 28), dtype=np.uint8))
     (tmp_path / "short.gz").write_bytes(gzip.compress(data[:-100]))  # a valid gzip of too few bytes
     with pytest.raises(DataError, match="truncated: the header says 10 x 28 x 28"):
-        read_idx(tmp_path / "short.gz")
+        load_idx(tmp_path / "short.gz")
     with pytest.raises(RawFormatError) as err:
         inspect_raw(tmp_path / "short.gz", fmt="idx-gz", role="train_images", image_shape=(1, 28, 28))
     assert err.value.truncated
@@ -55,7 +55,7 @@ def test_cut_gzip_file_is_refused(tmp_path):
     blob = gzip.compress(idx_bytes(np.arange(5000, dtype=np.uint8).reshape(50, 10, 10) % 7))
     (tmp_path / "cut.gz").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError, match="truncated"):
-        read_idx(tmp_path / "cut.gz")
+        load_idx(tmp_path / "cut.gz")
     with pytest.raises(RawFormatError) as err:
         inspect_raw(tmp_path / "cut.gz", fmt="idx-gz", role="train_labels")
     assert err.value.truncated
@@ -64,7 +64,7 @@ def test_cut_gzip_file_is_refused(tmp_path):
 def test_not_idx_and_wrong_shape_are_refused(tmp_path):
     (tmp_path / "junk.gz").write_bytes(gzip.compress(b"PK\x03\x04 this is a zip"))
     with pytest.raises(DataError, match="not an IDX file"):
-        read_idx(tmp_path / "junk.gz")
+        load_idx(tmp_path / "junk.gz")
     write_idx_gz(tmp_path / "img.gz", np.zeros((3, 32, 32), dtype=np.uint8))
     with pytest.raises(RawFormatError, match="wrong IDX shape 3 x 32 x 32 for train images"):
         inspect_raw(tmp_path / "img.gz", fmt="idx-gz", role="train_images", image_shape=(1, 28, 28))

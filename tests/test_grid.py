@@ -22,12 +22,13 @@ import pytest
 import torch
 
 from cnnpipe.reports import train_files
-from cnnpipe.tracking import NullTracker
+from cnnpipe.serving import publish
+from cnnpipe.tracking.runs import NullTracker
 from cnnpipe.search.trial import TrainContext
 from cnnpipe.search.selection import select_best
 from cnnpipe.search.selection import RunRecord
 from cnnpipe.search.selection import GridFailed
-from cnnpipe.search.log import search_definition
+from cnnpipe.search.payloads import search_definition
 from cnnpipe.search.runner import run_search
 from cnnpipe.search.progress import run_line
 from cnnpipe.compute import executors
@@ -35,7 +36,7 @@ from cnnpipe.engine import EpochRecord, RunResult, TrainData, evaluate_logits
 from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.params import MlflowParams
 from cnnpipe.search.space import expand as expand_grid
-from cnnpipe.tracking import open_tracker
+from cnnpipe.tracking.runs import open_tracker
 from synthetic import tiny_params as make_params
 
 EPOCH_METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds", "images_per_s")
@@ -209,7 +210,7 @@ def test_best_model_round_trips_through_models_best(tracked_grid, store, data, t
     params, tracker, records, _ = tracked_grid
     best = select_best(records, "val_loss")
     tracker.registered_model = "grid-test-model"
-    published = train_files.publish(records, best, data, tracker, select_by="val_loss",
+    published = publish.publish(records, best, data, tracker, select_by="val_loss",
                                 best_dir=tmp_path / "models" / "best", reports_dir=tmp_path / "reports")
     ckpt = load_checkpoint(tmp_path / "models" / "best")
     side = ckpt.sidecar
@@ -254,7 +255,7 @@ def test_failed_publish_leaves_previous_models_best_untouched(tracked_grid, data
     try:
         if not os.access(blocked_best.parent, os.W_OK):  # root can write anywhere: this half needs a plain user
             with pytest.raises(OSError):
-                train_files.publish(records, best, data, NullTracker(), select_by="val_loss", best_dir=blocked_best,
+                publish.publish(records, best, data, NullTracker(), select_by="val_loss", best_dir=blocked_best,
                                 reports_dir=tmp_path / "r")
             assert not blocked_best.exists()
     finally:
@@ -262,7 +263,7 @@ def test_failed_publish_leaves_previous_models_best_untouched(tracked_grid, data
     # The checkpoint lands first (swapped in whole), then the reports that describe it: a failure
     # writing the reports leaves a complete new models/best and no temp folder, never a missing one.
     with pytest.raises(OSError):
-        train_files.publish(records, best, data, NullTracker(), select_by="val_loss", best_dir=good, reports_dir=blocked)
+        publish.publish(records, best, data, NullTracker(), select_by="val_loss", best_dir=good, reports_dir=blocked)
     assert sorted(p.name for p in good.iterdir()) == ["model.json", "model.safetensors", "summary.txt"]
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["best"]  # no temp folders left behind
 

@@ -26,7 +26,7 @@ from cnnpipe.reports import train_files
 
 from cnnpipe.store import runs
 from cnnpipe.util.env import NO_CACHE
-from cnnpipe.tracking import NullTracker
+from cnnpipe.tracking.runs import NullTracker
 from cnnpipe.search.trial import TrainContext
 from cnnpipe.search.selection import select_best
 from cnnpipe.search.runner import run_search
@@ -35,7 +35,7 @@ from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.params import MlflowParams
 from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.store.runs import GridCache, RunCache
-from cnnpipe.tracking import open_tracker
+from cnnpipe.tracking.runs import open_tracker
 from synthetic import TINY, tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def test_anything_that_affects_training_invalidates(data, tmp_path, monkeypatch)
     other = TrainData.load(tmp_path / "other", splits=("train", "val"))
     assert other.fingerprint != data.fingerprint
     assert run(make_params(**one), other, cache)[1] == ["model=tiny"]
-    monkeypatch.setattr(runcache, "code_version", lambda: "edited-engine")  # as if engine/ or models/ changed
+    monkeypatch.setattr(runs, "code_version", lambda: "edited-engine")  # as if engine/ or models/ changed
     assert run(make_params(**one), data, cache)[1] == ["model=tiny"]
     monkeypatch.undo()
     assert run(make_params(**one), data, cache)[1] == []  # the original entry is still there

@@ -36,7 +36,7 @@ from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.util.errors import CnnpipeError, DataError, ParamsError
 from cnnpipe.params import MlflowParams, parse_params
 from cnnpipe.search.space import expand as expand_grid
-from cnnpipe.tracking import open_tracker
+from cnnpipe.tracking.runs import open_tracker
 from synthetic import TINY
 from synthetic import tiny_params as make_params
 
@@ -322,7 +322,7 @@ from cnnpipe.params import MlflowParams, parse_params
 from cnnpipe.search.runner import run_search
 from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.search.trial import TrainContext
-from cnnpipe.tracking import open_tracker
+from cnnpipe.tracking.runs import open_tracker
 
 if __name__ == "__main__":
     prepared = Path({prepared!r})

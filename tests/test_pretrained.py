@@ -366,11 +366,11 @@ def test_a_fine_tuned_model_ships_export_and_pyfunc_with_the_weights_normalizati
     import numpy as np
 
     from cnnpipe.models.checkpoint import load_checkpoint, save_checkpoint
-    from cnnpipe.reports.train_files import checkpoint_sidecar
+    from cnnpipe.serving.publish import checkpoint_sidecar
     from cnnpipe.search.selection import RunRecord
     from cnnpipe.serving.export import export_checkpoint
     from cnnpipe.serving.mlflow_model import save_pyfunc
-    from cnnpipe.tracking import NullTracker
+    from cnnpipe.tracking.runs import NullTracker
 
     # resnet18: its ONNX export traces several times faster than mobilenet_v3_small's
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))

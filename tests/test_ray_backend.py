@@ -21,7 +21,7 @@ from cnnpipe.search.runner import run_search  # noqa: E402
 from cnnpipe.engine import TrainData  # noqa: E402
 from cnnpipe.params import MlflowParams  # noqa: E402
 from cnnpipe.search.space import expand as expand_grid  # noqa: E402
-from cnnpipe.tracking import open_tracker  # noqa: E402
+from cnnpipe.tracking.runs import open_tracker  # noqa: E402
 from synthetic import tiny_params  # noqa: E402
 
 pytestmark = pytest.mark.slow

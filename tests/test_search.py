@@ -25,7 +25,7 @@ from cnnpipe.store.states import RunStateStore
 from cnnpipe.search.selection import RunRecord, best_epoch_until, rung_score, select_best
 from cnnpipe.search.strategies import Exhaustive, halving, promote
 from cnnpipe.search.trial import TrainContext, run_one
-from cnnpipe.tracking import open_tracker
+from cnnpipe.tracking.runs import open_tracker
 from synthetic import tiny_params
 
 QUIET = {"progress": False}

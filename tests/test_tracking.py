@@ -22,16 +22,10 @@ import pytest
 
 from cnnpipe.util.errors import TrackingError
 from cnnpipe.params import MlflowParams
-from cnnpipe.tracking import (
-    NullTracker,
-    check_reachable,
-    log_evaluation,
-    open_tracker,
-    parent_run_name,
-    preflight,
-    resolve_store,
-    resolve_target,
-)
+from cnnpipe.tracking.runs import NullTracker, open_tracker, parent_run_name
+from cnnpipe.serving.registry import register_checkpoint
+from cnnpipe.tracking.stages import log_evaluation
+from cnnpipe.tracking.store import check_reachable, preflight, resolve_store, resolve_target
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,11 +126,12 @@ def test_disabled_tracking_never_imports_mlflow(tmp_path):
     code = (
         "import sys\n"
         "from cnnpipe.params import MlflowParams\n"
-        "from cnnpipe import tracking\n"
+        "from cnnpipe.tracking import calls, runs, stages, store\n"
         "from cnnpipe.reports import train_files, layer_histograms\n"
+        "from cnnpipe.serving import publish, registry\n"
         "from cnnpipe.search import runner, log, trial\n"
-        "t = tracking.open_tracker(MlflowParams(enabled=False))\n"
-        "assert type(t) is tracking.NullTracker and tracking.preflight(MlflowParams(enabled=False)) is None\n"
+        "t = runs.open_tracker(MlflowParams(enabled=False))\n"
+        "assert type(t) is runs.NullTracker and store.preflight(MlflowParams(enabled=False)) is None\n"
         "print('mlflow' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
@@ -149,7 +144,7 @@ def test_null_tracker_is_a_no_op():
     assert tracker.start_child("x", params={}, tags={}) is None
     with tracker.running():
         tracker.log_epoch(None, 1, {"val_loss": 1.0})
-    assert tracker.log_model(None, Path(".")) is None
+    assert register_checkpoint(tracker, None, Path(".")) is None
 
 
 # --------------------------------------------------------------------------- runs
@@ -262,9 +257,9 @@ def test_model_is_a_pyfunc_from_code_registered_once_per_weights(store, tmp_path
     first_ckpt, other_ckpt = tiny_checkpoint(tmp_path / "a", seed=1), tiny_checkpoint(tmp_path / "b", seed=2)
     with tracker.running():
         child = tracker.start_child("only", params={}, tags={})
-        first = tracker.log_model(child, first_ckpt, tags={"run_id": "abc"})
-        again = tracker.log_model(child, first_ckpt)  # byte-identical weights: no new version
-        other = tracker.log_model(child, other_ckpt)
+        first = register_checkpoint(tracker, child, first_ckpt, tags={"run_id": "abc"})
+        again = register_checkpoint(tracker, child, first_ckpt)  # byte-identical weights: no new version
+        other = register_checkpoint(tracker, child, other_ckpt)
         tracker.end_child(child, status="FINISHED")
     assert (first, again, other) == ("tiny-classifier/1", "tiny-classifier/1", "tiny-classifier/2")
     version = client.get_model_version("tiny-classifier", "1")
@@ -290,16 +285,16 @@ def test_queued_experiments_do_not_move_the_champion(store, tmp_path, monkeypatc
     tracker = open_tracker(settings(store, "queued", registered_model="queued-classifier"))
     with tracker.running():
         child = tracker.start_child("only", params={}, tags={})
-        assert tracker.log_model(child, tiny_checkpoint(tmp_path / "a", seed=3)) == "queued-classifier/1"
+        assert register_checkpoint(tracker, child, tiny_checkpoint(tmp_path / "a", seed=3)) == "queued-classifier/1"
         monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # the stage now runs in a temp copy below the repo
         monkeypatch.chdir(tmp_path / "a")
-        assert tracker.log_model(child, tiny_checkpoint(tmp_path / "b", seed=4)) == "queued-classifier/2"
+        assert register_checkpoint(tracker, child, tiny_checkpoint(tmp_path / "b", seed=4)) == "queued-classifier/2"
         tracker.end_child(child, status="FINISHED")
     assert client.get_registered_model("queued-classifier").aliases == {"champion": 1}
 
 
 def test_experiment_opens_as_model_training_in_the_ui(store):
-    from cnnpipe.tracking import EXPERIMENT_KIND
+    from cnnpipe.tracking.store import EXPERIMENT_KIND
 
     client = client_for(store)
     tracker = open_tracker(settings(store, "kind"))
@@ -316,7 +311,7 @@ def test_experiment_opens_as_model_training_in_the_ui(store):
 
 
 def test_ui_url_opens_the_experiment_in_the_model_training_view(store):
-    from cnnpipe.tracking import ui_url
+    from cnnpipe.tracking.store import ui_url
 
     tracker = open_tracker(settings(store, "ui-url"))
     tracker.end_parent()

@@ -262,7 +262,7 @@ def ui_command(tracking_uri: str, artifact_root: str | None, host: str, port: in
 
 def _ui(args: argparse.Namespace) -> int:
     from cnnpipe.params import load_params
-    from cnnpipe.tracking import resolve_store, ui_url
+    from cnnpipe.tracking.store import resolve_store, ui_url
 
     params = load_params(args.params)
     store = resolve_store(params.mlflow)

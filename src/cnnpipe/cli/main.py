@@ -98,7 +98,7 @@ def _show_registered(uri: str, params: "Params") -> int:
     """``show-model models:/NAME@ALIAS``: the registered version, its links, and its layers."""
     from cnnpipe.models.spec import normalize_layers, summary_text
     from cnnpipe.serving.registry import describe_version
-    from cnnpipe.tracking import _make_client, resolve_store
+    from cnnpipe.tracking.store import make_client as _make_client, resolve_store
 
     store = resolve_store(params.mlflow)
     header, sidecar = describe_version(_make_client(store.uri), uri, store.uri)
@@ -138,7 +138,7 @@ def _export(args: argparse.Namespace) -> int:
         folder = Path(args.model)
         if args.model.startswith("models:/"):
             from cnnpipe.serving.registry import download_checkpoint
-            from cnnpipe.tracking import _make_client, resolve_store
+            from cnnpipe.tracking.store import make_client as _make_client, resolve_store
 
             store = resolve_store(load_params(args.params).mlflow)
             folder = download_checkpoint(_make_client(store.uri), args.model, store.uri, tmp)

@@ -5,7 +5,8 @@ Two jobs share the format knowledge here:
 * ``inspect_raw`` streams a downloaded file once to get its archive MD5, the
   SHA-256 of its decompressed content and a format check, so a truncated file
   or an HTML error page is refused even when no checksum is known;
-* ``read_idx`` / ``read_cifar_archive`` decode files for the prepare stage.
+* ``load_idx`` / ``read_cifar_archive`` decode files for the prepare stage
+  (``load_idx`` also returns the content digest that ``stats.json`` records).
 
 CIFAR-10 batches are Python pickles. They are loaded with a restricted
 unpickler that can rebuild numpy arrays and nothing else: a tampered batch that
@@ -152,7 +153,7 @@ def parse_idx(data: bytes | bytearray | memoryview, where: str = "IDX data") -> 
 
 
 def load_idx(path: str | os.PathLike[str]) -> tuple[np.ndarray, str]:
-    """``read_idx`` plus the SHA-256 of the uncompressed IDX bytes (the content digest)."""
+    """An IDX file (gzipped or raw) as an array of its header's shape and type, and the SHA-256 of the IDX bytes."""
     source = Path(path)
     try:
         head = _head(source)
@@ -168,11 +169,6 @@ def load_idx(path: str | os.PathLike[str]) -> tuple[np.ndarray, str]:
         raise DataError(f"{source}: {_gzip_reason(err, head).reason}; delete it and re-run the download stage") from None
     array = parse_idx(data, str(source))
     return array, hashlib.sha256(data).hexdigest()
-
-
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file (gzipped or raw) into an array of its header's shape and type."""
-    return load_idx(path)[0]
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

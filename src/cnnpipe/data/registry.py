@@ -196,10 +196,6 @@ def folder_spec(image_size: tuple[int, int] | list[int], channels: int, classes:
     return replace(DATASETS[FOLDER], image_shape=(int(channels), height, width), classes=tuple(classes))
 
 
-def dataset_names() -> list[str]:
-    return list(DATASETS)
-
-
 def get_dataset(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]

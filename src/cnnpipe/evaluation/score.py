@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnpipe.util.errors import CheckpointError
-from cnnpipe.util.files import atomic_path, atomic_write_json
+from cnnpipe.util.files import atomic_write_json
+from cnnpipe.util.tables import write_csv
 
 if TYPE_CHECKING:
     import torch
@@ -305,15 +306,6 @@ def evaluate_checkpoint(
     )
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> Path:
-    import pandas as pd
-
-    frame = pd.DataFrame(rows, columns=list(columns))
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6g")
-    return path
-
-
 def write_reports(evaluation: Evaluation, reports_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write metrics.json, per_class.csv, confusion.csv and mistakes.csv atomically."""
     out = Path(reports_dir)
@@ -326,18 +318,18 @@ def write_reports(evaluation: Evaluation, reports_dir: str | os.PathLike[str]) -
         MISTAKES_FILE: out / MISTAKES_FILE,
     }
     atomic_write_json(paths[METRICS_FILE], evaluation.metrics)
-    _write_csv(paths[PER_CLASS_FILE], evaluation.per_class_rows(), PER_CLASS_COLUMNS)
+    write_csv(paths[PER_CLASS_FILE], evaluation.per_class_rows(), columns=PER_CLASS_COLUMNS, float_format="%.6g")
     confusion_rows = [
         {"actual": names[a], "predicted": names[p]}
         for a, p in zip(evaluation.test_labels.tolist(), evaluation.test_predicted.tolist())
     ]
-    _write_csv(paths[CONFUSION_FILE], confusion_rows, ("actual", "predicted"))
+    write_csv(paths[CONFUSION_FILE], confusion_rows, columns=("actual", "predicted"), float_format="%.6g")
     m = evaluation.mistakes
     mistake_rows = [
         {"index": i, "actual": names[a], "predicted": names[p], "confidence": c}
         for i, a, p, c in zip(m.index.tolist(), m.actual.tolist(), m.predicted.tolist(), m.confidence.tolist())
     ]
-    _write_csv(paths[MISTAKES_FILE], mistake_rows, MISTAKES_COLUMNS)
+    write_csv(paths[MISTAKES_FILE], mistake_rows, columns=MISTAKES_COLUMNS, float_format="%.6g")
     return paths
 
 

@@ -187,10 +187,10 @@ def _locate(arch: str, params: "Params", scratch: Path, progress: bool) -> tuple
         return path, {"weights": tvs.CUSTOM, "source": weights}
     if kind == "registry":
         from cnnpipe.serving.registry import download_checkpoint
-        from cnnpipe.tracking import _make_client, resolve_store
+        from cnnpipe.tracking.store import make_client, resolve_store
 
         store = resolve_store(params.mlflow)
-        folder = download_checkpoint(_make_client(store.uri), weights, store.uri, scratch)
+        folder = download_checkpoint(make_client(store.uri), weights, store.uri, scratch)
         return folder, {"weights": tvs.CUSTOM, "source": weights}
     path = Path(weights)
     if kind == "file" and not path.is_file():

@@ -114,3 +114,12 @@ def histogram_figure(layers: list[LayerSnapshot], title: str = "") -> "Figure":
                 ax.set_title(f"layer {module} {kind}  (L2 norm {hist.norm:.3g}{extra})", fontsize=8)
                 ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
     return fig
+
+
+def histogram_png(layers: "list[LayerSnapshot]", title: str) -> bytes:
+    """``histogram_figure`` rendered to PNG bytes (what the run cache keeps and MLflow shows)."""
+    import io
+
+    buffer = io.BytesIO()
+    histogram_figure(layers, title).savefig(buffer, format="png")
+    return buffer.getvalue()

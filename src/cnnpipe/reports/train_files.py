@@ -1,4 +1,6 @@
-"""The train stage's report files, built from the grid's records with pandas.
+"""The train stage's report files (grid.csv, grid.json, history.csv, curves.csv, train.json) and its table.
+
+Built from the grid's records with pandas.
 
 Column lists are module constants: they are the contract with the evaluate
 and plots stages and with ``dvc plots`` (``reports/curves.csv``), and the
@@ -11,19 +13,17 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.util.files import atomic_dir, atomic_path, atomic_write_json
+from cnnpipe.util.files import atomic_write_json
+from cnnpipe.util.tables import write_csv
 from cnnpipe.params import TRAINING_KEYS
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from cnnpipe.engine import TrainData
     from cnnpipe.search.selection import RunRecord
-    from cnnpipe.tracking import NullTracker
 
 METRIC_KEYS = ("val_loss", "val_top1", "val_top5")
 EPOCH_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds", "images_per_s")
@@ -37,7 +37,6 @@ TRAIN_JSON_KEYS = (
     "runs_total", "runs_failed", "mlflow_parent_run_id", "mlflow_run_id", "mlflow_experiment_id",
 )
 REPORT_FILES = ("grid.csv", "grid.json", "history.csv", "curves.csv", "train.json")
-SUMMARY_FILE = "summary.txt"  # the model summary, beside the checkpoint in models/best/
 
 
 def clean(value: Any) -> Any:
@@ -111,11 +110,6 @@ def train_summary(best: "RunRecord", records: Sequence["RunRecord"], *, select_b
     return {key: clean(summary[key]) for key in TRAIN_JSON_KEYS}
 
 
-def write_csv(path: str | os.PathLike[str], frame: "pd.DataFrame") -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
-
 def frame_records(frame: "pd.DataFrame") -> list[dict[str, Any]]:
     """Rows as JSON-safe dicts (NaN and pandas NA -> None)."""
     import pandas as pd
@@ -165,98 +159,3 @@ def summary_table(records: Sequence["RunRecord"], best: "RunRecord", select_by: 
         lines.append(f"{mark:1} {name:<36} {status:<9} {epoch:>5} {loss:>9} {top1:>9} {r.seconds:>8.1f}")
     lines.append(f"* selected by {select_by}: {best.cfg.name} (run {best.cfg.run_id})")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- models/best
-
-
-@dataclass(frozen=True)
-class Published:
-    best_dir: Path
-    reports: dict[str, Path]
-    model_version: str | None  # "<registered model>/<version>" when registered
-
-    def describe(self) -> str:
-        where = f"; registered as {self.model_version}" if self.model_version else ""
-        return f"wrote {self.best_dir}/ and {', '.join(str(p) for p in self.reports.values())}{where}"
-
-
-def checkpoint_sidecar(best: "RunRecord", data: "TrainData", tracker: "NullTracker") -> dict[str, Any]:
-    """What ``models/best/model.json`` records beyond the weights: enough to rebuild and trace the model."""
-    from cnnpipe.models.torchvision_spec import run_normalization
-
-    result = best.result
-    mean, std = run_normalization(best.cfg.layers, data.mean, data.std)  # a pretrained net's own normalization
-    return {
-        "model": best.cfg.values.model,
-        "layers": list(best.cfg.layers),
-        "in_shape": list(data.image_shape),
-        "num_classes": data.num_classes,
-        "classes": list(data.classes),
-        "dataset": data.dataset or best.cfg.dataset,
-        "data_fingerprint": data.fingerprint,
-        "mean": mean,
-        "std": std,
-        "params": best.cfg.flat(),
-        "run_id": best.cfg.run_id,
-        "run_name": best.cfg.name,
-        "best_epoch": result.best_epoch,
-        "metrics": {key: clean(getattr(result.best, key)) for key in METRIC_KEYS},
-        "mlflow_run_id": best.mlflow_run_id,
-        "mlflow_parent_run_id": tracker.parent_run_id,
-        "mlflow_experiment_id": tracker.experiment_id,
-    }
-
-
-def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData", tracker: "NullTracker", *,
-            select_by: str, best_dir: str | os.PathLike[str], reports_dir: str | os.PathLike[str],
-            prepared_dir: str | os.PathLike[str] | None = None) -> Published:
-    """Write the selected checkpoint and the reports, and close the loop in MLflow.
-
-    ``models/best`` is assembled in a temp folder and swapped in whole
-    (``fsutil.atomic_dir``): a failure or a kill before the swap leaves the
-    previous ``models/best`` exactly as it was, and at no instant is it missing.
-    """
-    from cnnpipe.models.checkpoint import save_checkpoint
-    from cnnpipe.models.build import model_summary
-    from cnnpipe.serving.registry import version_tags
-
-    best_dir = Path(best_dir)
-    summary = model_summary(best.cfg.values.model, best.cfg.layers, data.image_shape, data.num_classes)
-    # Order: the checkpoint lands first (swapped in whole), then the reports that
-    # describe it, then the MLflow model version: a reader never sees a report or
-    # a registered version that points at weights not yet in models/best.
-    with atomic_dir(best_dir) as staging:
-        save_checkpoint(staging, best.result.model, checkpoint_sidecar(best, data, tracker))
-        (staging / SUMMARY_FILE).write_text(summary + "\n", encoding="utf-8")
-    paths = write_reports(reports_dir, records, best, select_by=select_by,
-                          mlflow_parent_run_id=tracker.parent_run_id, mlflow_experiment_id=tracker.experiment_id)
-    version = tracker.log_model(
-        best.mlflow_run_id, best_dir,
-        description=f"{best.cfg.name} (run {best.cfg.run_id}), best {select_by} at epoch {best.result.best_epoch}",
-        tags={"run_id": best.cfg.run_id, "dataset": data.dataset, "data_fingerprint": data.fingerprint,
-              **version_tags(best.cfg.flat(), {key: getattr(best.result.best, key) for key in METRIC_KEYS})},
-        prepared_dir=Path(prepared_dir) if prepared_dir else None,
-    )
-    if tracker.enabled:
-        log_parent_summary(tracker, records, best, version, paths)
-    return Published(best_dir, paths, version)
-
-
-def log_parent_summary(tracker: "NullTracker", records: Sequence["RunRecord"], best: "RunRecord",
-                       version: str | None, paths: dict[str, Path]) -> None:
-    """Best child's params and metrics on the parent (``best_`` prefix), its ids, and the grid table."""
-    result = best.result
-    metrics = {f"best_{key}": getattr(result.best, key) for key in METRIC_KEYS}
-    metrics.update({"best_epoch": float(result.best_epoch or 0), "runs_total": float(len(records)),
-                    "runs_failed": float(sum(1 for rec in records if not rec.ok))})
-    tags = {"best_run_id": best.cfg.run_id, "best_run_name": best.cfg.name, "best_mlflow_run_id": best.mlflow_run_id or ""}
-    if version:
-        tags["registered_model_version"] = version
-    tracker.log_parent(
-        params={f"best_{key}": value for key, value in best.cfg.flat().items()},
-        metrics=metrics,
-        tags=tags,
-        files=[paths["grid.csv"], paths["train.json"]],
-        table=grid_frame(records),
-    )

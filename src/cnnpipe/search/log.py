@@ -1,5 +1,9 @@
 """The parent's side of every trial: the ONLY writer to MLflow, the run cache and the state notes.
 
+What each run records is ``search.payloads``; how a finished run is stored
+and read back is ``store.runs``; the figures are ``reports``; this module
+only orders the writes.
+
 Events from ``search.trial`` (possibly from other processes or Ray) arrive
 here in the parent's thread: a trial starting opens (or, after a kill,
 reopens) its MLflow child run, each epoch is logged as it arrives, and a
@@ -19,20 +23,19 @@ between rungs; a pruned one ends FINISHED with ``cnnpipe.pruned`` tags.
 from __future__ import annotations
 
 import contextlib
-import io
-import os
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnpipe.compute.executors import Event
-from cnnpipe.params import Params, RunConfig
+from cnnpipe.params import RunConfig
 from cnnpipe.search.progress import SearchProgress, run_line
-from cnnpipe.search.selection import RunRecord, failure_reason, one_line
-from cnnpipe.search.trial import RunOutcome, TrainContext, rebuild_model
-from cnnpipe.tracking import NullTracker
+from cnnpipe.search.selection import RunRecord, failure_reason
+from cnnpipe.util.text import one_line
+from cnnpipe.search.payloads import child_params, child_tags, epoch_metrics, final_metrics
+from cnnpipe.search.trial import RunOutcome, TrainContext
+from cnnpipe.tracking.runs import NullTracker
 from cnnpipe.util.errors import debug_enabled
 
 if TYPE_CHECKING:
@@ -42,114 +45,6 @@ if TYPE_CHECKING:
     from cnnpipe.store.states import RunStateStore
 
 TRACEBACK_FILE = "traceback.txt"
-
-
-def child_params(cfg: RunConfig, data: "TrainData") -> dict[str, Any]:
-    from cnnpipe.engine.finetune import tracking_fields
-
-    pretrained, _ = tracking_fields(cfg, data.image_shape, data.num_classes)  # torchvision: weights, counts
-    return {**cfg.flat(), "dataset": cfg.dataset or data.dataset, **pretrained}
-
-
-def child_tags(cfg: RunConfig, data: "TrainData", device: str) -> dict[str, str]:
-    from cnnpipe.engine.finetune import tracking_fields
-
-    return {
-        "cnnpipe.run_id": cfg.run_id,
-        "dataset": cfg.dataset or data.dataset,
-        "data_fingerprint": data.fingerprint,
-        "device": device,
-        **tracking_fields(cfg, data.image_shape, data.num_classes)[1],  # torchvision: weights' source, SHA-256
-    }
-
-
-def epoch_metrics(record: "EpochRecord", layer_stats: bool) -> dict[str, float]:
-    metrics = {key: value for key, value in record.metrics().items() if key != "epoch"}
-    if layer_stats:
-        metrics.update(record.layer_stats)
-    return metrics
-
-
-def final_metrics(result: "RunResult") -> dict[str, float]:
-    out: dict[str, float] = {"epochs_run": float(result.epochs_run), "run_seconds": float(result.seconds),
-                             "run_images_per_s": float(result.images_per_s)}
-    if result.best is not None:
-        out.update({"best_epoch": float(result.best_epoch or 0), "best_val_loss": result.best.val_loss,
-                    "best_val_top1": result.best.val_top1, "best_val_top5": result.best.val_top5})
-    return out
-
-
-def search_definition(params: Params) -> dict[str, Any]:
-    """The parent run's params: every training key (a list for grid axes), the strategy and selection rule."""
-    out: dict[str, Any] = {}
-    for key, values in params.training.items():
-        out[key] = list(values) if len(values) > 1 else values[0]
-    out.update({key: str(spec) for key, spec in params.ranges.items()})
-    grid = params.grid
-    out.update({"dataset": params.data.dataset, "select_by": params.select_by, "device": params.device,
-                "grid_size": params.grid_size, "grid_axes": ",".join(params.axes) or "none",
-                "strategy": grid.strategy})
-    if grid.strategy == "halving":
-        out.update({"eta": grid.eta, "min_epochs": grid.min_epochs})
-    if params.ranges:
-        out.update({"samples": grid.samples, "search_seed": grid.search_seed})
-    return out
-
-
-def parent_tags(params: Params, data: "TrainData", device: str) -> dict[str, str]:
-    return {
-        "dataset": params.data.dataset,
-        "data_fingerprint": data.fingerprint,
-        "device": device,
-        "select_by": params.select_by,
-        "grid_axes": ",".join(params.axes) or "none",
-        "cnnpipe.strategy": params.grid.strategy,
-    }
-
-
-def cache_entry(rec: RunRecord, tracker: NullTracker) -> dict[str, Any]:
-    """What the cache keeps of a finished run besides its weights (plain JSON)."""
-    r = rec.result
-    return {
-        "run_id": rec.cfg.run_id,
-        "run_name": rec.cfg.name,
-        "params": rec.cfg.flat(),
-        "status": r.status,
-        "stop_reason": r.stop_reason,
-        "best_epoch": r.best_epoch,
-        "epochs_run": r.epochs_run,
-        "seconds": r.seconds,
-        "images_per_s": r.images_per_s,
-        "device": r.device,
-        "history": [epoch.to_dict() for epoch in r.history],
-        "mlflow_run_id": rec.mlflow_run_id,
-        "mlflow_experiment_id": tracker.experiment_id,
-        "tracking_uri": tracker.uri,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-def result_from_cache(hit: "CachedRun", cfg: RunConfig, data: "TrainData", device: str) -> "RunResult | None":
-    """The cached run as a ``RunResult`` with its model rebuilt; None if the entry does not fit."""
-    from cnnpipe.engine import EpochRecord, RunResult
-
-    try:
-        raw = hit.record
-        history = [EpochRecord.from_dict(epoch) for epoch in raw["history"]]
-        best_epoch = raw["best_epoch"]
-        best = next(epoch for epoch in history if epoch.epoch == best_epoch)
-        model = rebuild_model(cfg, data, hit.state_dict)
-        return RunResult(run_id=cfg.run_id, status=raw["status"], stop_reason=raw["stop_reason"], best_epoch=best_epoch,
-                         best=best, history=history, epochs_run=int(raw["epochs_run"]), seconds=float(raw["seconds"]),
-                         images_per_s=float(raw["images_per_s"]), model=model, device=str(raw.get("device", device)))
-    except (KeyError, TypeError, ValueError, StopIteration, RuntimeError):
-        return None
-
-
-def _png_bytes(figure: Any) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
 
 
 def _quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -286,17 +181,16 @@ class SearchLog:
         """End the trial's child run; cache a finished run and drop its state."""
         histograms = None
         if outcome is not None and outcome.layers:
-            from cnnpipe.reports.layer_histograms import histogram_figure
+            from cnnpipe.reports.layer_histograms import histogram_png
 
-            figure = histogram_figure(outcome.layers, f"{rec.cfg.name}: weights and gradients after epoch {outcome.layers_epoch}")
-            histograms = _png_bytes(figure)
+            histograms = histogram_png(outcome.layers, f"{rec.cfg.name}: weights and gradients after epoch {outcome.layers_epoch}")
         self._end_child(rec, histograms)
         complete = rec.ok and rec.result.status in ("finished", "diverged") and not rec.pruned
         if self.cache is not None and complete and rec.result.model is not None and not rec.cached:
-            from cnnpipe.store.runs import HISTOGRAMS
+            from cnnpipe.store.runs import HISTOGRAMS, entry_record
 
             try:
-                self.cache.store(rec.cfg, cache_entry(rec, self.tracker), rec.result.model.state_dict(),
+                self.cache.store(rec.cfg, entry_record(rec, self.tracker), rec.result.model.state_dict(),
                                  fingerprint=self.data.fingerprint, device=self.ctx.device,
                                  files={HISTOGRAMS: histograms} if histograms else None)
             except OSError as err:  # a full disk costs the next grid a retrain, not this grid its result
@@ -317,7 +211,9 @@ class SearchLog:
         hit = self.cache.lookup(cfg, fingerprint=self.data.fingerprint, device=self.ctx.device)
         if hit is None:
             return None
-        result = result_from_cache(hit, cfg, self.data, self.ctx.device)
+        from cnnpipe.store.runs import cached_result
+
+        result = cached_result(hit, cfg, self.data, self.ctx.device)
         if result is None:
             self.say(f"cache: entry {hit.key} for {cfg.name} is unusable; retraining it")
             return None

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from cnnpipe.params import RunConfig
 from cnnpipe.util.env import progress_bars as bars_wanted
-from cnnpipe.search.selection import RunRecord, failure_reason, one_line
+from cnnpipe.search.selection import RunRecord, failure_reason
+from cnnpipe.util.text import one_line
 
 if TYPE_CHECKING:
     from cnnpipe.engine.records import EpochRecord

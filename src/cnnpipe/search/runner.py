@@ -24,10 +24,11 @@ from cnnpipe.compute.executors import Executor, SequentialExecutor
 from cnnpipe.params import Params, RunConfig
 from cnnpipe.search.log import SearchLog
 from cnnpipe.search.progress import SearchProgress, bars_wanted
-from cnnpipe.search.selection import RunRecord, one_line
+from cnnpipe.search.selection import RunRecord
+from cnnpipe.util.text import one_line
 from cnnpipe.search.strategies import Exhaustive, SuccessiveHalving, promote
 from cnnpipe.search.trial import RunError, TrainContext, run_one
-from cnnpipe.tracking import NullTracker
+from cnnpipe.tracking.runs import NullTracker
 
 if TYPE_CHECKING:
     from cnnpipe.engine import TrainData

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from cnnpipe.util.errors import CnnpipeError
 from cnnpipe.params import RunConfig
+from cnnpipe.util.text import one_line
 
 if TYPE_CHECKING:
     from cnnpipe.engine import RunResult
@@ -24,11 +25,6 @@ SELECT_BY = ("val_loss", "val_top1")
 
 class GridFailed(CnnpipeError):
     """Every run of the grid failed, so there is no model to select."""
-
-
-def one_line(text: str, limit: int = 400) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 @dataclass

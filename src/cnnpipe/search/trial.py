@@ -22,8 +22,9 @@ from cnnpipe.util import errors as _errors
 from cnnpipe.util.errors import CheckpointError, CnnpipeError, DataError
 from cnnpipe.compute.executors import Emit
 from cnnpipe.params import RunConfig
-from cnnpipe.search.selection import RunRecord, one_line
-from cnnpipe.tracking import NullTracker
+from cnnpipe.search.selection import RunRecord
+from cnnpipe.util.text import one_line
+from cnnpipe.tracking.runs import NullTracker
 
 if TYPE_CHECKING:
     from torch import nn

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -42,7 +43,10 @@ from cnnpipe.util.paths import project_root
 if TYPE_CHECKING:
     import torch
 
+    from cnnpipe.engine import RunResult, TrainData
     from cnnpipe.params import GridParams, RunConfig
+    from cnnpipe.search.selection import RunRecord
+    from cnnpipe.tracking.runs import NullTracker
 
 CACHE_DIRNAME = ".cnnpipe-cache"
 # What trains a run: a trial (search.trial.run_one) and everything it may import.
@@ -121,6 +125,49 @@ class RunCache:
             body = {**record, "cache_format": FORMAT, "cache_key": key}
             (tmp / "result.json").write_text(json.dumps(body, indent=2, default=str) + "\n", encoding="utf-8")
         return entry
+
+
+# --------------------------------------------------------------------------- what an entry holds
+
+
+def entry_record(rec: "RunRecord", tracker: "NullTracker") -> dict[str, Any]:
+    """What the cache keeps of a finished run besides its weights (plain JSON)."""
+    r = rec.result
+    return {
+        "run_id": rec.cfg.run_id,
+        "run_name": rec.cfg.name,
+        "params": rec.cfg.flat(),
+        "status": r.status,
+        "stop_reason": r.stop_reason,
+        "best_epoch": r.best_epoch,
+        "epochs_run": r.epochs_run,
+        "seconds": r.seconds,
+        "images_per_s": r.images_per_s,
+        "device": r.device,
+        "history": [epoch.to_dict() for epoch in r.history],
+        "mlflow_run_id": rec.mlflow_run_id,
+        "mlflow_experiment_id": tracker.experiment_id,
+        "tracking_uri": tracker.uri,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def cached_result(hit: CachedRun, cfg: "RunConfig", data: "TrainData", device: str) -> "RunResult | None":
+    """The cached run as a ``RunResult`` with its model rebuilt; None if the entry does not fit."""
+    from cnnpipe.engine import EpochRecord, RunResult
+    from cnnpipe.search.trial import rebuild_model
+
+    try:
+        raw = hit.record
+        history = [EpochRecord.from_dict(epoch) for epoch in raw["history"]]
+        best_epoch = raw["best_epoch"]
+        best = next(epoch for epoch in history if epoch.epoch == best_epoch)
+        model = rebuild_model(cfg, data, hit.state_dict)
+        return RunResult(run_id=cfg.run_id, status=raw["status"], stop_reason=raw["stop_reason"], best_epoch=best_epoch,
+                         best=best, history=history, epochs_run=int(raw["epochs_run"]), seconds=float(raw["seconds"]),
+                         images_per_s=float(raw["images_per_s"]), model=model, device=str(raw.get("device", device)))
+    except (KeyError, TypeError, ValueError, StopIteration, RuntimeError):
+        return None
 
 
 @dataclass
