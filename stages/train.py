@@ -1,6 +1,6 @@
 """DVC stage ``train``: train the hyperparameter grid, keep the best run.
 
-Reads ``params.yaml`` and ``data/prepared/``; writes ``models/best/`` (the
+Reads ``params.yaml``, ``data/prepared/`` and ``data/weights/`` (pretrained torchvision weights); writes ``models/best/`` (the
 selected run's checkpoint) and ``reports/{grid,history,curves}.csv``,
 ``reports/grid.json``, ``reports/train.json``. Every run is tracked in MLflow
 (one parent run, one child per grid point) unless ``mlflow.enabled: false``.
@@ -21,6 +21,7 @@ from pathlib import Path
 from cnnpipe.util.errors import run_entry_point
 
 PREPARED = Path("data/prepared")
+WEIGHTS = Path("data/weights")  # the weights stage's output: pretrained torchvision weights, pinned
 BEST_DIR = Path("models/best")
 REPORTS = Path("reports")
 SAMPLES = REPORTS / "samples.png"
@@ -51,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     from cnnpipe.search.trial import TrainContext
 
     params = load_params()
-    configs = space.expand(params)
+    configs = space.expand(params, weights_dir=WEIGHTS)  # pins pretrained weights by SHA-256 (never downloads)
     target = tracking_store.preflight(params.mlflow)  # one-line TrackingError before any training
 
     from cnnpipe.compute.device import describe, resolve_device

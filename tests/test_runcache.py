@@ -133,7 +133,8 @@ def test_every_training_field_changes_the_cache_key_and_the_run_id():
 
 
 def test_every_run_config_field_but_axes_changes_the_cache_key_and_the_run_id():
-    """``layers`` and ``dataset`` decide what is trained; ``axes`` only names the run."""
+    """``layers`` and ``dataset`` decide what is trained; ``axes`` only names the run, ``weights_dir`` only
+    says where the pinned weights (whose SHA-256 is in ``layers``) are read from."""
     from cnnpipe.params import RunConfig
 
     cfg = config()
@@ -143,12 +144,14 @@ def test_every_run_config_field_but_axes_changes_the_cache_key_and_the_run_id():
         "layers": (*cfg.layers, {"dropout": 0.1}),
         "dataset": cfg.dataset + "-other",
         "axes": ("lr", "seed"),
+        "weights_dir": "elsewhere/weights",
     }
     assert set(changes) == set(RunConfig.model_fields)  # a new RunConfig field must be added here
     unchanged = [name for name, value in changes.items()
                  if cache_key(cfg.model_copy(update={name: value}), "fp", "cpu", code="c") == base]
-    assert unchanged == ["axes"]
-    assert [name for name, value in changes.items() if cfg.model_copy(update={name: value}).run_id == base_id] == ["axes"]
+    assert unchanged == ["axes", "weights_dir"]
+    assert [name for name, value in changes.items()
+            if cfg.model_copy(update={name: value}).run_id == base_id] == ["axes", "weights_dir"]
 
 
 def test_every_training_field_changes_the_state_key_but_epochs_without_a_schedule():

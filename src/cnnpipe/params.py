@@ -98,6 +98,7 @@ Optimizer = Literal["adam", "adamw", "sgd"]
 Schedule = Literal["none", "cosine", "onecycle"]
 Augment = Literal["auto", "none", "crop", "flip", "crop_flip"]
 Device = Literal["auto", "cpu", "cuda"]
+Finetune = Literal["full", "head", "gradual"]
 
 
 class _Strict(BaseModel):
@@ -130,6 +131,11 @@ class TrainingValues(_Strict):
     augment: Augment = "none"
     seed: NonNegInt = 42
     ema: UnitFloat = 0.0  # weight moving-average decay; 0 = off (cnnpipe.engine.ema)
+    # Fine-tuning a torchvision model (cnnpipe.engine.finetune); inert for cnnpipe layer lists.
+    finetune: Finetune = "full"  # full | head (linear probe on a frozen body) | gradual (head, then all)
+    freeze_epochs: NonNegInt = 1  # gradual: epochs that train the head only
+    body_lr_mult: PositiveFloat = 0.1  # gradual: the body's learning rate = lr * this, once unfrozen
+    bn_frozen: StrictBool = True  # a frozen body's BatchNorm layers stay in eval mode (statistics kept)
 
 
 TRAINING_KEYS: tuple[str, ...] = tuple(TrainingValues.model_fields)
@@ -441,6 +447,26 @@ class GridParams(_Strict):
         return (*out, epochs)
 
 
+class PretrainedParams(_Strict):
+    """Where a torchvision model's starting weights come from (cnnpipe.models.pretrained_weights)."""
+
+    weights: Annotated[str, Field(min_length=1)] = "IMAGENET1K_V1"  # a torchvision weights name, none, a path/URL, a checkpoint
+    sha256: Annotated[str, AfterValidator(_sha256)] | None = None  # required for a file or URL; checked for all
+
+    @model_validator(mode="after")
+    def _pinned(self) -> "PretrainedParams":
+        from cnnpipe.models.torchvision_spec import source_kind
+
+        kind = source_kind(self.weights)
+        if "://" in self.weights and kind not in ("url", "registry"):
+            raise _bad(f".weights uses unsupported scheme {self.weights.split('://', 1)[0]!r}; use http(s)://, "
+                       "models:/NAME@ALIAS, a file or checkpoint folder, a torchvision weights name or none")
+        if kind in ("url", "file") and self.sha256 is None:
+            raise _bad(f".weights {json.dumps(self.weights)} is a file or URL: pin it with pretrained.sha256 "
+                       "(sha256sum FILE) so the run cannot silently start from other weights")
+        return self
+
+
 # ----------------------------------------------------------------- the file
 
 
@@ -449,7 +475,7 @@ def _section_or_empty(raw: dict[str, Any]) -> dict[str, Any]:
     return {key: ({} if value is None and key in _MAPPINGS else value) for key, value in raw.items()}
 
 
-_MAPPINGS = ("data", "eval", "mlflow", "grid", "models")
+_MAPPINGS = ("data", "eval", "mlflow", "grid", "models", "pretrained")
 
 
 class Params(_Strict):
@@ -473,6 +499,10 @@ class Params(_Strict):
     augment: Axis[Augment] = "none"
     seed: Axis[NonNegInt] = 42
     ema: Axis[UnitFloat] = 0.0
+    finetune: Axis[Finetune] = "full"
+    freeze_epochs: Axis[NonNegInt] = 1
+    body_lr_mult: Axis[PositiveFloat] = 0.1
+    bn_frozen: Axis[StrictBool] = True
     # Not axes.
     select_by: Metric = "val_loss"
     device: Device = "auto"
@@ -481,6 +511,7 @@ class Params(_Strict):
     eval: EvalParams = Field(default_factory=EvalParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
     grid: GridParams = Field(default_factory=GridParams)
+    pretrained: PretrainedParams = Field(default_factory=PretrainedParams)
 
     # ------------------------------------------------------------- views
 
@@ -522,8 +553,14 @@ class Params(_Strict):
         return " x ".join(parts) or "no grid axes"
 
     def layers_for(self, model_name: str) -> tuple[Any, ...]:
+        """The layer spec of a model name; a ``torchvision:`` name gives its (unpinned) mapping."""
         if model_name in self.models:
             return self.models[model_name]
+        from cnnpipe.models import torchvision_spec
+
+        if torchvision_spec.is_name(model_name):
+            return torchvision_spec.layer_spec(torchvision_spec.arch_of(model_name), self.pretrained.weights,
+                                               self.data.spec().image_shape[0])
         from cnnpipe.models.presets import PRESETS
 
         return tuple(PRESETS[model_name])
@@ -572,13 +609,15 @@ class Params(_Strict):
             if spec.classes and k > spec.num_classes:
                 raise _bad(f"eval.top_k has {k}, more than the {spec.num_classes} classes of {spec.name}; use k <= {spec.num_classes}")
 
+        from cnnpipe.models import torchvision_spec
         from cnnpipe.models.presets import PRESETS
         from cnnpipe.models.spec import check_layers
 
         known = list(self.models) + [name for name in PRESETS if name not in self.models]
         names = _candidates(self.model)
+        self._check_torchvision(names, spec)
         for index, name in enumerate(names):
-            if name not in known:
+            if name not in known and not torchvision_spec.is_name(name):
                 where = "model" if not isinstance(self.model, (list, Choice)) else \
                     f"model[{index}]" if isinstance(self.model, list) else f"model.choice[{index}]"
                 raise _bad(f"{where}: unknown model {name!r}{suggest(name, known)}; "
@@ -591,6 +630,41 @@ class Params(_Strict):
                     check_layers(f"preset {name}", list(PRESETS[name]), spec.image_shape, classes)
         except ParamsError as err:
             raise _bad(err.message) from None
+
+    def _check_torchvision(self, names: list[Any], spec: DatasetSpec) -> None:
+        """torchvision: names exist, fit the image size, and fine-tuning strategies go only where a body is.
+
+        torchvision is imported only when a ``torchvision:`` name is used.
+        """
+        from cnnpipe.models import torchvision_spec as tvs
+
+        torchvision_names = [name for name in names if tvs.is_name(name)]
+        strategies = [s for s in _candidates(self.finetune) if s != "full"]
+        others = [name for name in names if not tvs.is_name(name)]
+        if strategies and others:
+            raise _bad(f"finetune: {strategies[0]} needs a torchvision model, but model {others[0]} is a "
+                       "cnnpipe layer list (nothing to freeze); use finetune: full or drop it from model")
+        if not torchvision_names:
+            return
+        for name in self.models:
+            if tvs.is_name(name):
+                raise _bad(f"models.{name}: names starting with {tvs.PREFIX!r} are torchvision models; rename it")
+        weights = self.pretrained.weights
+        for name in torchvision_names:
+            arch = tvs.arch_of(name)
+            try:
+                tvs.check_arch(arch, f"model {name}")
+                tvs.check_image_size(arch, spec.image_shape, f"model {name}")
+                if tvs.ENUM_NAME.fullmatch(weights) and weights != "none":
+                    tvs.resolve_weights_name(arch, weights)
+            except ValueError as err:
+                raise _bad(str(err)) from None
+        if spec.image_shape[0] not in (1, 3):
+            raise _bad(f"torchvision models take 1- or 3-channel images, {spec.name} has {spec.image_shape[0]}")
+        custom = weights != tvs.NO_WEIGHTS and not tvs.ENUM_NAME.fullmatch(weights)
+        if custom and len(torchvision_names) > 1:
+            raise _bad(f"pretrained.weights {json.dumps(weights)} is one state dict, but model lists "
+                       f"{len(torchvision_names)} torchvision models; list one, or use a torchvision weights name")
 
     def _check_search(self) -> None:
         grid = self.grid
@@ -748,6 +822,9 @@ class RunConfig(_Strict):
     layers: tuple[Any, ...]  # the resolved layer spec of ``values.model`` (plain YAML data)
     axes: tuple[str, ...] = ()  # training keys that vary across the search
     dataset: str = "fashion-mnist"
+    # Where pinned pretrained weights are read from (the weights stage's output); not part of any key:
+    # the layer spec pins the weights by SHA-256, and the engine checks the file against it.
+    weights_dir: str | None = None
 
     @property
     def run_id(self) -> str:

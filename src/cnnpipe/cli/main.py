@@ -54,6 +54,20 @@ def _show_model(args: argparse.Namespace) -> int:
     dataset = get_dataset(args.dataset) if args.dataset else params.data.spec()
     if dataset.is_folder and not dataset.classes:  # your own images: classes are counted by prepare
         dataset = _folder_classes(dataset)
+    from cnnpipe.models import torchvision_spec
+
+    if torchvision_spec.is_name(args.name) and args.name not in params.models:
+        try:
+            torchvision_spec.check_arch(torchvision_spec.arch_of(args.name), "show-model")
+        except ValueError as err:
+            raise ParamsError(str(err), source="") from None
+        from cnnpipe.models.torchvision_nets import model_summary
+
+        arch = torchvision_spec.arch_of(args.name)
+        spec = torchvision_spec.layer_spec(arch, "none", dataset.image_shape[0])[0]
+        print(model_summary(f"{args.name} on {dataset.name} {'x'.join(map(str, dataset.image_shape))}", spec,
+                            dataset.image_shape, dataset.num_classes))
+        return 0
     if args.name in params.models:
         layers, where = list(params.models[args.name]), f"models.{args.name}"
     elif args.name in PRESETS:
@@ -89,10 +103,18 @@ def _show_registered(uri: str, params: "Params") -> int:
     store = resolve_store(params.mlflow)
     header, sidecar = describe_version(_make_client(store.uri), uri, store.uri)
     shape = tuple(int(d) for d in sidecar["in_shape"])
-    infos = normalize_layers(f"{uri} model.json", list(sidecar["layers"]), shape, int(sidecar["num_classes"]))
+    title = f"{sidecar.get('model', '?')} on {sidecar.get('dataset', '?')} {'x'.join(map(str, shape))}"
     print(header)
-    print(summary_text(f"{sidecar.get('model', '?')} on {sidecar.get('dataset', '?')} {'x'.join(map(str, shape))}",
-                       infos, shape))
+    from cnnpipe.models.torchvision_spec import spec_of
+
+    spec = spec_of(sidecar["layers"])
+    if spec is not None:
+        from cnnpipe.models.torchvision_nets import model_summary
+
+        print(model_summary(title, spec, shape, int(sidecar["num_classes"])))
+        return 0
+    infos = normalize_layers(f"{uri} model.json", list(sidecar["layers"]), shape, int(sidecar["num_classes"]))
+    print(summary_text(title, infos, shape))
     return 0
 
 
@@ -142,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("show-model", help="print a model's layers, output shapes and parameter counts")
-    p.add_argument("name", help="a preset, a name under models: in params.yaml, or a registered model "
+    p.add_argument("name", help="a preset, a name under models: in params.yaml, torchvision:NAME, or a registered model "
                                 "(models:/cnnpipe-classifier@champion, models:/cnnpipe-classifier/3)")
     p.add_argument("--dataset", help="input shape and classes of this dataset (default: data.dataset)")
     p.set_defaults(func=_show_model)

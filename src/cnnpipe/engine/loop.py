@@ -42,6 +42,7 @@ from cnnpipe.engine.augment import augment, norm_constants, normalize
 from cnnpipe.engine.data import TrainData, gather, on_device
 from cnnpipe.engine.early_stopping import EarlyStopping
 from cnnpipe.engine.ema import make_ema
+from cnnpipe.engine.finetune import param_groups, set_phase
 from cnnpipe.engine.inference import has_conv, inference_copy
 from cnnpipe.engine.progress import progress_every, progress_line
 from cnnpipe.engine.optim import build_optimizer, build_scheduler, current_lr
@@ -51,6 +52,8 @@ from cnnpipe.util.env import progress_bars
 from cnnpipe.util.errors import CnnpipeError
 from cnnpipe.evaluation.metrics import topk_accuracy
 from cnnpipe.models.build import build_model
+from cnnpipe.models.pretrained_weights import WEIGHTS_DIR
+from cnnpipe.models.torchvision_spec import run_normalization
 from cnnpipe.params import RunConfig, resolve_augment
 
 OnEpoch = Callable[[EpochRecord, nn.Module], None]
@@ -243,6 +246,7 @@ def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: tor
     aug_mode = resolve_augment(v.augment, cfg.dataset)
     start = time.perf_counter()
     model.train()
+    set_phase(model, v, epoch)  # a torchvision body frozen or not in this epoch (engine.finetune)
     n = int(train_y.shape[0])
     if v.shuffle:
         order = torch.randperm(n, generator=generator).to(dev, non_blocking=True)
@@ -373,7 +377,8 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
     v = cfg.values
     started = time.perf_counter()
     torch.manual_seed(v.seed)
-    model = build_model(list(cfg.layers), data.image_shape, data.num_classes, where=f"model {v.model}").to(dev)
+    model = build_model(list(cfg.layers), data.image_shape, data.num_classes, where=f"model {v.model}",
+                        weights_dir=cfg.weights_dir or WEIGHTS_DIR).to(dev)
     channels_last = use_channels_last(model, dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -386,9 +391,10 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         which = "training" if n == 0 else "validation"
         raise CnnpipeError(f"the {which} split is empty, so nothing can be trained or selected; re-run the prepare stage (check data.val_fraction)")
     plan = _batch_plan(n, v.batch_size)
-    scale, shift = norm_constants(data.mean, data.std, dev)
+    mean, std = run_normalization(cfg.layers, data.mean, data.std)  # a pretrained net's own, else the data's
+    scale, shift = norm_constants(mean, std, dev)
 
-    optimizer = build_optimizer(model, v)
+    optimizer = build_optimizer(model, v, param_groups(model, v))
     scheduler = build_scheduler(optimizer, v, v.epochs * len(plan))
     generator = torch.Generator().manual_seed(v.seed)
     stopper = EarlyStopping(v.monitor, v.patience, v.min_delta)
@@ -452,7 +458,7 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
                                      train_seconds, stop_reason, status, ema, diverged_model=True))
             break
         eval_start = time.perf_counter()
-        logits = evaluate_logits(scored, val_x, mean=data.mean, std=data.std, batch_size=max(v.batch_size, 1000), device=dev)
+        logits = evaluate_logits(scored, val_x, mean=mean, std=std, batch_size=max(v.batch_size, 1000), device=dev)
         val_loss, val_top1, val_top5 = _val_metrics(logits, data.val.labels)
         if not math.isfinite(val_loss):
             status = "diverged"

@@ -31,13 +31,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
-def build_optimizer(model: nn.Module, values: TrainingValues) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, values: TrainingValues,
+                    groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
     """adam | adamw | sgd (momentum, nesterov) with ``values.lr`` and ``values.weight_decay``.
 
     Fused kernels (one per step, CPU and CUDA): ~8% less time per step than
     ``foreach`` for the tutorial net on 2 CPU cores (benchmarks/README.md).
+    ``groups`` (default: ``param_groups``) may set a learning rate per group
+    (``engine.finetune``: a torchvision body's lower rate).
     """
-    groups = param_groups(model, values.weight_decay)
+    groups = groups if groups is not None else param_groups(model, values.weight_decay)
     if values.optimizer == "adam":
         return torch.optim.Adam(groups, lr=values.lr, fused=True)
     if values.optimizer == "adamw":
@@ -57,7 +60,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, values: TrainingValues, to
     if values.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
-            max_lr=values.lr,
+            max_lr=[group["lr"] for group in optimizer.param_groups],  # each group's own peak (all lr for presets)
             total_steps=max(2, total_steps),
             pct_start=ONECYCLE_PCT_START,
             anneal_strategy="cos",

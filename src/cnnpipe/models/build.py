@@ -13,13 +13,16 @@ back at the YAML line that made it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from cnnpipe.models import torchvision_spec
 from cnnpipe.models.spec import LayerInfo, normalize_layers
+from cnnpipe.util.errors import ParamsError
 
 
 class BasicBlock(nn.Module):
@@ -92,14 +95,33 @@ def build_from_infos(infos: Sequence[LayerInfo], in_shape: Sequence[int]) -> nn.
     return nn.Sequential(*modules)
 
 
-def build_model(layers: Sequence[Any], in_shape: Sequence[int], num_classes: int, *, where: str = "model") -> nn.Sequential:
+def build_model(layers: Sequence[Any], in_shape: Sequence[int], num_classes: int, *, where: str = "model",
+                weights_dir: str | os.PathLike[str] | None = None) -> nn.Module:
     """Build the network for a raw layer spec (YAML data) and a C x H x W input.
 
     Raises ``ParamsError`` (one line, naming ``where`` and the layer index) for
     a spec that cannot be built. Weights use torch's default initialisation,
     drawn from the global RNG: seed it first for a reproducible model.
+
+    A torchvision spec (``models.torchvision_spec``) builds a
+    ``TorchvisionNet``; with ``weights_dir`` (the weights stage's output) its
+    body starts from the pinned pretrained weights, without it from random
+    ones (a checkpoint then loads its own state dict over them).
     """
     shape = tuple(int(d) for d in in_shape)
+    spec = torchvision_spec.spec_of(layers)
+    if spec is not None:
+        from cnnpipe.models.torchvision_nets import build_torchvision
+
+        state = None
+        if weights_dir is not None and torchvision_spec.is_pretrained(spec):
+            from cnnpipe.models.pretrained_weights import load_pinned
+
+            state = load_pinned(spec, weights_dir)
+        try:
+            return build_torchvision(spec, shape, int(num_classes), body_state=state)
+        except ValueError as err:
+            raise ParamsError(f"{where}: {err}", source="") from None
     infos = normalize_layers(where, list(layers), shape, int(num_classes))  # type: ignore[arg-type]
     return build_from_infos(infos, shape)
 
@@ -107,3 +129,15 @@ def build_model(layers: Sequence[Any], in_shape: Sequence[int], num_classes: int
 def count_params(model: nn.Module) -> int:
     """Number of trainable parameters (what ``LayerInfo.params`` sums to)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_summary(name: str, layers: Any, in_shape: Any, num_classes: int) -> str:
+    """The layer table of any resolved spec: ``spec.model_summary``, or a built torchvision net's children."""
+    spec = torchvision_spec.spec_of(layers)
+    if spec is None:
+        from cnnpipe.models.spec import model_summary as layers_summary
+
+        return layers_summary(name, layers, in_shape, num_classes)
+    from cnnpipe.models.torchvision_nets import model_summary as torchvision_summary
+
+    return torchvision_summary(name, spec, tuple(int(x) for x in in_shape), num_classes)

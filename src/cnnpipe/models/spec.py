@@ -225,7 +225,10 @@ def summary_text(name: str, infos: list[LayerInfo], in_shape: tuple[int, ...]) -
 
 
 def model_summary(name: str, layers: Any, in_shape: Any, num_classes: int) -> str:
-    """The layer table of ``layers`` on ``in_shape`` inputs (what ``summary.txt`` and MLflow show)."""
+    """The layer table of ``layers`` on ``in_shape`` inputs (what ``summary.txt`` and MLflow show).
+
+    cnnpipe layer lists only: ``build.model_summary`` also takes torchvision specs.
+    """
     shape = tuple(int(x) for x in in_shape)
     infos = normalize_layers(f"model {name}", list(layers), shape, num_classes)
     return summary_text(name, infos, shape)

@@ -269,7 +269,7 @@ class SearchLog:
             )
 
     def _summary(self, cfg: RunConfig) -> str:
-        from cnnpipe.models.spec import model_summary
+        from cnnpipe.models.build import model_summary
 
         if cfg.values.model not in self._summaries:
             self._summaries[cfg.values.model] = model_summary(cfg.values.model, cfg.layers, self.data.image_shape,

@@ -15,15 +15,21 @@ if TYPE_CHECKING:
 
 
 def child_params(cfg: "RunConfig", data: "TrainData") -> dict[str, Any]:
-    return {**cfg.flat(), "dataset": cfg.dataset or data.dataset}
+    from cnnpipe.engine.finetune import tracking_fields
+
+    pretrained, _ = tracking_fields(cfg, data.image_shape, data.num_classes)  # torchvision: weights, counts
+    return {**cfg.flat(), "dataset": cfg.dataset or data.dataset, **pretrained}
 
 
 def child_tags(cfg: "RunConfig", data: "TrainData", device: str) -> dict[str, str]:
+    from cnnpipe.engine.finetune import tracking_fields
+
     return {
         "cnnpipe.run_id": cfg.run_id,
         "dataset": cfg.dataset or data.dataset,
         "data_fingerprint": data.fingerprint,
         "device": device,
+        **tracking_fields(cfg, data.image_shape, data.num_classes)[1],  # torchvision: weights' source, SHA-256
     }
 
 

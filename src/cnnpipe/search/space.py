@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -73,17 +75,20 @@ def sample_points(params: Params) -> list[dict[str, Any]]:
     return [{key: draw(spec, rng) for key, spec in ranges.items()} for _ in range(params.grid.samples)]
 
 
-def expand(params: Params) -> list[RunConfig]:
+def expand(params: Params, weights_dir: str | os.PathLike[str] | None = None) -> list[RunConfig]:
     """Every config of the search: list combinations (outer, ``params.yaml`` order) x drawn points (inner).
 
     ``augment: auto`` and ``monitor: auto`` are resolved here (per dataset, and
     to ``select_by``), so the run ids say what is really trained. A drawn value
     that breaks its key's own rule, or two points that are the same run, stop
-    with one ``ParamsError`` line before anything trains.
+    with one ``ParamsError`` line before anything trains. ``weights_dir`` (the
+    weights stage's output; the train stage passes it) pins a pretrained
+    torchvision model's layer spec with its weights' SHA-256 and normalization.
     """
     fixed = params.training
     points = sample_points(params)
     runs: list[RunConfig] = []
+    layers: dict[str, tuple[Any, ...]] = {}
     for combo in itertools.product(*fixed.values()):
         for drawn in points:
             values = dict(zip(fixed, combo)) | drawn
@@ -91,8 +96,15 @@ def expand(params: Params) -> list[RunConfig]:
             values["augment"] = resolve_augment(values["augment"], params.data.dataset)
             if values["monitor"] == "auto":
                 values["monitor"] = params.select_by
-            runs.append(RunConfig(values=_checked(values, params), layers=params.layers_for(values["model"]),
-                                  axes=params.axes, dataset=params.data.dataset))
+            if values["model"] not in layers:
+                layers[values["model"]] = params.layers_for(values["model"])
+                if weights_dir is not None:
+                    from cnnpipe.models.pretrained_weights import pin_layers
+
+                    layers[values["model"]] = pin_layers(layers[values["model"]], weights_dir)
+            runs.append(RunConfig(values=_checked(values, params), layers=layers[values["model"]],
+                                  axes=params.axes, dataset=params.data.dataset,
+                                  weights_dir=str(Path(weights_dir).resolve()) if weights_dir is not None else None))
     _check_distinct(runs, params)
     return runs
 

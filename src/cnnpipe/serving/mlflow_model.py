@@ -28,7 +28,7 @@ PACKAGE_DIR = CODE_FILE.parents[1]  # src/cnnpipe, shipped under code/
 PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 EXAMPLE_IMAGES = 2  # rows of the input example (kept small: it is stored as JSON in the model)
 # What loading and predicting import (checked by tests/test_serving.py in a fresh process).
-REQUIREMENTS = ("mlflow", "torch", "safetensors", "numpy", "pandas", "pydantic", "pyyaml", "tqdm")
+REQUIREMENTS = ("mlflow", "torch", "torchvision", "safetensors", "numpy", "pandas", "pydantic", "pyyaml", "tqdm")  # torchvision: torchvision:NAME models
 
 
 def pip_requirements() -> list[str]:

@@ -40,7 +40,10 @@ class Published:
 
 def checkpoint_sidecar(best: "RunRecord", data: "TrainData", tracker: "NullTracker") -> dict[str, Any]:
     """What ``models/best/model.json`` records beyond the weights: enough to rebuild and trace the model."""
+    from cnnpipe.models.torchvision_spec import run_normalization
+
     result = best.result
+    mean, std = run_normalization(best.cfg.layers, data.mean, data.std)  # a pretrained net's own normalization
     return {
         "model": best.cfg.values.model,
         "layers": list(best.cfg.layers),
@@ -49,8 +52,8 @@ def checkpoint_sidecar(best: "RunRecord", data: "TrainData", tracker: "NullTrack
         "classes": list(data.classes),
         "dataset": data.dataset or best.cfg.dataset,
         "data_fingerprint": data.fingerprint,
-        "mean": list(data.mean),
-        "std": list(data.std),
+        "mean": mean,
+        "std": std,
         "params": best.cfg.flat(),
         "run_id": best.cfg.run_id,
         "run_name": best.cfg.name,
@@ -72,7 +75,7 @@ def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData"
     previous ``models/best`` exactly as it was, and at no instant is it missing.
     """
     from cnnpipe.models.checkpoint import save_checkpoint
-    from cnnpipe.models.spec import model_summary
+    from cnnpipe.models.build import model_summary
     from cnnpipe.serving.registry import version_tags
 
     best_dir = Path(best_dir)

@@ -1,0 +1,141 @@
+"""Fine-tuning strategies for a torchvision model: which parameters train at which epoch, at what rate.
+
+Training keys (grid axes like any other):
+
+* ``finetune: full``: everything trains at ``lr`` from the first epoch;
+* ``finetune: head``: a linear probe: only the new head trains, the
+  pretrained body stays frozen for the whole run;
+* ``finetune: gradual``: fastai's ``fine_tune``: the head alone for
+  ``freeze_epochs`` epochs, then everything, the body at
+  ``lr * body_lr_mult`` (a discriminative learning rate), on the same
+  schedule (``schedule`` runs over all epochs, both phases);
+* ``bn_frozen``: while the body is frozen its BatchNorm layers stay in eval
+  mode, so their running statistics (the pretrained ones) do not drift
+  toward the new data's.
+
+The phase is a pure function of the epoch number (``frozen_at``), so a run
+resumed after a kill mid-phase is in the same phase as one never stopped.
+The optimizer's parameter groups are the same in every phase (head groups
+first, then body groups, each split into decayed / not decayed): a frozen
+parameter simply has ``requires_grad`` False and so no gradient, which every
+torch optimizer skips (no update, no weight decay, no moment state), and its
+group's learning rate is unused. So the optimizer state saved in one phase
+loads into the other, and the schedule never jumps.
+
+For cnnpipe layer lists (presets, ``models:``) nothing here applies: the
+keys are inert and the optimizer gets the engine's usual groups.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+from torch import nn
+
+from cnnpipe.engine.optim import param_groups as plain_groups
+from cnnpipe.models import torchvision_spec as tvs
+from cnnpipe.models.torchvision_nets import TorchvisionNet
+from cnnpipe.params import RunConfig, TrainingValues
+
+
+def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(body, head) of a built torchvision net: ``head(body(x)) == model(x)`` for normalized images ``x``.
+
+    The body includes the input channel adapter; both share the model's
+    modules (no copy). A frozen body's outputs are features that can be
+    computed once and reused by any head.
+    """
+    if not isinstance(model, TorchvisionNet):
+        raise TypeError(f"only a torchvision model has a pretrained body, got {type(model).__name__}")
+    return nn.Sequential(model.adapter, model.body), model.head
+
+
+def frozen_at(values: TrainingValues, epoch: int) -> bool:
+    """Whether the body is frozen during ``epoch`` (1-based)."""
+    if values.finetune == "head":
+        return True
+    if values.finetune == "gradual":
+        return epoch <= values.freeze_epochs
+    return False
+
+
+def body_lr_mult(values: TrainingValues) -> float:
+    """The body's learning rate as a multiple of ``lr`` once it trains (only ``gradual`` lowers it)."""
+    return values.body_lr_mult if values.finetune == "gradual" else 1.0
+
+
+def param_groups(model: nn.Module, values: TrainingValues) -> list[dict[str, Any]]:
+    """The optimizer's groups: the engine's usual ones, or head then body groups for a torchvision net."""
+    if not isinstance(model, TorchvisionNet):
+        return plain_groups(model, values.weight_decay)
+    groups = []
+    for role, module, lr in (("head", model.head, values.lr), ("body", model.body, values.lr * body_lr_mult(values))):
+        for group in plain_groups(module, values.weight_decay):
+            if group["params"]:
+                groups.append({**group, "lr": lr, "role": role})
+    return groups
+
+
+def set_phase(model: nn.Module, values: TrainingValues, epoch: int) -> bool:
+    """Freeze or unfreeze the body for ``epoch`` (after ``model.train()``); returns whether it is frozen."""
+    if not isinstance(model, TorchvisionNet):
+        return False
+    frozen = frozen_at(values, epoch)
+    model.body.requires_grad_(not frozen)
+    if frozen and values.bn_frozen:
+        for module in model.body.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    return frozen
+
+
+def parameter_counts(model: nn.Module, values: TrainingValues) -> dict[str, int]:
+    """Total parameters and those trained in each phase (for MLflow): ``params_total``, ``params_trainable[_frozen]``."""
+    total = sum(p.numel() for p in model.parameters())
+    if not isinstance(model, TorchvisionNet):
+        return {"params_total": total, "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    head = sum(p.numel() for p in model.head.parameters())
+    out = {"params_total": total}
+    if values.finetune in ("head", "gradual"):
+        out["params_trainable_frozen"] = head
+    if values.finetune in ("full", "gradual"):
+        out["params_trainable"] = total
+    return out
+
+
+@lru_cache(maxsize=16)
+def _counts(spec_json: str, in_shape: tuple[int, ...], num_classes: int, values_json: str) -> dict[str, int]:
+    import torch
+
+    from cnnpipe.models.build import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        model = build_model([json.loads(spec_json)], in_shape, num_classes)
+    return parameter_counts(model, TrainingValues.model_validate_json(values_json))
+
+
+def tracking_fields(cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """(MLflow params, MLflow tags) describing a torchvision run's starting weights and trained parameters.
+
+    Params: the weights' name and the parameter counts (total, trainable in
+    each phase); tags: the weights' source (URL, file or checkpoint) and
+    SHA-256 as the manifest of ``data/weights`` records them. Empty for
+    cnnpipe layer lists.
+    """
+    spec = tvs.spec_of(cfg.layers)
+    if spec is None:
+        return {}, {}
+    params: dict[str, Any] = {"pretrained_weights": spec["weights"]}
+    params.update(_counts(json.dumps(spec, sort_keys=True), tuple(int(d) for d in in_shape), int(num_classes),
+                          cfg.values.model_dump_json()))
+    tags: dict[str, str] = {}
+    if tvs.is_pretrained(spec) and spec.get("weights_sha256"):
+        tags["pretrained.sha256"] = str(spec["weights_sha256"])
+        if cfg.weights_dir is not None:
+            from cnnpipe.models.pretrained_weights import read_manifest
+
+            entry = read_manifest(cfg.weights_dir)["weights"].get(spec["torchvision"], {})
+            tags["pretrained.source"] = str(entry.get("source", ""))
+    return params, tags
