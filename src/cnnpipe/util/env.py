@@ -16,6 +16,7 @@ DEBUG = "CNNPIPE_DEBUG"  # tracebacks instead of one-line errors
 NO_CACHE = "CNNPIPE_NO_CACHE"  # recompute every stored result (and store the fresh ones)
 PROGRESS = "CNNPIPE_PROGRESS"  # tqdm bars on a terminal (default on; 0: plain lines)
 TAKE_TURNS = "CNNPIPE_TAKE_TURNS"  # concurrent experiments compute one at a time (default on)
+FEATURES = "CNNPIPE_FEATURES"  # a frozen body's features computed once and reused (default on)
 CACHE_DIR = "CNNPIPE_CACHE_DIR"  # where .cnnpipe-cache/runs lives (the other stores beside it)
 
 
