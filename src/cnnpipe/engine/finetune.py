@@ -9,9 +9,10 @@ Training keys (grid axes like any other):
   ``freeze_epochs`` epochs, then everything, the body at
   ``lr * body_lr_mult`` (a discriminative learning rate), on the same
   schedule (``schedule`` runs over all epochs, both phases);
-* ``bn_frozen``: while the body is frozen its BatchNorm layers stay in eval
-  mode, so their running statistics (the pretrained ones) do not drift
-  toward the new data's.
+* ``bn_frozen``: while the body is frozen it runs in eval mode: its BatchNorm
+  running statistics (the pretrained ones) do not drift toward the new
+  data's, and its dropout is off, so a frozen body is a fixed function whose
+  outputs can be cached (``store.features``).
 
 The phase is a pure function of the epoch number (``frozen_at``), so a run
 resumed after a kill mid-phase is in the same phase as one never stopped.
@@ -85,9 +86,7 @@ def set_phase(model: nn.Module, values: TrainingValues, epoch: int) -> bool:
     frozen = frozen_at(values, epoch)
     model.body.requires_grad_(not frozen)
     if frozen and values.bn_frozen:
-        for module in model.body.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        model.body.eval()  # a fixed feature extractor: BatchNorm statistics and dropout as in inference
     return frozen
 
 

@@ -48,6 +48,8 @@ from cnnpipe.engine.progress import progress_every, progress_line
 from cnnpipe.engine.optim import build_optimizer, build_scheduler, current_lr
 from cnnpipe.engine.records import EpochRecord, RunResult
 from cnnpipe.engine.resume import load_resume_state, save_resume_state, state_identity
+from cnnpipe.store.features import FeatureCache
+from cnnpipe.store.features import applies as features_apply
 from cnnpipe.util.env import progress_bars
 from cnnpipe.util.errors import CnnpipeError
 from cnnpipe.evaluation.metrics import topk_accuracy
@@ -170,6 +172,18 @@ def evaluate_logits(
     return out if out is not None else torch.zeros(0, 0)
 
 
+@torch.inference_mode()
+def _head_logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Float32 CPU logits of a torchvision net's head on its body's cached outputs (eval mode, model untouched)."""
+    head = model.head
+    was_training = head.training
+    head.eval()
+    try:
+        return head(features).float().cpu()
+    finally:
+        head.train(was_training)
+
+
 def _val_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
     if labels.numel() == 0:
         return math.nan, 0.0, 0.0
@@ -241,7 +255,9 @@ class _Epoch:
 def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, generator: torch.Generator, train_x: torch.Tensor, train_y: torch.Tensor,
                  plan: list[tuple[int, int]], scale: torch.Tensor, shift: torch.Tensor, channels_last: bool,
-                 dev: str, stats: LayerStats | None, show: bool, every: float | None = None) -> _Epoch:
+                 dev: str, stats: LayerStats | None, show: bool, every: float | None = None,
+                 on_features: bool = False) -> _Epoch:
+    """One pass over the training split (``on_features``: ``train_x`` holds the frozen body's cached outputs)."""
     v = cfg.values
     aug_mode = resolve_augment(v.augment, cfg.dataset)
     start = time.perf_counter()
@@ -270,14 +286,19 @@ def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: tor
             idx = order[lo:hi]
             x = gather(train_x, idx, dev)
             y = train_y[idx]
-            if aug_mode != "none":
-                x = augment(x, aug_mode, generator)
-            x = normalize(x, scale, shift)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(dev):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=v.label_smoothing)
+            if on_features:
+                with _autocast(dev):
+                    logits = model.head(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=v.label_smoothing)
+            else:
+                if aug_mode != "none":
+                    x = augment(x, aug_mode, generator)
+                x = normalize(x, scale, shift)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(dev):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=v.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if stats is not None:
@@ -393,6 +414,10 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
     plan = _batch_plan(n, v.batch_size)
     mean, std = run_normalization(cfg.layers, data.mean, data.std)  # a pretrained net's own, else the data's
     scale, shift = norm_constants(mean, std, dev)
+    on_features = features_apply(cfg)  # a linear probe on a frozen body: train the head on its cached outputs
+    if on_features:
+        features = FeatureCache().get_or_compute(cfg, data, model, mean, std, dev)
+        train_x, val_x = features.train.to(dev), features.val.to(dev)
 
     optimizer = build_optimizer(model, v, param_groups(model, v))
     scheduler = build_scheduler(optimizer, v, v.epochs * len(plan))
@@ -444,7 +469,7 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
             ep = _train_epoch(epoch=epoch, cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler,
                               generator=generator, train_x=train_x, train_y=train_y, plan=plan, scale=scale,
                               shift=shift, channels_last=channels_last, dev=dev, stats=stats, show=show,
-                              every=every)
+                              every=every, on_features=on_features)
         except Exception as err:
             if oom is not None and isinstance(err, oom):
                 raise CnnpipeError(f"out of GPU memory training {cfg.name} (batch_size {v.batch_size}, model {v.model}); lower batch_size or use a smaller model") from None
@@ -458,7 +483,10 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
                                      train_seconds, stop_reason, status, ema, diverged_model=True))
             break
         eval_start = time.perf_counter()
-        logits = evaluate_logits(scored, val_x, mean=mean, std=std, batch_size=max(v.batch_size, 1000), device=dev)
+        if on_features:
+            logits = _head_logits(scored, val_x)
+        else:
+            logits = evaluate_logits(scored, val_x, mean=mean, std=std, batch_size=max(v.batch_size, 1000), device=dev)
         val_loss, val_top1, val_top5 = _val_metrics(logits, data.val.labels)
         if not math.isfinite(val_loss):
             status = "diverged"

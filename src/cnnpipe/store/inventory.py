@@ -59,7 +59,7 @@ def _run_entries() -> list[Entry]:
     return out
 
 
-OUTPUT_KINDS = {"eval": "stored evaluate reports", "figures": "stored figures"}
+OUTPUT_KINDS = {"eval": "stored evaluate reports", "figures": "stored figures", "features": "cached backbone features"}
 
 
 def _output_entries(kind: str) -> list[Entry]:

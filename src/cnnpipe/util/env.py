@@ -17,6 +17,7 @@ NO_CACHE = "CNNPIPE_NO_CACHE"  # recompute every stored result (and store the fr
 PROGRESS = "CNNPIPE_PROGRESS"  # tqdm bars on a terminal (default on; 0: plain lines)
 TAKE_TURNS = "CNNPIPE_TAKE_TURNS"  # concurrent experiments compute one at a time (default on)
 PROGRESS_EVERY = "CNNPIPE_PROGRESS_EVERY"  # seconds between mid-epoch lines when not a terminal (0: none)
+FEATURES = "CNNPIPE_FEATURES"  # a frozen body's features computed once and reused (default on)
 CACHE_DIR = "CNNPIPE_CACHE_DIR"  # where .cnnpipe-cache/runs lives (the other stores beside it)
 
 
