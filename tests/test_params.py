@@ -353,7 +353,7 @@ def test_halving_rungs_are_min_epochs_times_eta_powers_capped_by_epochs(min_epoc
 
 def test_the_error_formatter_reads_only_loc_msg_and_input():
     """The line is built from pydantic's public ``loc``/``msg`` (no error ``type``, ``ctx`` or internal loc names)."""
-    from cnnpipe.params import _describe
+    from cnnpipe.params.messages import _describe
 
     assert _describe({"loc": ("lr", "list", 1), "msg": "Input should be greater than 0", "input": 0}) == "lr[1] must be > 0, got 0"
     assert _describe({"loc": ("data", "datset"), "msg": "Extra inputs are not permitted", "input": "x"}) == \

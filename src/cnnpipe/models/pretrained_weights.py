@@ -64,7 +64,7 @@ source_kind = tvs.source_kind
 
 def needed_architectures(params: "Params") -> list[str]:
     """The torchvision architectures of the search that start from pretrained weights (in order, once each)."""
-    from cnnpipe.params import _candidates
+    from cnnpipe.params.axes import _candidates
 
     if params.pretrained.weights == tvs.NO_WEIGHTS:
         return []

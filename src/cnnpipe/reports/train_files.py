@@ -151,7 +151,7 @@ def summary_table(records: Sequence["RunRecord"], best: "RunRecord", select_by: 
     run name (``lr=0.03,batch_size=16,weight_deca...``) made rows of a large
     grid look identical. Without axes (one run) the model names the row.
     """
-    from cnnpipe.params import _fmt
+    from cnnpipe.params.messages import _fmt
 
     axes = list(dict.fromkeys(axis for rec in records for axis in rec.cfg.axes)) or ["model"]
     cells = [[_fmt(getattr(rec.cfg.values, axis)) for axis in axes] for rec in records]

@@ -1,0 +1,89 @@
+"""One run's training values: the value types of every training key and ``TrainingValues``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+)
+
+from cnnpipe.data.registry import get_dataset
+from cnnpipe.params.messages import _bad, _fmt
+
+
+def _no_bool(value: Any) -> Any:
+    """YAML ``true`` is not a number (pydantic's lax float would take it as 1.0)."""
+    if isinstance(value, bool):
+        raise _bad("must be a number, got " + _fmt(value))
+    return value
+
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False), BeforeValidator(_no_bool)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False), BeforeValidator(_no_bool)]
+UnitFloat = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False), BeforeValidator(_no_bool)]
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+NonNegInt = Annotated[StrictInt, Field(ge=0)]
+ModelName = Annotated[str, Field(min_length=1)]
+
+Metric = Literal["val_loss", "val_top1"]
+MonitorSetting = Literal["auto", "val_loss", "val_top1"]  # auto: the same metric as select_by
+Optimizer = Literal["adam", "adamw", "sgd"]
+Schedule = Literal["none", "cosine", "onecycle"]
+Augment = Literal["auto", "none", "crop", "flip", "crop_flip"]
+Device = Literal["auto", "cpu", "cuda"]
+Finetune = Literal["full", "head", "gradual"]
+
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainingValues(_Strict):
+    """One value per training key: what a single run is trained with.
+
+    Field order is the order grid names and tables use. The defaults are the
+    first point of the shipped ``params.yaml`` grid (a test checks it).
+    ``monitor`` is resolved here (``auto`` became ``select_by``); ``augment``
+    may still say ``auto`` (the engine resolves it per dataset).
+    """
+
+    model: ModelName = "small_bn"
+    lr: PositiveFloat = 0.01
+    batch_size: PositiveInt = 100
+    shuffle: StrictBool = True
+    epochs: PositiveInt = 10
+    patience: NonNegInt = 3
+    min_delta: NonNegFloat = 0.0
+    monitor: Metric = "val_loss"
+    optimizer: Optimizer = "adam"
+    momentum: UnitFloat = 0.9
+    nesterov: StrictBool = False
+    weight_decay: NonNegFloat = 0.0
+    schedule: Schedule = "none"
+    label_smoothing: UnitFloat = 0.0
+    augment: Augment = "none"
+    seed: NonNegInt = 42
+    ema: UnitFloat = 0.0  # weight moving-average decay; 0 = off (cnnpipe.engine.ema)
+    # Fine-tuning a torchvision model (cnnpipe.engine.finetune); inert for cnnpipe layer lists.
+    finetune: Finetune = "full"  # full | head (linear probe on a frozen body) | gradual (head, then all)
+    freeze_epochs: NonNegInt = 1  # gradual: epochs that train the head only
+    body_lr_mult: PositiveFloat = 0.1  # gradual: the body's learning rate = lr * this, once unfrozen
+    bn_frozen: StrictBool = True  # a frozen body's BatchNorm layers stay in eval mode (statistics kept)
+
+
+TRAINING_KEYS: tuple[str, ...] = tuple(TrainingValues.model_fields)
+
+
+
+def resolve_augment(augment: str, dataset: str) -> str:
+    """``auto`` means crop+flip for photos and clothes, nothing for handwriting."""
+    if augment != "auto":
+        return augment
+    return "none" if get_dataset(dataset).digits else "crop_flip"
