@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 from fixtures_raw import make_idx_raw, no_proxy, serve  # noqa: F401 - no_proxy is a fixture
-from project_builder import ROOT, clean_env, commit_all, pipeline_project, tiny_pipeline_params
+from project_builder import ROOT, clean_env, pipeline_project, tiny_pipeline_params
 
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\S*)\s*$")
@@ -69,13 +69,13 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
     ("127.0.0.1:5001", "127.0.0.1:{port}", "the same free port"),
 ]
 
-# What a block's output must show beyond its exit status, keyed by a command in it.
+# What a block's output must show beyond its exit status, keyed by a line of the block (a regex, multiline).
 EXPECTED_OUTPUT: dict[str, list[str]] = {
-    "/invocations": ['{"predictions": [{'],  # the serving one-liner got an answer, not BAD_REQUEST
-    "cnnpipe ui": ["http://127.0.0.1:", "workflowType=machine_learning"],
-    "dvc queue status\n": ["Success"],
+    r"^curl .*/invocations": ['{"predictions": [{'],  # the serving one-liner got an answer, not BAD_REQUEST
+    r"^cnnpipe ui\b": ["http://127.0.0.1:", "workflowType=machine_learning"],
+    r"^dvc queue status$": ["Success"],
 }
-UNEXPECTED_OUTPUT: dict[str, list[str]] = {"dvc queue status\n": ["Failed"]}
+UNEXPECTED_OUTPUT: dict[str, list[str]] = {r"^dvc queue status$": ["Failed"]}
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def test_every_substitution_matches_the_readme_and_says_why() -> None:
         assert any(old in text for text in runnable), f"substitution for {old!r} matches no README block"
         assert why
     for command in (*EXPECTED_OUTPUT, *UNEXPECTED_OUTPUT):
-        assert any(command in text for text in runnable), f"expected output for {command!r}: no such block"
+        assert any(re.search(command, text, re.M) for text in runnable), f"expected output for {command!r}: no block"
 
 
 # --------------------------------------------------------------------------- running them
@@ -226,10 +226,10 @@ def run_block(project: Path, block: Block, state: Path, ports: dict[str, int], e
         problem = f"timed out after {BLOCK_TIMEOUT_S} s" if code is None else f"exited {code}"
     else:
         for command, wanted in EXPECTED_OUTPUT.items():
-            missing = [w for w in wanted if command in block.text and w not in output]
+            missing = [w for w in wanted if re.search(command, block.text, re.M) and w not in output]
             problem = problem or (f"its output lacks {missing}" if missing else None)
         for command, unwanted in UNEXPECTED_OUTPUT.items():
-            found = [w for w in unwanted if command in block.text and w in output]
+            found = [w for w in unwanted if re.search(command, block.text, re.M) and w in output]
             problem = problem or (f"its output shows {found}" if found else None)
     assert problem is None, (f"{block.describe()} {problem}.\n--- the block as run:\n{text}"
                              f"--- its output (last 4000 characters):\n{output[-4000:]}")
@@ -251,7 +251,6 @@ def test_readme_command_blocks_run_as_written(tmp_path: Path, no_proxy: None) ->
         (project / ".venv").symlink_to(Path(sys.prefix))  # `source .venv/bin/activate` runs as written
         with (project / ".git" / "info" / "exclude").open("a") as exclude:
             exclude.write(".venv\n")
-        commit_all(project, "registry on")
         env = clean_env(project, {"GIT_AUTHOR_NAME": "reader", "GIT_AUTHOR_EMAIL": "reader@localhost",
                                   "GIT_COMMITTER_NAME": "reader", "GIT_COMMITTER_EMAIL": "reader@localhost"})
         state = tmp_path / "shell-state.sh"
