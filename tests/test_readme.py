@@ -242,6 +242,8 @@ def test_readme_command_blocks_run_as_written(tmp_path: Path, no_proxy: None) ->
     blocks = readme_blocks(README.read_text())
     fixture = make_idx_raw(tmp_path / "www", n_train=200, n_test=60)
     ports = {"port": free_port(), "ui_port": free_port()}
+    while ports["ui_port"] == ports["port"]:
+        ports["ui_port"] = free_port()
     with contextlib.contextmanager(serve)(fixture.folder) as server:
         tiny = tiny_pipeline_params(server.url, fixture.checksums)
         project = pipeline_project(
