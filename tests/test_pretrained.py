@@ -88,8 +88,9 @@ def refuses(params: Params, out: Path, error: type[CnnpipeError], *needles: str)
 
 
 def test_every_torchvision_classifier_name_is_accepted_and_resolves_to_an_explicit_weights_name() -> None:
-    names = [tvs.PREFIX + arch for arch in torchvision.models.list_models(module=torchvision.models)
-             if tvs.min_size(arch) <= (28, 28)]
+    small = [arch for arch in torchvision.models.list_models(module=torchvision.models) if tvs.min_size(arch) <= (28, 28)]
+    names = [tvs.PREFIX + arch for arch in small if tvs.has_linear_classifier(arch)]
+    assert sorted(set(small) - {tvs.arch_of(n) for n in names}) == ["squeezenet1_0", "squeezenet1_1"]  # a conv head
     params = parse_params({"model": ["small_bn", *names], "pretrained": {"weights": "DEFAULT"},
                            "lr": 0.01, "batch_size": 100, "grid": {"max_runs": 200}})
     for name in names:
@@ -103,6 +104,7 @@ def test_every_torchvision_classifier_name_is_accepted_and_resolves_to_an_explic
     ({"model": "torchvision:resnet81"}, "unknown torchvision model 'resnet81', did you mean torchvision:resnet18"),
     ({"model": ["small_bn", "torchvision:mobilenet_v3_smal"]}, "did you mean torchvision:mobilenet_v3_small"),
     ({"model": "torchvision:inception_v3"}, "needs images of at least 75x75 pixels, the data gives 28x28"),
+    ({"model": "torchvision:squeezenet1_1"}, "ends in no nn.Linear classifier (its head is a convolution)"),
     ({"model": "small_bn", "finetune": "head"}, "finetune: head needs a torchvision model, but model small_bn"),
     ({"model": ["small_bn", NAME], "finetune": "gradual"}, "finetune: gradual needs a torchvision model"),
     ({"pretrained": {"weights": "IMAGENET1K_V9"}}, "is not a weights name of torchvision:mobilenet_v3_small"),

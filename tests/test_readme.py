@@ -237,6 +237,25 @@ def run_block(project: Path, block: Block, state: Path, ports: dict[str, int], e
     return output
 
 
+PRETRAINED = ("mobilenet_v3_small",)  # the torchvision models the README's blocks start from
+
+
+def placed_weights(home: Path) -> Path:
+    """A ``$TORCH_HOME`` whose hub cache holds IMAGENET1K_V1 of each ``PRETRAINED`` model, under torchvision's own
+    file name: nothing can be downloaded here, so the weights stage's real look-up finds a made state dict
+    (random values) where a user's first download would have put the real one."""
+    import torch
+    import torchvision
+
+    for arch in PRETRAINED:
+        url = torchvision.models.get_model_weights(arch)["IMAGENET1K_V1"].url
+        target = home / "hub" / "checkpoints" / os.path.basename(url)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        torch.save(torchvision.models.get_model(arch, weights=None).state_dict(), target)
+    return home
+
+
 @pytest.mark.slow
 def test_readme_command_blocks_run_as_written(tmp_path: Path, no_proxy: None) -> None:
     blocks = readme_blocks(README.read_text())
@@ -254,7 +273,8 @@ def test_readme_command_blocks_run_as_written(tmp_path: Path, no_proxy: None) ->
         with (project / ".git" / "info" / "exclude").open("a") as exclude:
             exclude.write(".venv\n")
         env = clean_env(project, {"GIT_AUTHOR_NAME": "reader", "GIT_AUTHOR_EMAIL": "reader@localhost",
-                                  "GIT_COMMITTER_NAME": "reader", "GIT_COMMITTER_EMAIL": "reader@localhost"})
+                                  "GIT_COMMITTER_NAME": "reader", "GIT_COMMITTER_EMAIL": "reader@localhost",
+                                  "TORCH_HOME": str(placed_weights(tmp_path / "torch_home"))})
         state = tmp_path / "shell-state.sh"
         ran = []
         started = time.monotonic()

@@ -22,6 +22,7 @@ torchvision names, so ``cnnpipe validate`` of a preset grid stays fast.
 from __future__ import annotations
 
 import difflib
+from functools import lru_cache
 import re
 from pathlib import Path
 from collections.abc import Mapping, Sequence
@@ -91,6 +92,9 @@ def check_arch(arch: str, where: str) -> None:
         hint = f", did you mean {', '.join(PREFIX + c for c in close)}?" if close else ""
         raise ValueError(f"{where}: unknown torchvision model {arch!r}{hint} "
                          f"(any of torchvision.models.list_models(), e.g. torchvision:resnet18)")
+    if not has_linear_classifier(arch):
+        raise ValueError(f"{where}: torchvision:{arch} ends in no nn.Linear classifier (its head is a convolution), "
+                         "so cnnpipe cannot give it a head for your classes; pick another architecture")
 
 
 def weights_enum(arch: str) -> Any:
@@ -114,6 +118,26 @@ def resolve_weights_name(arch: str, name: str) -> Any:
 def reference_weights(arch: str) -> Any:
     """The weights whose metadata (min_size, mean/std) describe ``arch`` when no enum member is named."""
     return weights_enum(arch).DEFAULT
+
+
+@lru_cache(maxsize=None)
+def has_linear_classifier(arch: str) -> bool:
+    """Whether ``arch`` has an ``nn.Linear`` to replace with a new head (squeezenet classifies with a conv).
+
+    Built on the meta device (the modules only: no memory, no initialisation).
+    The RegNets compute their widths with real tensors and cannot be built
+    there; like every torchvision classifier but squeezenet they end in a
+    Linear, and a build that finds none still fails in one line.
+    """
+    import torch
+    import torchvision
+
+    try:
+        with torch.device("meta"):
+            net = torchvision.models.get_model(arch, weights=None, **_ARCH_KWARGS.get(arch, {}))
+    except (NotImplementedError, RuntimeError):
+        return True
+    return any(isinstance(module, torch.nn.Linear) for module in net.modules())
 
 
 def min_size(arch: str) -> tuple[int, int]:
