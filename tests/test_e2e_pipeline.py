@@ -52,9 +52,10 @@ def test_dvc_repro_end_to_end_then_offline_plots(tmp_path: Path, no_proxy: None)
     child = client.get_run(metrics["mlflow_run_id"])
     assert parent.data.metrics["test_top1"] == pytest.approx(metrics["test_top1"])
     assert child.data.metrics["test_top1"] == pytest.approx(metrics["test_top1"])
-    fingerprint = json.loads((project / "models" / "best" / "model.json").read_text())["data_fingerprint"]
+    sidecar = json.loads((project / "models" / "best" / "model.json").read_text())
     for run_ in (parent, child):  # the runs table's Dataset column: name and the prepared data's digest
-        assert [(d.dataset.name, d.dataset.digest) for d in run_.inputs.dataset_inputs] == [("fashion-mnist", fingerprint)]
+        assert [(d.dataset.name, d.dataset.digest) for d in run_.inputs.dataset_inputs] == \
+            [(sidecar["dataset"], sidecar["data_fingerprint"])]
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report/figures")}
     assert {f"report/figures/{name}" for name in FIGURES} == logged
 
