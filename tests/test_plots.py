@@ -300,7 +300,7 @@ def test_plots_stage_writes_figures_and_readme(tmp_path: Path) -> None:
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     env["PYTHONPATH"] = str(ROOT / "src")
-    done = subprocess.run([sys.executable, str(ROOT / "stages" / "figures.py")], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / "plots.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     names = sorted(p.name for p in (reports / "figures").iterdir())
@@ -320,7 +320,7 @@ def test_plots_stage_missing_input_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"}
     env["PYTHONPATH"] = str(ROOT / "src")
-    done = subprocess.run([sys.executable, str(ROOT / "stages" / "figures.py")], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / "plots.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip() == "error: reports/train.json is missing; run the earlier stages first (dvc repro)"

@@ -28,7 +28,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +30,7 @@ from cnnpipe.util.files import atomic_dir, atomic_write_json
 from cnnpipe.util.hashing import sha256_file
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 FORMAT = "cnnpipe-checkpoint/1"
@@ -169,24 +171,29 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> Checkpoint:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is unreadable ({err}); re-run the train stage") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    problem = fit_problem(model.state_dict(), state)
+    if problem is not None:
+        raise CheckpointError(f"{weights} does not fit the model in {SIDECAR_FILE} ({problem}); the two files come "
+                              "from different runs: re-run the train stage")
+    model.load_state_dict(state)
+    return Checkpoint(model=model.eval(), sidecar=sidecar)
+
+
+def fit_problem(expected: Mapping[str, "torch.Tensor"], state: Mapping[str, Any]) -> str | None:
+    """Why ``state`` does not fit a module whose state dict is ``expected`` (first keys named), or None."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing {_few(missing)}")
         if unexpected:
             parts.append(f"unexpected {_few(unexpected)}")
-        raise CheckpointError(f"{weights} does not fit the model in {SIDECAR_FILE} ({'; '.join(parts)}); the two files come from different runs: re-run the train stage")
+        return "; ".join(parts)
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"{weights}: {key} has shape {tuple(state[key].shape)} but the model in {SIDECAR_FILE} needs {tuple(tensor.shape)}; "
-                "the two files come from different runs: re-run the train stage"
-            )
-    model.load_state_dict(state)
-    return Checkpoint(model=model.eval(), sidecar=sidecar)
+            return f"{key} has shape {tuple(state[key].shape)}, the network needs {tuple(tensor.shape)}"
+    return None
 
 
 def _few(keys: list[str]) -> str:

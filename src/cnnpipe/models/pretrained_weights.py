@@ -219,7 +219,8 @@ def _checkpoint_state(folder: Path, arch: str) -> tuple[dict[str, "torch.Tensor"
 
 def fetch_one(arch: str, params: "Params", scratch: Path, progress: bool = True) -> tuple[dict[str, "torch.Tensor"], dict[str, Any]]:
     """(body state dict, manifest entry) of ``arch``'s pretrained weights, verified."""
-    from cnnpipe.models.torchvision_nets import bare_network, fit_problem
+    from cnnpipe.models.checkpoint import fit_problem
+    from cnnpipe.models.torchvision_nets import bare_network
 
     located, entry = _locate(arch, params, scratch, progress)
     what = f"pretrained weights for torchvision:{arch}"

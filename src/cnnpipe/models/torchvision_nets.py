@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnpipe.models.checkpoint import fit_problem
 from cnnpipe.util.errors import CheckpointError
 
 
@@ -130,33 +131,11 @@ def build_torchvision(spec: Mapping[str, Any], in_shape: Sequence[int], num_clas
     return TorchvisionNet(adapter, body, head, spec["torchvision"], path)
 
 
-def fit_problem(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> str | None:
-    """Why ``state`` does not fit a module whose state dict is ``expected`` (first keys named), or None."""
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_few(unexpected)}")
-        return "; ".join(parts)
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            return f"{key} has shape {tuple(state[key].shape)}, the network needs {tuple(tensor.shape)}"
-    return None
-
-
 def load_body_state(body: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     problem = fit_problem(body.state_dict(), state)
     if problem is not None:
         raise CheckpointError(f"{what} do not fit the architecture ({problem}); they are for another network")
     body.load_state_dict(dict(state), strict=True)
-
-
-def _few(keys: list[str]) -> str:
-    shown = ", ".join(keys[:3])
-    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
 # --------------------------------------------------------------------------- summary (show-model, models/best/summary.txt)

@@ -9,12 +9,10 @@ search, counting epochs done of epochs planned, with tqdm's ETA.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cnnpipe.params import RunConfig
-from cnnpipe.util.env import progress_bars as bars_wanted
 from cnnpipe.search.selection import RunRecord, failure_reason
 from cnnpipe.util.text import one_line
 

@@ -85,7 +85,6 @@ def save_pyfunc(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     import shutil
     import tempfile
 
-    import mlflow.pyfunc
 
     sidecar = read_sidecar(checkpoint_dir)
     example = input_example(prepared_dir, tuple(sidecar["in_shape"]))

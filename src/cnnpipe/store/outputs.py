@@ -22,7 +22,6 @@ import shutil
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 from cnnpipe.util.files import atomic_dir, atomic_path
 
