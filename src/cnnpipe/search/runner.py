@@ -23,7 +23,8 @@ from cnnpipe.util.errors import DataError
 from cnnpipe.compute.executors import Executor, SequentialExecutor
 from cnnpipe.params import Params, RunConfig
 from cnnpipe.search.log import SearchLog
-from cnnpipe.search.progress import SearchProgress, bars_wanted
+from cnnpipe.search.progress import SearchProgress
+from cnnpipe.util.env import progress_bars
 from cnnpipe.search.selection import RunRecord
 from cnnpipe.util.text import one_line
 from cnnpipe.search.strategies import Exhaustive, SuccessiveHalving, promote
@@ -89,7 +90,7 @@ def run_search(
     strategy = strategy or Exhaustive()
     tracker = tracker or ctx.tracker
     cfgs = dict(enumerate(configs, start=1))
-    progress = SearchProgress(report, bars_wanted(ctx.progress),
+    progress = SearchProgress(report, progress_bars(ctx.progress),
                               strategy.planned_epochs([cfg.values.epochs for cfg in configs]))
     log = SearchLog(ctx, tracker, cfgs, select_by=select_by, progress=progress, cache=cache, states=states,
                     samples=samples or ctx.samples)
