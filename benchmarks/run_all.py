@@ -34,6 +34,7 @@ QUICK: dict[str, list[str]] = {
     "engine": ["--repeats", "1", "--eval-repeats", "2"],
     "grid": ["--repeats", "1", "--epochs", "1"],
     "time_to_accuracy": ["--epochs", "2"],
+    "transfer": ["--archs", "shufflenet_v2_x0_5", "--shots", "5", "--seeds", "1", "--epochs", "5"],
 }
 
 
