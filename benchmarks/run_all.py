@@ -35,6 +35,9 @@ QUICK: dict[str, list[str]] = {
     "grid": ["--repeats", "1", "--epochs", "1"],
     "time_to_accuracy": ["--epochs", "2"],
     "memory": ["--big", "8000", "--phases", "generate,prepare,train,throughput", "--repeats", "1"],
+    "transfer": ["--archs", "shufflenet_v2_x0_5", "--shots", "5", "--seeds", "1", "--epochs", "5"],
+    "features": ["--train", "1000", "--val", "200", "--epochs", "2", "--pretrain-epochs", "1"],
+    "exp_overhead": ["--repeats", "2"],
 }
 
 
