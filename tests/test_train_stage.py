@@ -109,7 +109,7 @@ def test_dvc_yaml_deps_cover_every_module_the_stage_imports(project):
     assert all((ROOT / dep).exists() for dep in deps if dep.startswith(("src/", "stages/")))
     from cnnpipe.params import TRAINING_KEYS
 
-    assert stage["params"] == [*TRAINING_KEYS, "models", "select_by", "device", "grid", "mlflow", "data.dataset"]
+    assert stage["params"] == [*TRAINING_KEYS, "pretrained", "models", "select_by", "device", "grid", "mlflow", "data.dataset"]
 
 
 def test_all_runs_diverging_fails_and_keeps_models_best(project):
