@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnpipe.data.resident_pages import register
 from cnnpipe.util.errors import DataError
 
 HEADER_LIMIT = 100_000_000  # the safetensors library refuses larger headers too
@@ -203,12 +204,16 @@ def map_images(path: str | os.PathLike[str], layout: Layout) -> np.ndarray:
     Copy-on-write, not read-only: pages nobody writes are the page cache's,
     shared by every process mapping the file; a stray in-place write (never
     done by cnnpipe) would stay private to its process instead of crashing it
-    (read-only pages) or changing the file. An empty split is a plain array.
+    (read-only pages) or changing the file. The mapping is registered with
+    ``resident_pages``, so a loop over a large split keeps only a budget of
+    its pages mapped. An empty split is a plain array.
     """
     shape = (layout.count, *layout.image_shape)
     if layout.count == 0 or 0 in layout.image_shape:
         return np.zeros(shape, dtype=np.uint8)
-    return np.memmap(path, dtype=np.uint8, mode="c", offset=layout.images_at, shape=shape)
+    array = np.memmap(path, dtype=np.uint8, mode="c", offset=layout.images_at, shape=shape)
+    register(array)  # so the loops reading it can give its pages back (data.resident_pages)
+    return array
 
 
 def as_tensor(array: np.ndarray):  # type: ignore[no-untyped-def]

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnpipe.compute.device import configure_backend, is_cuda, resolve_device, thread_limit
+from cnnpipe.data.resident_pages import ResidentCap
 from cnnpipe.engine.augment import augment, norm_constants, normalize
 from cnnpipe.engine.data import TrainData, gather, on_device
 from cnnpipe.engine.early_stopping import EarlyStopping
@@ -155,9 +156,11 @@ def evaluate_logits(
     channels_last = has_conv(model)
     net = inference_copy(model, channels_last=channels_last)
     images = on_device(images_uint8, device)
+    pages = ResidentCap(images)  # a large mapped split: keep a budget of its pages mapped, not all
     out: torch.Tensor | None = None
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True)
+        pages.read(x.shape[0])
         if channels_last:  # uint8 first: the float batch is born NHWC, no float copy
             x = x.contiguous(memory_format=torch.channels_last)
         x = normalize(x, scale, shift)
@@ -277,6 +280,7 @@ def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: tor
     seen = 0
     bar = None
     next_line = start + every if every is not None and not show else math.inf
+    pages = ResidentCap(train_x)  # a large mapped split: keep a budget of its pages mapped, not all
     if show:
         from tqdm.auto import tqdm
 
@@ -285,6 +289,7 @@ def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: tor
         for b, (lo, hi) in enumerate(plan):
             idx = order[lo:hi]
             x = gather(train_x, idx, dev)
+            pages.read(hi - lo)
             y = train_y[idx]
             if on_features:
                 with _autocast(dev):

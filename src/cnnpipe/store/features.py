@@ -94,9 +94,11 @@ def body_outputs(model: "nn.Module", images: "torch.Tensor", mean: list[float], 
     """The features of uint8 ``images`` (N x C x H x W): normalized, through the eval-mode body, in batches."""
     import torch
 
+    from cnnpipe.data.resident_pages import ResidentCap
     from cnnpipe.engine.augment import norm_constants, normalize
 
     scale, shift = norm_constants(mean, std, device)
+    pages = ResidentCap(images)
     was_training = model.training
     model.eval()
     chunks = []
@@ -104,6 +106,7 @@ def body_outputs(model: "nn.Module", images: "torch.Tensor", mean: list[float], 
         with torch.inference_mode():
             for start in range(0, int(images.shape[0]), BATCH):
                 x = normalize(images[start:start + BATCH].to(device), scale, shift)
+                pages.read(int(x.shape[0]))
                 chunks.append(model.features(x).float().cpu())
     finally:
         model.train(was_training)
