@@ -1,7 +1,7 @@
 """Memory of ``prepare`` and of training against the dataset's size; mapped vs in-memory throughput.
 
     python benchmarks/bench_memory.py [--cache benchmarks/out/bench-memory] [--big 90000] [--small 2000]
-        [--phases generate,prepare,train,limited,throughput] [--limit-gb 2] [--repeats 5]
+        [--phases generate,prepare,train,cap,limited,throughput] [--limit-gb 2] [--repeats 5]
 
 Issue 26. Phases (each prints its table and adds to ``benchmarks/out/bench_memory.json``):
 
@@ -21,6 +21,10 @@ Issue 26. Phases (each prints its table and adds to ``benchmarks/out/bench_memor
   pages count in ``VmHWM`` when they are resident (they are the page
   cache's, shared by both workers and reclaimable), so ``RssAnon`` is the
   figure that shows what a worker holds of its own.
+* ``cap``: the big tree's ``train`` phase ``--repeats`` times with the
+  resident-page cap (``data.resident_pages``, cnnpipe's default budget) and
+  without it (a budget no split reaches), interleaved: the cap's cost in
+  epoch time and what it saves in peak RSS.
 * ``limited``: the big tree's one-epoch run in one process inside a memory
   cgroup (v1 ``memory.limit_in_bytes``, ``--limit-gb``, default 2 GB,
   created under this process's own memory cgroup and removed after), so
@@ -192,9 +196,16 @@ def prepare(tree: Path, out: Path) -> dict[str, float]:
 # --------------------------------------------------------------------------- train
 
 
-def _train_one(lr: float, prepared: str, fingerprint: str) -> dict[str, float]:
-    """One run of one epoch in a worker process, as the grid runs it; its own peaks and epoch time."""
+def _train_one(lr: float, prepared: str, fingerprint: str, budget: int | None = None) -> dict[str, float]:
+    """One run of one epoch in a worker process, as the grid runs it; its own peaks and epoch time.
+
+    ``budget``: ``resident_pages.BUDGET_BYTES`` in this worker (None: cnnpipe's default).
+    """
     from cnnpipe.compute.executors import PreparedSource
+    from cnnpipe.data import resident_pages
+
+    if budget is not None:
+        resident_pages.BUDGET_BYTES = budget
     from cnnpipe.engine import train_run
     from cnnpipe.params import RunConfig, TrainingValues
 
@@ -209,7 +220,7 @@ def _train_one(lr: float, prepared: str, fingerprint: str) -> dict[str, float]:
             "train_images": len(data.train)}
 
 
-def train(prepared: Path) -> dict[str, object]:
+def train(prepared: Path, budget: int | None = None) -> dict[str, object]:
     from cnnpipe.compute.executors import ProcessExecutor
     from cnnpipe.data.prepared import load_stats
 
@@ -222,7 +233,8 @@ def train(prepared: Path) -> dict[str, object]:
 
     start = time.perf_counter()
     with Sampler(workers) as sampler:
-        results = list(executor.map(_train_one, [(0.01, str(prepared), fingerprint), (0.003, str(prepared), fingerprint)]))
+        results = list(executor.map(_train_one, [(0.01, str(prepared), fingerprint, budget),
+                                                    (0.003, str(prepared), fingerprint, budget)]))
     wall = time.perf_counter() - start
     out = []
     for r in results:
@@ -372,6 +384,16 @@ def main() -> int:
             results.setdefault("train", {})[name] = info = train(prepared)
             print(f"train {name}: {info}", flush=True)
             save()
+    if "cap" in phases:  # the big tree's train phase with cnnpipe's resident-page cap and without, interleaved
+        prepared = args.cache / f"prepared-{args.big}" / "prepared"
+        runs: dict[str, list[dict[str, object]]] = {"capped": [], "uncapped": []}
+        for rep in range(args.repeats):
+            for name in (["capped", "uncapped"] if rep % 2 == 0 else ["uncapped", "capped"]):
+                info = train(prepared, budget=None if name == "capped" else 1 << 62)
+                runs[name].append(info)
+                print(f"cap {name} repeat {rep + 1}: {info}", flush=True)
+        results["cap"] = runs
+        save()
     if "limited" in phases:
         info = limited(args.cache / f"prepared-{args.big}" / "prepared", args.limit_gb)
         if info is not None:
