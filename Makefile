@@ -9,10 +9,12 @@ run: setup
 	@bash scripts/ensure_data.sh
 	@. .venv/bin/activate && MLFLOW_DISABLE_TELEMETRY=true dvc repro
 
-# Tests run in parallel, a test file per worker (its module fixtures are built once):
-# most of the suite waits on dvc/mlflow subprocesses, so 2 workers fill 2 cores.
+# Tests run in parallel, a test file per worker (its module fixtures are built once),
+# one worker more than the machine has cores: much of the suite waits on dvc and
+# mlflow subprocesses, queue polls and servers (one worker per core kept 2 cores
+# only 65% busy), and the extra worker runs tests in those waits.
 # PYTEST_WORKERS=0 runs them in this process (one test, a debugger).
-PYTEST_WORKERS ?= auto
+PYTEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: setup
 	@. .venv/bin/activate && MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 

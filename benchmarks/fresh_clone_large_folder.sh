@@ -14,8 +14,9 @@
 #   dvc exp run -S data.dataset=folder -S data.source=my_photos -S 'data.image_size=[S,S]' ...
 #   cnnpipe predict my_photos/class3/0000*.jpg
 # Each command's wall time and peak RSS (GNU time: the largest process it
-# waited for) go to WORK/summary.txt, with the prepared size, RAM, the
-# train stage's epoch line and the test metrics. Needs ~3x the prepared size
+# waited for) go to WORK/summary.txt, with each stage's peak RSS and own
+# memory (sampled every second), the prepared size, RAM, the train stage's
+# epoch line and the test metrics. Needs ~3x the prepared size
 # free on WORK's disk (prepare writes beside a scratch file; DVC caches the
 # splits) and about an hour on 2 CPU cores.
 set -euo pipefail
@@ -46,11 +47,35 @@ timed "setup (fresh clone)" bash scripts/setup.sh
 source .venv/bin/activate
 cp -r "$CACHE/tree-90000" my_photos && rm -f my_photos/.complete   # the generator's marker is not a photo
 timed "dvc add my_photos" dvc add my_photos
+# Each stage's peak RSS (VmHWM) and peak own memory (RssAnon), sampled every second while dvc runs them.
+"$PY" - "$WORK/stage-peaks.json" <<'SAMPLER' &
+import json, os, re, sys, time
+peaks = {}
+while True:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            found = re.search(r"stages/(\w+)\.py", cmd)
+            if not found:
+                continue
+            status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines())
+        except (OSError, ValueError):
+            continue
+        entry = peaks.setdefault(found.group(1), {"VmHWM_kB": 0, "RssAnon_kB": 0})
+        for key in ("VmHWM", "RssAnon"):
+            entry[key + "_kB"] = max(entry[key + "_kB"], int(status[key].split()[0]))
+    with open(sys.argv[1] + ".tmp", "w") as out:
+        json.dump(peaks, out, indent=1)
+    os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+    time.sleep(1)
+SAMPLER
+SAMPLER_PID=$!
 timed "dvc exp run" dvc exp run -S data.dataset=folder -S data.source=my_photos -S "data.image_size=[$SIZE,$SIZE]" \
   -S epochs=1 -S lr=0.003 -S batch_size=100 2>&1 | tee "$WORK/exp-run.log"
+kill "$SAMPLER_PID"
 timed "cnnpipe predict" cnnpipe predict my_photos/class3/0000*.jpg | tee "$WORK/predict.log"
 
 { echo "prepared: $(du -sb data/prepared | cut -f1) bytes"; ls -l data/prepared;
-  grep -E "epoch 1/1|larger than|read from disk|images/s" "$WORK/exp-run.log" | tail -5;
-  cat reports/metrics.json; } >> "$SUMMARY"
+  grep -E "^prepare: folder|larger than|read from disk|epoch 1/1: train_loss|^evaluate:" "$WORK/exp-run.log";
+  echo "stage peaks (kB): $(cat "$WORK/stage-peaks.json")"; cat reports/metrics.json; } >> "$SUMMARY"
 cat "$SUMMARY"

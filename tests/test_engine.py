@@ -277,3 +277,22 @@ def test_interrupted_then_resumed_equals_uninterrupted(data: TrainData, tmp_path
     assert metrics_of(again.history) == metrics_of(straight.history) and again.epochs_run == 3
     other = train_run(make_cfg(epochs=1), data, resume_dir=tmp_path / "state", **QUIET)
     assert other.epochs_run == 1
+
+
+def test_evaluation_batches_are_capped_by_input_values_and_score_the_same(monkeypatch) -> None:
+    """Large images are scored in smaller batches than eval.batch_size asks (their activations would not fit)."""
+    import cnnpipe.engine.loop as loop
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    seen: list[int] = []
+    model[1].register_forward_hook(lambda _m, inputs, _out: seen.append(int(inputs[0].shape[0])))
+    kwargs = {"mean": (0.5,) * 3, "std": (0.25,) * 3, "batch_size": 20}
+    whole = evaluate_logits(model, images, **kwargs)
+    assert seen == [20, 20, 10]  # below the cap: eval.batch_size as given
+    seen.clear()
+    monkeypatch.setattr(loop, "EVAL_BATCH_VALUES", 7 * 3 * 8 * 8 + 5)  # room for 7 images a batch
+    capped = evaluate_logits(model, images, **kwargs)
+    assert seen == [7] * 7 + [1]
+    assert torch.allclose(capped, whole, atol=1e-6)

@@ -34,7 +34,7 @@ from fixtures_raw import make_idx_raw, serve
 from project_builder import DVC, ROOT, TINY, commit_all, pipeline_project, run, run_ok
 from test_faults_concurrency import start_and_drain, stop_leftover_workers
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.chain]  # one project, experiment after experiment
 
 BASE_LR = 0.01
 SWEEP = (0.01, 0.001)  # 0.01 repeats the baseline's training params on purpose

@@ -51,6 +51,7 @@ CONFUSION_FILE = "confusion.csv"
 MISTAKES_FILE = "mistakes.csv"
 PER_CLASS_COLUMNS = ("class", "support", "accuracy", "precision", "recall", "f1", "train_accuracy")
 MISTAKES_COLUMNS = ("index", "actual", "predicted", "confidence")
+SUBSET_GATHER_BYTES = 256 * 1024 * 1024  # the train subset is gathered (copied) at most this much at a time
 TRAIN_SUBSET = 10_000  # train-split images scored (a fixed seeded subset; all when the split is smaller)
 SUBSET_SEED = 0
 SIDECAR_IDS = ("run_id", "run_name", "mlflow_run_id", "mlflow_parent_run_id", "mlflow_experiment_id")
@@ -262,7 +263,8 @@ def evaluate_checkpoint(
             logits = evaluate_logits(model, images, mean=mean, std=std, batch_size=batch_size, device=dev, tta=tta)
         else:  # gathered from the mapped split a few batches at a time, never the whole subset at once
             labels = labels[subset]
-            step = batch_size * max(1, 8192 // batch_size)
+            row = max(1, int(images[0].numel())) if len(images) else 1
+            step = batch_size * max(1, min(8192, SUBSET_GATHER_BYTES // row) // batch_size)
             logits = torch.cat([evaluate_logits(model, images[subset[i:i + step]], mean=mean, std=std,
                                                 batch_size=batch_size, device=dev, tta=tta)
                                 for i in range(0, len(subset), step)])
