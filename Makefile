@@ -13,10 +13,12 @@ run: setup
 # one worker more than the machine has cores: much of the suite waits on dvc and
 # mlflow subprocesses, queue polls and servers (one worker per core kept 2 cores
 # only 65% busy), and the extra worker runs tests in those waits.
+# Files go to workers in collection order, the long chains first (tests/conftest.py): xdist's
+# default reorder by test count would start the one-test README file last.
 # PYTEST_WORKERS=0 runs them in this process (one test, a debugger).
 PYTEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: setup
-	@. .venv/bin/activate && MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	@. .venv/bin/activate && MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: setup
 	@. .venv/bin/activate && python benchmarks/run_all.py $(BENCH_ARGS)

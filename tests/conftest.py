@@ -25,7 +25,8 @@ ISOLATED_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASE
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Files with a ``chain`` test go first, in collection order otherwise.
 
-    ``--dist loadfile`` hands files to workers in collection order. A file
+    ``--dist loadfile --no-loadscope-reorder`` (``make test``) hands files to
+    workers in this order (xdist's default reorders them by test count). A file
     holding one long sequential chain of pipeline runs (the README's blocks)
     collected last starts when the other worker is nearly done, and the
     suite then waits minutes for it alone; started first, the other worker

@@ -18,13 +18,13 @@ experiment is queued with no worker alive. Promised (README, "A stuck
 queue"): ``dvc queue status`` shows it ``Queued``; ``dvc queue start -j 1``
 again runs it to Success without rerunning the first two, and the root store
 holds exactly one parent run per experiment.
-(``test_exp_workflows.py`` covers a 2-experiment queued sweep and the
-DVC <-> MLflow links.)
+(``test_exp_workflows.py`` covers the DVC <-> MLflow links.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -37,7 +37,7 @@ import pytest
 from fixtures_raw import make_idx_raw, serve
 from project_builder import DVC, TINY, clean_env, commit_all, pipeline_project, run, run_ok
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.chain]  # one project, queue after queue
 
 SAFETY_S = 900  # a safety net only
 
@@ -88,10 +88,11 @@ def test_two_queue_workers_share_the_root_sqlite_store_and_a_stuck_queue_recover
         project = pipeline_project(tmp_path / "repo", server.url, raw.checksums, commit=True,
                                    params={"model": "tiny", "models": {"tiny": TINY}, "lr": 0.02,
                                            "batch_size": 50, "epochs": 2, "patience": 2, "seed": [1, 2]})
-        run_ok([DVC, "repro"], project, timeout=SAFETY_S)  # baseline lr 0.02: every queued experiment retrains
+        run_ok([DVC, "repro"], project, timeout=SAFETY_S)
+        baseline_parent = json.loads((project / "reports" / "train.json").read_text())["mlflow_parent_run_id"]
         commit_all(project, "baseline")
         try:
-            names = queue(project, "lr=0.01,0.003")
+            names = queue(project, "lr=0.01,0.003")  # not the baseline's 0.02: both train
             assert len(names) == 2, names
             status = start_and_drain(project, jobs=2, env={"CNNPIPE_TAKE_TURNS": "0"})  # no turns: truly concurrent
             logs = {name: run_ok([DVC, "queue", "logs", name], project).stdout for name in names}
@@ -108,7 +109,8 @@ def test_two_queue_workers_share_the_root_sqlite_store_and_a_stuck_queue_recover
 
     for name in names:
         assert re.search(rf"\b{name}\s+.*\bSuccess\b", status), status
-        assert "Running stage 'train'" in logs[name], logs[name][-2000:]
+        assert logs[name].count("Running stage 'train'") == 1, logs[name][-2000:]
+        assert "is cached - skipping run" not in logs[name], logs[name][-2000:]
         assert "database is locked" not in logs[name].lower(), logs[name][-3000:]
     for name in (*names, waiting):
         assert re.search(rf"\b{name}\s+.*\bSuccess\b", recovered), recovered
@@ -126,6 +128,8 @@ def test_two_queue_workers_share_the_root_sqlite_store_and_a_stuck_queue_recover
     lrs = set()
     for name, parent in parents.items():
         assert parent.info.status == "FINISHED" and parent.info.run_name == name
+        assert parent.info.run_id != baseline_parent
+        assert parent.info.artifact_uri.startswith(str(project / "mlartifacts"))  # the root store's artifacts
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert sorted(c.data.params["seed"] for c in children) == ["1", "2"]
         assert {c.info.status for c in children} == {"FINISHED"}
@@ -138,4 +142,6 @@ def test_two_queue_workers_share_the_root_sqlite_store_and_a_stuck_queue_recover
     overlapping = {(a, b) for a, a_start, a_end in spans for b, b_start, b_end in spans
                    if a < b and a_start < b_end and b_start < a_end}
     assert overlapping, sorted(spans, key=lambda span: span[1])
-    assert not list((project / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))  # nothing landed in a temp copy
+    strays = [p for p in (project / ".dvc" / "tmp" / "exps").rglob("*")
+              if p.name in ("mlflow.db", "mlruns", "mlartifacts", ".cnnpipe-cache")]
+    assert strays == []  # nothing landed in an experiment's temp copy
