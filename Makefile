@@ -13,7 +13,7 @@ run: setup
 # one worker more than the machine has cores: much of the suite waits on dvc and
 # mlflow subprocesses, queue polls and servers (one worker per core kept 2 cores
 # only 65% busy), and the extra worker runs tests in those waits.
-# Files go to workers in collection order, the long chains first (tests/conftest.py): xdist's
+# Files go to workers longest first (their `long(seconds)` marks, tests/conftest.py): xdist's
 # default reorder by test count would start the one-test README file last.
 # PYTEST_WORKERS=0 runs them in this process (one test, a debugger).
 PYTEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))

@@ -23,17 +23,21 @@ ISOLATED_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASE
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with a ``chain`` test go first, in collection order otherwise.
+    """Files marked ``long(seconds)`` go first, longest first; the others follow in collection order.
 
     ``--dist loadfile --no-loadscope-reorder`` (``make test``) hands files to
-    workers in this order (xdist's default reorders them by test count). A file
-    holding one long sequential chain of pipeline runs (the README's blocks)
-    collected last starts when the other worker is nearly done, and the
-    suite then waits minutes for it alone; started first, the other worker
-    runs every other file beside it.
+    workers in this order (xdist's default reorders them by test count, which
+    starts the one-test README file last). Longest first is the classic
+    schedule for parallel jobs of known lengths: a file of many short tests
+    fills the end, and no worker starts a minutes-long chain of pipeline runs
+    when the others are nearly done. The seconds only order the files: a
+    stale figure costs speed, never a result.
     """
-    chained = {item.path for item in items if item.get_closest_marker("chain")}
-    items.sort(key=lambda item: item.path not in chained)
+    seconds: dict[Path, float] = {}
+    for item in items:
+        marker = item.get_closest_marker("long")
+        seconds[item.path] = max(seconds.get(item.path, 0.0), float(marker.args[0]) if marker else 0.0)
+    items.sort(key=lambda item: -seconds[item.path])
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,8 @@ from fixtures_images import COLORS, image_bytes, make_tree
 from project_builder import DVC, commit_all, pipeline_project, run_ok
 from synthetic import TINY
 
+pytestmark = pytest.mark.long(30)
+
 
 @pytest.mark.slow
 def test_dvc_repro_trains_on_a_dvc_added_folder_and_reruns_prepare_when_it_changes(tmp_path: Path) -> None:

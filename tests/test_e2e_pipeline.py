@@ -22,6 +22,8 @@ FIGURES = ["confusion_matrix.png", "grid_comparison.png", "grid_curves.png", "le
            "per_class_accuracy.png"]
 SCRIPT_SRC = re.compile(r"<script\b[^>]*?\bsrc\s*=\s*[\"']?([^\"'\s>]+)", re.IGNORECASE)
 
+pytestmark = pytest.mark.long(35)
+
 
 @pytest.mark.slow
 def test_dvc_repro_end_to_end_then_offline_plots(tmp_path: Path, no_proxy: None) -> None:

@@ -33,7 +33,7 @@ import yaml
 from fixtures_raw import make_idx_raw, serve
 from project_builder import DVC, ROOT, TINY, commit_all, pipeline_project, run, run_ok
 
-pytestmark = [pytest.mark.slow, pytest.mark.chain]  # one project, experiment after experiment
+pytestmark = [pytest.mark.slow, pytest.mark.long(110)]  # one project, experiment after experiment
 
 BASE_LR = 0.01
 ALL_STAGES = tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # every stage of the pipeline

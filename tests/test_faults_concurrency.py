@@ -37,7 +37,7 @@ import pytest
 from fixtures_raw import make_idx_raw, serve
 from project_builder import DVC, TINY, clean_env, commit_all, pipeline_project, run, run_ok
 
-pytestmark = [pytest.mark.slow, pytest.mark.chain]  # one project, queue after queue
+pytestmark = [pytest.mark.slow, pytest.mark.long(160)]  # one project, queue after queue
 
 SAFETY_S = 900  # a safety net only
 

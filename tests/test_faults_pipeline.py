@@ -42,7 +42,7 @@ import yaml
 from fixtures_raw import IdxFixture, make_idx_raw, serve
 from project_builder import DVC, clean_env, pipeline_project, run_ok
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long(100)]
 
 SAFETY_S = 600  # safety nets only; nothing here asserts a duration
 # Fields of reports/metrics.json that legitimately differ between two identical executions:

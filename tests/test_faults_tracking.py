@@ -30,7 +30,7 @@ from project_builder import BIN, stage_project
 from synthetic import make_prepared
 from test_mlflow_server import free_port, serving, wait_healthy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long(50)]
 
 SAFETY_S = 300  # a safety net only; nothing here asserts a duration
 

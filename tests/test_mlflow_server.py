@@ -29,7 +29,7 @@ import pytest
 
 from project_builder import BIN, clean_env, run_stage, stage_project
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long(50)]
 
 EXP_NAME = "exp-served"
 HEALTH_DEADLINE_S = 180  # ~25 s on an idle laptop; generous for a loaded CI box

@@ -44,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")
 TIMING = ("epoch_seconds", "images_per_s")
 
+pytestmark = pytest.mark.long(40)
+
 
 def deterministic(record) -> dict:
     """An epoch's metrics without the wall-clock ones."""

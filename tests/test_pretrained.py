@@ -38,6 +38,8 @@ NAME = f"{tvs.PREFIX}{ARCH}"
 HEAD_KEYS = ("classifier.3.weight", "classifier.3.bias")  # the classifier torchvision's weights end with
 QUIET: dict[str, Any] = {"progress": False, "num_threads": 1}
 
+pytestmark = pytest.mark.long(80)
+
 
 def arch_state(arch: str = ARCH, seed: int = 0) -> dict[str, torch.Tensor]:
     """A randomly initialised torchvision state dict (what a real download would hold, other values)."""

@@ -24,7 +24,7 @@ from cnnpipe.search.space import expand as expand_grid  # noqa: E402
 from cnnpipe.tracking.runs import open_tracker  # noqa: E402
 from synthetic import tiny_params  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long(40)]
 
 TIMING = ("epoch_seconds", "images_per_s")
 

@@ -30,6 +30,8 @@ from synthetic import tiny_params
 
 QUIET = {"progress": False}
 
+pytestmark = pytest.mark.long(40)
+
 
 @pytest.fixture(scope="module")
 def data(tiny_prepared) -> TrainData:

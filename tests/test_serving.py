@@ -32,7 +32,7 @@ import yaml
 from fixtures_raw import make_idx_raw, serve
 from project_builder import BIN, DVC, TINY, clean_env, commit_all, pipeline_project, run, run_ok
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long(55)]
 NAME = "cnnpipe-classifier"
 CHAMPION_URI = f"models:/{NAME}@champion"
 N_IMAGES = 6
