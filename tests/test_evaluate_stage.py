@@ -288,3 +288,19 @@ def test_stored_reports_come_back_byte_for_byte_with_this_checkpoints_ids(projec
     monkeypatch.delenv("CNNPIPE_NO_CACHE")
     (cache.root / key / "mistakes.csv").unlink()  # an incomplete entry is never used
     assert reuse_reports(key, best, tmp_path / "partial", cache) is None
+
+
+def test_a_train_subset_is_scored_alike_whatever_the_gather_and_page_budgets(project: Path, monkeypatch) -> None:
+    """The train subset (``train_images`` < the split) gathered a row at a time under a one-page resident budget
+    scores exactly what it scores gathered whole: the budgets change memory, not results."""
+    import cnnpipe.evaluation.score as score
+    from cnnpipe.data import resident_pages
+
+    whole = evaluate_checkpoint(project / "models/best", project / "data/prepared", device="cpu", train_images=100)
+    monkeypatch.setattr(score, "GATHER_PAGES_BYTES", 1)  # one row a gather
+    monkeypatch.setattr(resident_pages, "BUDGET_BYTES", resident_pages.PAGE)  # drops after (nearly) every gather
+    bits = evaluate_checkpoint(project / "models/best", project / "data/prepared", device="cpu", train_images=100)
+    assert whole.metrics["train_images"] == bits.metrics["train_images"] == 100
+    assert whole.metrics["train_top1"] == bits.metrics["train_top1"]
+    assert whole.metrics["train_loss"] == bits.metrics["train_loss"]
+    assert bool((whole.train_accuracy == bits.train_accuracy).all())

@@ -52,6 +52,7 @@ MISTAKES_FILE = "mistakes.csv"
 PER_CLASS_COLUMNS = ("class", "support", "accuracy", "precision", "recall", "f1", "train_accuracy")
 MISTAKES_COLUMNS = ("index", "actual", "predicted", "confidence")
 SUBSET_GATHER_BYTES = 256 * 1024 * 1024  # the train subset is gathered (copied) at most this much at a time
+GATHER_PAGES_BYTES = 16 * 1024 * 1024  # ... in gathers of at most this many image bytes (a folio mapped per row)
 TRAIN_SUBSET = 10_000  # train-split images scored (a fixed seeded subset; all when the split is smaller)
 SUBSET_SEED = 0
 SIDECAR_IDS = ("run_id", "run_name", "mlflow_run_id", "mlflow_parent_run_id", "mlflow_experiment_id")
@@ -236,6 +237,7 @@ def evaluate_checkpoint(
 
     from cnnpipe.models.checkpoint import load_checkpoint
     from cnnpipe.data.prepared import load_split, load_stats
+    from cnnpipe.data.resident_pages import ResidentCap
     from cnnpipe.compute.device import resolve_device
     from cnnpipe.engine import evaluate_logits
     from cnnpipe.evaluation.metrics import class_scores, confusion_matrix, mean_loss, most_confident_mistakes, topk_accuracy
@@ -265,9 +267,19 @@ def evaluate_checkpoint(
             labels = labels[subset]
             row = max(1, int(images[0].numel())) if len(images) else 1
             step = batch_size * max(1, min(8192, SUBSET_GATHER_BYTES // row) // batch_size)
-            logits = torch.cat([evaluate_logits(model, images[subset[i:i + step]], mean=mean, std=std,
-                                                batch_size=batch_size, device=dev, tta=tta)
-                                for i in range(0, len(subset), step)])
+            # Random rows of a large mapped split map a page-cache folio (up to 2 MB) each: gathered a few
+            # at a time, so the resident-page cap acts before a whole step of them is mapped.
+            pages, few = ResidentCap(images), max(1, GATHER_PAGES_BYTES // row)
+            parts = []
+            for i in range(0, len(subset), step):
+                chunks = []
+                for j in range(i, min(i + step, len(subset)), few):
+                    chunks.append(images[subset[j:min(j + few, i + step)]])
+                    pages.read(int(chunks[-1].shape[0]))
+                rows = torch.cat(chunks)
+                parts.append(evaluate_logits(model, rows, mean=mean, std=std, batch_size=batch_size, device=dev,
+                                             tta=tta))
+            logits = torch.cat(parts)
         scored[split] = int(len(labels))
         if logits.numel() == 0:
             logits = torch.zeros(0, num_classes)
