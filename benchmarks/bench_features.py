@@ -23,7 +23,6 @@ val_loss) and validation losses. Not a test: no assertions.
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import sys
 import tempfile

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -126,10 +127,11 @@ def _status(pid: int) -> dict[str, int]:
 
 
 class Sampler:
-    """Peak ``RssAnon`` and ``VmHWM`` of some processes, sampled every 0.1 s in a thread."""
+    """Peak ``RssAnon`` and ``VmHWM`` of some processes, sampled every ``interval`` s (0.1) in a thread."""
 
-    def __init__(self, pids: callable) -> None:  # type: ignore[valid-type]
+    def __init__(self, pids: callable, interval: float = 0.1) -> None:  # type: ignore[valid-type]
         self.pids = pids
+        self.interval = interval
         self.peaks: dict[int, dict[str, int]] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -141,7 +143,7 @@ class Sampler:
                 peak = self.peaks.setdefault(pid, {"RssAnon": 0, "VmHWM": 0})
                 for key in peak:
                     peak[key] = max(peak[key], now.get(key, 0))
-            self.stop.wait(0.1)
+            self.stop.wait(self.interval)
 
     def __enter__(self) -> "Sampler":
         self.thread.start()
@@ -150,6 +152,42 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
+
+
+def _stage_pids() -> dict[int, str]:
+    """Running ``stages/<name>.py`` processes: pid -> stage name."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        stage = re.search(r"stages/(\w+)\.py", command)
+        if stage:
+            found[int(entry)] = stage.group(1)
+    return found
+
+
+def watch_stages(out: Path) -> None:
+    """Each pipeline stage's peak ``VmHWM`` and ``RssAnon`` (kB), sampled every second, rewritten to ``out`` every
+    second until this process is killed (``fresh_clone_large_folder.sh`` runs it beside ``dvc exp run``)."""
+    names: dict[int, str] = {}
+
+    def pids() -> list[int]:
+        current = _stage_pids()
+        names.update(current)
+        return list(current)
+
+    with Sampler(pids, interval=1.0) as sampler:
+        while True:
+            time.sleep(1.0)
+            peaks: dict[str, dict[str, int]] = {}
+            for pid, peak in list(sampler.peaks.items()):
+                entry = peaks.setdefault(names[pid], {"VmHWM_kB": 0, "RssAnon_kB": 0})
+                for key in ("VmHWM", "RssAnon"):
+                    entry[key + "_kB"] = max(entry[key + "_kB"], peak[key])
+            out.with_suffix(".tmp").write_text(json.dumps(peaks, indent=1))
+            out.with_suffix(".tmp").replace(out)
 
 
 def _children(pid: int) -> list[int]:
@@ -360,7 +398,12 @@ def main() -> int:
     parser.add_argument("--phases", default="generate,prepare,train,limited,throughput")
     parser.add_argument("--limit-gb", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--watch-stages", type=Path, metavar="FILE",
+                        help="no phases: write each running pipeline stage's peak memory to FILE until killed")
     args = parser.parse_args()
+    if args.watch_stages:
+        watch_stages(args.watch_stages)
+        return 0
     phases = set(args.phases.split(","))
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     results["machine"] = {"cores": os.cpu_count(), "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1),

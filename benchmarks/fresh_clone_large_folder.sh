@@ -48,27 +48,7 @@ source .venv/bin/activate
 cp -r "$CACHE/tree-90000" my_photos && rm -f my_photos/.complete   # the generator's marker is not a photo
 timed "dvc add my_photos" dvc add my_photos
 # Each stage's peak RSS (VmHWM) and peak own memory (RssAnon), sampled every second while dvc runs them.
-"$PY" - "$WORK/stage-peaks.json" <<'SAMPLER' &
-import json, os, re, sys, time
-peaks = {}
-while True:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
-            found = re.search(r"stages/(\w+)\.py", cmd)
-            if not found:
-                continue
-            status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines())
-        except (OSError, ValueError):
-            continue
-        entry = peaks.setdefault(found.group(1), {"VmHWM_kB": 0, "RssAnon_kB": 0})
-        for key in ("VmHWM", "RssAnon"):
-            entry[key + "_kB"] = max(entry[key + "_kB"], int(status[key].split()[0]))
-    with open(sys.argv[1] + ".tmp", "w") as out:
-        json.dump(peaks, out, indent=1)
-    os.replace(sys.argv[1] + ".tmp", sys.argv[1])
-    time.sleep(1)
-SAMPLER
+"$PY" "$REPO/benchmarks/bench_memory.py" --watch-stages "$WORK/stage-peaks.json" &
 SAMPLER_PID=$!
 timed "dvc exp run" dvc exp run -S data.dataset=folder -S data.source=my_photos -S "data.image_size=[$SIZE,$SIZE]" \
   -S epochs=1 -S lr=0.003 -S batch_size=100 2>&1 | tee "$WORK/exp-run.log"

@@ -91,7 +91,7 @@ def test_server_killed_mid_grid_training_finishes_outputs_written_exit_nonzero(t
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err[-3000:]
-    assert errors[0].startswith(f"error: MLflow ") and f"failed at {base}" in errors[0]
+    assert errors[0].startswith("error: MLflow ") and f"failed at {base}" in errors[0]
     assert "training finished and models/best/ and reports/ were written" in errors[0]
     # the moment of loss is announced once, and training went on
     lost = [line for line in err.splitlines() if line.startswith("mlflow: ")]

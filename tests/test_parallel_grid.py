@@ -34,7 +34,7 @@ from cnnpipe.search.progress import SearchProgress
 from cnnpipe.engine import TrainData
 from cnnpipe.engine import train_run as engine_train_run
 from cnnpipe.util.errors import CnnpipeError, DataError, ParamsError
-from cnnpipe.params import MlflowParams, parse_params
+from cnnpipe.params import MlflowParams
 from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.tracking.runs import open_tracker
 from synthetic import TINY
