@@ -42,10 +42,13 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cnnpipe.engine import TrainData, evaluate_logits, train_run  # noqa: E402
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.inference import evaluate_logits
+from cnnpipe.engine.loop import train_run
 from cnnpipe.models.build import build_model  # noqa: E402
 from cnnpipe.models.presets import PRESETS  # noqa: E402
-from cnnpipe.params import RunConfig, TrainingValues  # noqa: E402
+from cnnpipe.params.run_config import RunConfig
+from cnnpipe.params.values import TrainingValues
 from summary import record  # noqa: E402
 
 RAW_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -12,7 +12,7 @@ executes (their params changed), nothing is trained, scored or drawn again.
 
 Also timed, in the same sitting: one epoch of the tutorial loop
 (``bench_engine.tutorial_epoch``, the project's yardstick) and the code
-identity of every store (``store.code_identity``: what the derived cache keys
+identity of every store (``codegraph.code_identity``: what the derived cache keys
 add to each stage). Prints the medians and their ratio to a tutorial epoch.
 Not a test: no assertions.
 """
@@ -79,7 +79,7 @@ def build(project: Path) -> None:
 
 def identity_seconds() -> float:
     """Wall time of computing every store's code identity in a fresh process (what a stage adds)."""
-    code = ("import time; t = time.perf_counter(); from cnnpipe.store.code_identity import code_identity; "
+    code = ("import time; t = time.perf_counter(); from cnnpipe.codegraph.code_identity import code_identity; "
             "[code_identity(e) for e in ('cnnpipe.search.trial', 'cnnpipe.evaluation.score', "
             "'cnnpipe.reports.figures')]; print(time.perf_counter() - t)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

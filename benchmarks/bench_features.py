@@ -40,9 +40,11 @@ from cnnpipe.data.formats import load_idx  # noqa: E402
 from cnnpipe.data.prepare import stratified_split  # noqa: E402
 from cnnpipe.data.prepared import write_prepared  # noqa: E402
 from cnnpipe.data.registry import get_dataset  # noqa: E402
-from cnnpipe.engine import TrainData, train_run  # noqa: E402
-from cnnpipe.models import pretrained_weights as pw  # noqa: E402
-from cnnpipe.params import parse_params  # noqa: E402
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.loop import train_run
+from cnnpipe.store.features import FeatureCache  # noqa: E402
+from cnnpipe.pretrained import fetch as pw  # noqa: E402
+from cnnpipe.params.load import parse_params
 from cnnpipe.search.space import expand  # noqa: E402
 
 RAW = Path("/usr/share/datasets/fashion-mnist")
@@ -110,9 +112,9 @@ def main() -> int:
         configs = expand(params, weights_dir=weights)
 
         def grid(features: bool) -> tuple[float, list[float]]:
-            os.environ["CNNPIPE_FEATURES"] = "1" if features else "0"
             start = time.perf_counter()
-            results = [train_run(cfg, data, progress=False, num_threads=args.threads) for cfg in configs]
+            source = {"features": FeatureCache()} if features else {}
+            results = [train_run(cfg, data, progress=False, num_threads=args.threads, **source) for cfg in configs]
             return time.perf_counter() - start, [r.best.val_loss for r in results]
 
         cold = grid(True)

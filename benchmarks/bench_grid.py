@@ -57,12 +57,12 @@ def main() -> None:
     args = parse_args()
     import yaml
 
-    from cnnpipe.compute import executors
+    from cnnpipe.search import executors
     from cnnpipe.search.trial import TrainContext
     from cnnpipe.search.runner import run_search
-    from cnnpipe.engine import TrainData
-    from cnnpipe.params import parse_params
-    from cnnpipe.store.runs import GridCache, RunCache
+    from cnnpipe.engine.data import TrainData
+    from cnnpipe.params.load import parse_params
+    from cnnpipe.store.run_cache import GridCache, RunCache
     from cnnpipe.search.space import expand
 
     raw = yaml.safe_load(args.params.read_text())

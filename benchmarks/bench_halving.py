@@ -46,10 +46,11 @@ def main() -> None:
                         help="retrain each pick with these extra seeds: test top-1 mean and sd per pick")
     args = parser.parse_args()
 
-    from cnnpipe.compute import executors
-    from cnnpipe.engine import TrainData, evaluate_logits
-    from cnnpipe.evaluation.metrics import topk_accuracy
-    from cnnpipe.params import parse_params
+    from cnnpipe.search import executors
+    from cnnpipe.engine.data import TrainData
+    from cnnpipe.engine.inference import evaluate_logits
+    from cnnpipe.engine.metrics import topk_accuracy
+    from cnnpipe.params.load import parse_params
     from cnnpipe.search.runner import run_search
     from cnnpipe.store.states import RunStateStore
     from cnnpipe.search.selection import select_best

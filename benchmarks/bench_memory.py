@@ -239,13 +239,14 @@ def _train_one(lr: float, prepared: str, fingerprint: str, budget: int | None = 
 
     ``budget``: ``resident_pages.BUDGET_BYTES`` in this worker (None: cnnpipe's default).
     """
-    from cnnpipe.compute.executors import PreparedSource
+    from cnnpipe.search.executors import PreparedSource
     from cnnpipe.data import resident_pages
 
     if budget is not None:
         resident_pages.BUDGET_BYTES = budget
-    from cnnpipe.engine import train_run
-    from cnnpipe.params import RunConfig, TrainingValues
+    from cnnpipe.engine.loop import train_run
+    from cnnpipe.params.run_config import RunConfig
+    from cnnpipe.params.values import TrainingValues
 
     data = PreparedSource(Path(prepared), fingerprint).load()
     cfg = RunConfig(values=TrainingValues(model="bench", epochs=1, batch_size=128, lr=lr), layers=tuple(NET),
@@ -259,7 +260,7 @@ def _train_one(lr: float, prepared: str, fingerprint: str, budget: int | None = 
 
 
 def train(prepared: Path, budget: int | None = None) -> dict[str, object]:
-    from cnnpipe.compute.executors import ProcessExecutor
+    from cnnpipe.search.executors import ProcessExecutor
     from cnnpipe.data.prepared import load_stats
 
     fingerprint = load_stats(prepared).fingerprint
@@ -290,8 +291,10 @@ def train(prepared: Path, budget: int | None = None) -> dict[str, object]:
 LIMITED = """
 import os, sys, time
 from pathlib import Path
-from cnnpipe.engine import TrainData, train_run
-from cnnpipe.params import RunConfig, TrainingValues
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.loop import train_run
+from cnnpipe.params.run_config import RunConfig
+from cnnpipe.params.values import TrainingValues
 data = TrainData.load(sys.argv[1], splits=("train", "val"))
 cfg = RunConfig(values=TrainingValues(model="bench", epochs=1, batch_size=128, lr=0.01), layers=tuple(%r), dataset="folder")
 start = time.perf_counter()
@@ -345,7 +348,7 @@ def throughput(prepared: Path, repeats: int) -> dict[str, object]:
     import torch
 
     from bench_engine import engine_epoch
-    from cnnpipe.engine import TrainData
+    from cnnpipe.engine.data import TrainData
 
     threads = torch.get_num_threads()
     variants = {"mapped": TrainData.load(prepared), "in_memory": TrainData.load(prepared, mmap=False)}

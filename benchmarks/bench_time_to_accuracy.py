@@ -37,10 +37,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-from cnnpipe.engine import EpochRecord, TrainData, evaluate_logits, train_run  # noqa: E402
-from cnnpipe.evaluation.metrics import topk_accuracy  # noqa: E402
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.inference import evaluate_logits
+from cnnpipe.engine.loop import train_run
+from cnnpipe.engine.records import EpochRecord
+from cnnpipe.engine.metrics import topk_accuracy  # noqa: E402
 from cnnpipe.models.presets import PRESETS  # noqa: E402
-from cnnpipe.params import RunConfig, TrainingValues  # noqa: E402
+from cnnpipe.params.run_config import RunConfig
+from cnnpipe.params.values import TrainingValues
 from summary import record  # noqa: E402
 
 # Keep in sync with the comment above fashion_vgg in src/cnnpipe/models/presets.yaml.

@@ -69,12 +69,15 @@ from cnnpipe.data.formats import load_idx  # noqa: E402
 from cnnpipe.data.prepare import stratified_split  # noqa: E402
 from cnnpipe.data.prepared import write_prepared  # noqa: E402
 from cnnpipe.data.registry import get_dataset  # noqa: E402
-from cnnpipe.engine import TrainData, evaluate_logits, train_run  # noqa: E402
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.inference import evaluate_logits
+from cnnpipe.engine.loop import train_run
 from cnnpipe.engine.records import RunResult  # noqa: E402
-from cnnpipe.models import pretrained_weights as pw  # noqa: E402
+from cnnpipe.pretrained import fetch as pw  # noqa: E402
 from cnnpipe.models.checkpoint import save_checkpoint  # noqa: E402
 from cnnpipe.models.torchvision_spec import run_normalization  # noqa: E402
-from cnnpipe.params import RunConfig, parse_params  # noqa: E402
+from cnnpipe.params.load import parse_params
+from cnnpipe.params.run_config import RunConfig
 from cnnpipe.reports.train_files import checkpoint_sidecar  # noqa: E402
 from cnnpipe.search.selection import RunRecord  # noqa: E402
 from cnnpipe.search.space import expand  # noqa: E402

@@ -15,7 +15,7 @@ from cnnpipe.util.errors import answer_help, run_entry_point
 
 
 def main() -> int:
-    from cnnpipe.params import load_params
+    from cnnpipe.params.load import load_params
 
     params = load_params()  # validates the whole file before anything is written
     from cnnpipe.data.download import download_dataset

@@ -26,14 +26,14 @@ REPORTS = Path("reports")
 def main() -> int:
     from cnnpipe.evaluation.score import (evaluate_checkpoint, evaluation_key, numeric_metrics, report_paths, reuse_reports,
                                     store_reports, summary_line, write_reports)
-    from cnnpipe.params import load_params
+    from cnnpipe.params.load import load_params
 
     from cnnpipe.compute import turns
 
     params = load_params()
     if params.mlflow.enabled:
-        from cnnpipe.tracking import stages as tracking_stages
-        from cnnpipe.tracking import store as tracking_store
+        from cnnpipe.tracking import later_stages as tracking_stages
+        from cnnpipe.tracking import connection as tracking_store
 
         tracking_store.warm_up(params.mlflow)  # mlflow's import and store open overlap with the forward passes
     eval_key = evaluation_key(CHECKPOINT, PREPARED, settings=params.eval.model_dump(mode="json"), device=params.device)
@@ -67,7 +67,7 @@ def main() -> int:
                 if key.startswith(("test_", "macro_")) and key != "test_images"
             }
             from cnnpipe.models.checkpoint import read_sidecar
-            from cnnpipe.serving.registry import LOCK_TAG, dvc_lock_hash
+            from cnnpipe.tracking.model_registry import LOCK_TAG, dvc_lock_hash
 
             lock_hash = dvc_lock_hash()  # DVC locked train before running evaluate
             logged = tracking_stages.log_evaluation(

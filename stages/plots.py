@@ -42,13 +42,14 @@ def main() -> int:
     from cnnpipe.data.prepared import load_images_numpy, load_stats
     from cnnpipe.util.files import atomic_dir
     from cnnpipe.store.outputs import OutputCache
-    from cnnpipe.params import TRAINING_KEYS, load_params
+    from cnnpipe.params.load import load_params
+    from cnnpipe.params.values import TRAINING_KEYS
     from cnnpipe.reports.readme import write_readme
 
     params = load_params()
     if params.mlflow.enabled:
-        from cnnpipe.tracking import stages as tracking_stages
-        from cnnpipe.tracking import store as tracking_store
+        from cnnpipe.tracking import later_stages as tracking_stages
+        from cnnpipe.tracking import connection as tracking_store
 
         tracking_store.warm_up(params.mlflow)  # mlflow's import and store open overlap with the drawing
     data = _read_inputs()
@@ -98,8 +99,8 @@ def main() -> int:
     print(f"plots: wrote {len(figures)} figures in {FIGURES}/{reused} and {README}", flush=True)
 
     if params.mlflow.enabled and train.get("mlflow_parent_run_id"):
-        from cnnpipe.tracking import stages as tracking_stages
-        from cnnpipe.tracking import store as tracking_store
+        from cnnpipe.tracking import later_stages as tracking_stages
+        from cnnpipe.tracking import connection as tracking_store
 
         parent = train["mlflow_parent_run_id"]
         # same layout as on disk, so the README's relative figure links work in the MLflow UI too

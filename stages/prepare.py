@@ -46,7 +46,7 @@ def prepare_folder_stage(params, out: Path) -> int:  # type: ignore[no-untyped-d
 
 
 def main() -> int:
-    from cnnpipe.params import load_params
+    from cnnpipe.params.load import load_params
 
     params = load_params()
     from cnnpipe.data.prepare import prepare_dataset

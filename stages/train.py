@@ -41,11 +41,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     from cnnpipe.tracking import runs as tracking_runs
-    from cnnpipe.tracking import store as tracking_store
+    from cnnpipe.tracking import connection as tracking_store
     from cnnpipe.reports import train_files
     from cnnpipe.serving import publish
-    from cnnpipe.store import runs
-    from cnnpipe.params import load_params
+    from cnnpipe.store import run_cache as runs
+    from cnnpipe.params.load import load_params
     from cnnpipe.search import payloads, runner, space, strategies
     from cnnpipe.store.states import RunStateStore
     from cnnpipe.search.selection import select_best
@@ -56,8 +56,8 @@ def main(args: argparse.Namespace) -> int:
     target = tracking_store.preflight(params.mlflow)  # one-line TrackingError before any training
 
     from cnnpipe.compute.device import describe, resolve_device
-    from cnnpipe.engine import TrainData
-    from cnnpipe.compute.executors import make_executor
+    from cnnpipe.engine.data import TrainData
+    from cnnpipe.search.executors import make_executor
 
     device = resolve_device(params.device)
     executor = make_executor(params.grid, len(configs), device=device)  # ray missing: fail now

@@ -4,7 +4,7 @@ torchvision weights names are looked up where torchvision caches them
 ($TORCH_HOME/hub/checkpoints/) and downloaded there when absent; files, URLs
 and cnnpipe checkpoints are read from pretrained.weights, pinned by
 pretrained.sha256. Everything is verified and converted to safetensors, with
-a manifest; nothing is unpickled (cnnpipe.models.pretrained_weights). With no
+a manifest; nothing is unpickled (cnnpipe.pretrained.fetch). With no
 torchvision model (or pretrained.weights: none) the folder holds an empty
 manifest. The train stage reads this folder and never downloads.
 """
@@ -17,8 +17,9 @@ from cnnpipe.util.errors import answer_help, run_entry_point
 
 
 def main() -> int:
-    from cnnpipe.models.pretrained_weights import WEIGHTS_DIR, fetch_weights
-    from cnnpipe.params import load_params
+    from cnnpipe.models.pinned_weights import WEIGHTS_DIR
+    from cnnpipe.pretrained.fetch import fetch_weights
+    from cnnpipe.params.load import load_params
 
     params = load_params()
     manifest = fetch_weights(params, WEIGHTS_DIR, progress=sys.stderr.isatty())

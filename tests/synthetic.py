@@ -14,7 +14,7 @@ import numpy as np
 from cnnpipe.data.prepared import PreparedStats, write_prepared
 
 if TYPE_CHECKING:
-    from cnnpipe.params import Params
+    from cnnpipe.params.schema import Params
 
 # A 4-channel conv net that learns the synthetic patterns in an epoch or two.
 TINY = [{"conv": 4, "kernel": 3}, "relu", {"maxpool": 2}, "flatten", "linear"]
@@ -22,7 +22,7 @@ TINY = [{"conv": 4, "kernel": 3}, "relu", {"maxpool": 2}, "flatten", "linear"]
 
 def tiny_params(**changes: Any) -> "Params":
     """Parsed params for a 2x2 lr x batch_size grid of ``TINY`` (2 epochs); ``changes`` replace top-level keys."""
-    from cnnpipe.params import parse_params
+    from cnnpipe.params.load import parse_params
 
     raw = {"model": "tiny", "models": {"tiny": TINY}, "lr": [0.05, 0.01], "batch_size": [32, 64], "epochs": 2,
            "patience": 5, "data": {"dataset": "fashion-mnist"}} | changes

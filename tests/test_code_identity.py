@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cnnpipe.store import code_identity as ci
+from cnnpipe.codegraph import code_identity as ci
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "cnnpipe"
@@ -114,7 +114,7 @@ def test_modules_outside_the_closure_and_type_checking_imports_do_not_count(pack
 def test_each_store_key_uses_its_entry_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """The keys call code_identity(CODE_ENTRY): a changed identity gives another key, for every store."""
     from cnnpipe.reports import figures
-    from cnnpipe.store import runs
+    from cnnpipe.store import run_cache as runs
 
     seen: list[str] = []
     real = ci.code_identity
@@ -157,6 +157,6 @@ def test_each_stage_declares_exactly_its_code_closure(stage: str) -> None:
     declared = {d for d in deps if d.startswith(("src/", "stages/"))}
     wanted = {script.relative_to(ROOT).as_posix(),
               *(p.relative_to(ROOT).as_posix() for p in ci.stage_code_files(script, PACKAGE))}
-    fix = f"run: python -m cnnpipe.store.code_identity {script.relative_to(ROOT).as_posix()}"
+    fix = f"run: python -m cnnpipe.codegraph.code_identity {script.relative_to(ROOT).as_posix()}"
     assert declared >= wanted, f"dvc.yaml stage {stage} misses {sorted(wanted - declared)}; {fix}"
     assert declared <= wanted, f"dvc.yaml stage {stage} lists {sorted(declared - wanted)}, which it never imports; {fix}"

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnpipe.engine import TrainData, evaluate_logits, train_run
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.inference import evaluate_logits
+from cnnpipe.engine.loop import train_run
 from cnnpipe.engine.ema import make_ema
 from test_engine import QUIET, make_cfg
 

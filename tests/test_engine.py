@@ -9,13 +9,17 @@ from typing import Any
 import pytest
 import torch
 
-from cnnpipe.engine import EpochRecord, TrainData, evaluate_logits, train_run
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.inference import evaluate_logits
+from cnnpipe.engine.loop import train_run
+from cnnpipe.engine.records import EpochRecord
 from cnnpipe.engine.augment import augment, random_crop, random_flip
 from cnnpipe.engine.early_stopping import EarlyStopping
 from cnnpipe.engine.optim import build_optimizer, build_scheduler
 from cnnpipe.models.build import build_model
 from cnnpipe.models.presets import PRESETS
-from cnnpipe.params import RunConfig, TrainingValues
+from cnnpipe.params.run_config import RunConfig
+from cnnpipe.params.values import TrainingValues
 
 # Small but exercises everything the resume state must carry: BatchNorm
 # buffers, dropout (global RNG), augmentation (generator), a schedule.

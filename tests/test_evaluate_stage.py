@@ -24,8 +24,10 @@ N_TEST = 120
 def _train_checkpoint(prepared: Path, out: Path, mlflow_ids: dict | None = None) -> dict:
     """One epoch of a tiny CNN on the synthetic split, saved as a real checkpoint."""
     from cnnpipe.models.checkpoint import save_checkpoint
-    from cnnpipe.engine import TrainData, train_run
-    from cnnpipe.params import RunConfig, TrainingValues
+    from cnnpipe.engine.data import TrainData
+    from cnnpipe.engine.loop import train_run
+    from cnnpipe.params.run_config import RunConfig
+    from cnnpipe.params.values import TrainingValues
 
     data = TrainData.load(prepared, splits=("train", "val"))
     cfg = RunConfig(values=TrainingValues(model="tiny", lr=0.01, batch_size=50, epochs=1, augment="none"),
@@ -162,7 +164,7 @@ def test_stage_error_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_stage_logs_test_metrics_to_best_child_and_parent(project: Path, tmp_path: Path) -> None:
     from cnnpipe.tracking import runs as tracking_runs
-    from cnnpipe.params import MlflowParams
+    from cnnpipe.params.sections import MlflowParams
 
     work = tmp_path / "proj"
     work.mkdir()
@@ -218,7 +220,7 @@ EVAL_ALTERNATIVES = {"top_k": [1, 3], "batch_size": 999, "mistakes": 3, "tta": "
 def test_the_evaluation_key_changes_with_every_eval_setting_the_device_the_model_and_the_data(project: Path,
                                                                                               tmp_path: Path) -> None:
     from cnnpipe.evaluation.score import evaluation_key
-    from cnnpipe.params import EvalParams
+    from cnnpipe.params.sections import EvalParams
 
     assert set(EVAL_ALTERNATIVES) == set(EvalParams.model_fields)  # a new eval setting must be added here
     settings = EvalParams().model_dump(mode="json")
@@ -260,7 +262,7 @@ def test_stored_reports_come_back_byte_for_byte_with_this_checkpoints_ids(projec
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from cnnpipe.evaluation.score import REPORT_FILES, evaluation_key, reuse_reports, store_reports
     from cnnpipe.store.outputs import OutputCache
-    from cnnpipe.params import EvalParams
+    from cnnpipe.params.sections import EvalParams
 
     cache = OutputCache("eval", root=tmp_path / "cache")
     settings = EvalParams(tta="none").model_dump(mode="json")

@@ -18,7 +18,7 @@ import torch
 
 from cnnpipe.models.checkpoint import load_checkpoint, save_checkpoint
 from cnnpipe.data.prepared import load_split
-from cnnpipe.engine import evaluate_logits
+from cnnpipe.engine.inference import evaluate_logits
 from cnnpipe.models.build import build_model
 from cnnpipe.serving.export import TOLERANCE, export_checkpoint
 from project_builder import clean_env

@@ -8,8 +8,13 @@ store has a parent run named after each with 2 FINISHED children, and no
 worker log mentions ``database is locked``. The workers
 run with ``CNNPIPE_TAKE_TURNS=0``: by default concurrent trains take turns
 (``compute.turns``), which would serialize the two searches and their
-writes; the test checks that children of two experiments really were open
-in the store at the same time.
+writes. Children of the two experiments are open in the store at the same
+time by construction, not by luck of the machine's load: the temp project's
+train command runs ``stages/train.py`` through ``overlap_gate.py`` (a test
+helper), whose stdout holds the first per-epoch line of each experiment --
+printed right after that epoch was logged to its open child -- until both
+experiments have reached that line. The test then checks in the store that
+the children's open spans really overlapped, written by two processes.
 
 Then, in the same project (one baseline for both promises), the stuck state
 DVC's Celery queue sometimes leaves (seen with ``-j 1`` and two
@@ -27,6 +32,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -40,6 +46,8 @@ from project_builder import DVC, TINY, clean_env, commit_all, pipeline_project, 
 pytestmark = [pytest.mark.slow, pytest.mark.long(160)]  # one project, queue after queue
 
 SAFETY_S = 900  # a safety net only
+GATE = Path(__file__).resolve().parent / "overlap_gate.py"  # copied into the project: train runs through it
+TRAIN_CMD = "cmd: python stages/train.py\n"
 
 
 def queue_status(project: Path) -> str:
@@ -85,16 +93,25 @@ def queue(project: Path, *sets: str) -> list[str]:
 def test_two_queue_workers_share_the_root_sqlite_store_and_a_stuck_queue_recovers(tmp_path: Path) -> None:
     raw = make_idx_raw(tmp_path / "www", n_train=200, n_test=40)
     with contextlib.contextmanager(serve)(raw.folder) as server:
-        project = pipeline_project(tmp_path / "repo", server.url, raw.checksums, commit=True,
+        project = pipeline_project(tmp_path / "repo", server.url, raw.checksums,
                                    params={"model": "tiny", "models": {"tiny": TINY}, "lr": 0.02,
                                            "batch_size": 50, "epochs": 2, "patience": 2, "seed": [1, 2]})
+        # The overlap by construction: train runs through the gate (a plain run of it without OVERLAP_GATE_DIR).
+        shutil.copy(GATE, project / GATE.name)
+        dvc_yaml = (project / "dvc.yaml").read_text()
+        assert dvc_yaml.count(TRAIN_CMD) == 1
+        (project / "dvc.yaml").write_text(dvc_yaml.replace(TRAIN_CMD, f"cmd: python {GATE.name} stages/train.py\n"))
+        commit_all(project, "cnnpipe pipeline (tiny params), train through the overlap gate")
+        gate = tmp_path / "gate"
         run_ok([DVC, "repro"], project, timeout=SAFETY_S)
         baseline_parent = json.loads((project / "reports" / "train.json").read_text())["mlflow_parent_run_id"]
         commit_all(project, "baseline")
         try:
             names = queue(project, "lr=0.01,0.003")  # not the baseline's 0.02: both train
             assert len(names) == 2, names
-            status = start_and_drain(project, jobs=2, env={"CNNPIPE_TAKE_TURNS": "0"})  # no turns: truly concurrent
+            # No turns: truly concurrent (and a turn held by one gated train would stop the other before its gate).
+            status = start_and_drain(project, jobs=2, env={"CNNPIPE_TAKE_TURNS": "0", "OVERLAP_GATE_DIR": str(gate),
+                                                           "OVERLAP_GATE_PARTIES": "2"})
             logs = {name: run_ok([DVC, "queue", "logs", name], project).stdout for name in names}
             # The stuck state (README, "A stuck queue"): the workers are gone and an experiment waits.
             stop_leftover_workers(project)
@@ -112,6 +129,8 @@ def test_two_queue_workers_share_the_root_sqlite_store_and_a_stuck_queue_recover
         assert logs[name].count("Running stage 'train'") == 1, logs[name][-2000:]
         assert "is cached - skipping run" not in logs[name], logs[name][-2000:]
         assert "database is locked" not in logs[name].lower(), logs[name][-3000:]
+        assert "overlap gate: all 2 experiments' children are open" in logs[name], logs[name][-3000:]
+    assert sorted(p.name for p in gate.iterdir()) == sorted(names)  # each train went through the gate
     for name in (*names, waiting):
         assert re.search(rf"\b{name}\s+.*\bSuccess\b", recovered), recovered
 
@@ -136,12 +155,17 @@ def test_two_queue_workers_share_the_root_sqlite_store_and_a_stuck_queue_recover
         assert all("val_loss" in c.data.metrics for c in children)
         lrs.add(children[0].data.params["lr"])
     assert lrs == {"0.01", "0.003"}
-    # The writes really overlapped: a child of one experiment started while a child of another was open.
+    # The writes really overlapped (the gate's construction, seen in the store): a child of one experiment
+    # started while a child of the other was open, and two processes wrote them.
     spans = [(parent, c.info.start_time, c.info.end_time) for parent in parents
              for c in runs if c.data.tags.get("mlflow.parentRunId") == parents[parent].info.run_id]
     overlapping = {(a, b) for a, a_start, a_end in spans for b, b_start, b_end in spans
                    if a < b and a_start < b_end and b_start < a_end}
     assert overlapping, sorted(spans, key=lambda span: span[1])
+    writers = {name: {c.data.tags.get("cnnpipe.pid") for c in runs
+                      if c.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+               for name, parent in parents.items()}
+    assert all(len(pids) == 1 for pids in writers.values()) and len(set().union(*writers.values())) == 2, writers
     strays = [p for p in (project / ".dvc" / "tmp" / "exps").rglob("*")
               if p.name in ("mlflow.db", "mlruns", "mlartifacts", ".cnnpipe-cache")]
     assert strays == []  # nothing landed in an experiment's temp copy

@@ -146,7 +146,7 @@ def test_ctrl_c_inside_an_mlflow_call_waits_for_it_then_the_parent_ends_killed(t
     KILLED at once, not after ~100 s of "database is locked"); a second one interrupts the call itself."""
     from mlflow import MlflowClient
 
-    from cnnpipe.params import MlflowParams
+    from cnnpipe.params.sections import MlflowParams
     from cnnpipe.tracking.runs import open_tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

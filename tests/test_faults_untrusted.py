@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from cnnpipe.data.prepared import load_split
-from cnnpipe.engine import TrainData
+from cnnpipe.engine.data import TrainData
 from cnnpipe.util.errors import DataError
 from fixtures_raw import Evil
 from project_builder import ROOT, run_stage, stage_project

@@ -15,14 +15,15 @@ import pytest
 import torch
 import torchvision
 
-from cnnpipe.engine import TrainData, train_run
-from cnnpipe.models import pretrained_weights as pw
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.loop import train_run
+from cnnpipe.pretrained import fetch as pw
 from cnnpipe.models import torchvision_spec as tvs
 from cnnpipe.models.build import build_model
-from cnnpipe.params import parse_params
+from cnnpipe.params.load import parse_params
 from cnnpipe.search.space import expand
 from cnnpipe.store import features as feats
-from cnnpipe.store.code_identity import code_identity
+from cnnpipe.codegraph.code_identity import code_identity
 from cnnpipe.util.env import FEATURES, NO_CACHE
 
 ARCH = "mobilenet_v3_small"
@@ -69,10 +70,10 @@ def test_a_head_grid_computes_the_features_once_and_selects_as_training_through_
     data = TrainData.load(tiny_prepared)
     first, second = expand(params(), weights_dir=weights)
     assert feats.applies(first) and feats.applies(second)
-    cached = [train_run(cfg, data, **QUIET) for cfg in (first, second)]
+    cached = [train_run(cfg, data, features=feats.FeatureCache(), **QUIET) for cfg in (first, second)]
     [entry] = entries(cache_dir)  # one entry for both heads of the grid
     stored = (entry / feats.FILE).stat().st_mtime_ns
-    again = train_run(first, data, **QUIET)
+    again = train_run(first, data, features=feats.FeatureCache(), **QUIET)
     assert (entry / feats.FILE).stat().st_mtime_ns == stored  # read, not computed again
     assert [r.val_loss for r in again.history] == [r.val_loss for r in cached[0].history]
 

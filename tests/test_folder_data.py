@@ -21,7 +21,7 @@ from cnnpipe.data.folder_prepare import REPORT_FILE, prepare_folder
 from cnnpipe.data.folder_source import IMAGES, MANIFEST, prepare_source
 from cnnpipe.data.prepared import load_split, load_stats
 from cnnpipe.util.errors import DataError, ParamsError
-from cnnpipe.params import parse_params
+from cnnpipe.params.load import parse_params
 from fixtures_images import COLORS, image_bytes, make_tree
 from fixtures_raw import http_server, no_proxy  # noqa: F401 - fixtures
 from project_builder import ROOT

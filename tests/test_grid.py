@@ -30,11 +30,13 @@ from cnnpipe.search.selection import RunRecord
 from cnnpipe.search.selection import GridFailed
 from cnnpipe.search.payloads import search_definition
 from cnnpipe.search.runner import run_search
-from cnnpipe.search.progress import run_line
-from cnnpipe.compute import executors
-from cnnpipe.engine import EpochRecord, RunResult, TrainData, evaluate_logits
-from cnnpipe.engine import train_run as engine_train_run
-from cnnpipe.params import MlflowParams
+from cnnpipe.search.search_progress import run_line
+from cnnpipe.search import executors
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.inference import evaluate_logits
+from cnnpipe.engine.records import EpochRecord, RunResult
+from cnnpipe.engine.loop import train_run as engine_train_run
+from cnnpipe.params.sections import MlflowParams
 from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.tracking.runs import open_tracker
 from synthetic import tiny_params as make_params

@@ -24,17 +24,17 @@ import yaml
 
 from cnnpipe.reports import train_files
 
-from cnnpipe.store import runs
+from cnnpipe.store import run_cache as runs
 from cnnpipe.util.env import NO_CACHE
 from cnnpipe.tracking.runs import NullTracker
 from cnnpipe.search.trial import TrainContext
 from cnnpipe.search.selection import select_best
 from cnnpipe.search.runner import run_search
-from cnnpipe.engine import TrainData
-from cnnpipe.engine import train_run as engine_train_run
-from cnnpipe.params import MlflowParams
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.loop import train_run as engine_train_run
+from cnnpipe.params.sections import MlflowParams
 from cnnpipe.search.space import expand as expand_grid
-from cnnpipe.store.runs import GridCache, RunCache
+from cnnpipe.store.run_cache import GridCache, RunCache
 from cnnpipe.tracking.runs import open_tracker
 from synthetic import TINY, tiny_params
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnpipe.engine import evaluate_logits
+from cnnpipe.engine.inference import evaluate_logits
 from cnnpipe.engine.inference import MaxPool2x2, inference_copy
 from cnnpipe.evaluation.score import resolve_tta, train_subset
 from cnnpipe.models.build import build_model

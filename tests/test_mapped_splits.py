@@ -25,9 +25,12 @@ import torch
 from cnnpipe.data import resident_pages
 from cnnpipe.data.prepared import load_split, load_stats, split_digest
 from cnnpipe.data.split_file import SplitFileError, write_split
-from cnnpipe.engine import TrainData, evaluate_logits, train_run
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.inference import evaluate_logits
+from cnnpipe.engine.loop import train_run
 from cnnpipe.engine.data import on_device
-from cnnpipe.params import RunConfig, TrainingValues
+from cnnpipe.params.run_config import RunConfig
+from cnnpipe.params.values import TrainingValues
 from cnnpipe.util.errors import DataError
 from synthetic import make_prepared
 
@@ -236,9 +239,9 @@ WORKER = textwrap.dedent("""
     import sys
     from pathlib import Path
     import torch
-    from cnnpipe.compute.executors import PreparedSource
+    from cnnpipe.search.executors import PreparedSource
     from cnnpipe.data.prepared import load_stats
-    from cnnpipe.engine import TrainData
+    from cnnpipe.engine.data import TrainData
 
     def private_kb():  # a private copy is anonymous memory; the split's file pages are the page cache's
         fields = dict(line.split(":") for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cnnpipe.util.errors import CnnpipeError
-from cnnpipe.evaluation.metrics import (
+from cnnpipe.engine.metrics import (
     class_scores,
     confusion_matrix,
     mean_loss,

@@ -22,19 +22,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnpipe.compute import executors
+from cnnpipe.search import executors
 from cnnpipe.search.trial import run_one
 from cnnpipe.search.trial import TrainContext
 from cnnpipe.search.trial import RunError
 from cnnpipe.search.selection import select_best
 from cnnpipe.search.runner import run_search
-from cnnpipe.search.progress import epoch_line
+from cnnpipe.search.search_progress import epoch_line
 from cnnpipe.search.log import SearchLog
-from cnnpipe.search.progress import SearchProgress
-from cnnpipe.engine import TrainData
-from cnnpipe.engine import train_run as engine_train_run
+from cnnpipe.search.search_progress import SearchProgress
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.loop import train_run as engine_train_run
 from cnnpipe.util.errors import CnnpipeError, DataError, ParamsError
-from cnnpipe.params import MlflowParams
+from cnnpipe.params.sections import MlflowParams
 from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.tracking.runs import open_tracker
 from synthetic import TINY
@@ -195,7 +195,7 @@ def test_outcome_packs_the_model_as_safetensors_and_rebuilds_it(data):
 
 def test_epoch_line_names_the_run():
     cfg = expand_grid(make_params())[1]
-    from cnnpipe.engine import EpochRecord
+    from cnnpipe.engine.records import EpochRecord
 
     record = EpochRecord(2, 0.41234, 0.8, 0.39211, 0.85714, 0.99, 0.01, 12.34, 1000.0)
     assert epoch_line(cfg, record) == (
@@ -318,9 +318,10 @@ import multiprocessing, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if the test runner ignores SIGINT
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from cnnpipe.compute import executors
-from cnnpipe.engine import TrainData
-from cnnpipe.params import MlflowParams, parse_params
+from cnnpipe.search import executors
+from cnnpipe.engine.data import TrainData
+from cnnpipe.params.load import parse_params
+from cnnpipe.params.sections import MlflowParams
 from cnnpipe.search.runner import run_search
 from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.search.trial import TrainContext

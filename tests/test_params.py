@@ -13,7 +13,9 @@ from pydantic import BaseModel
 
 from cnnpipe.cli.main import main as cli_main
 from cnnpipe.models.presets import PRESETS
-from cnnpipe.params import TRAINING_KEYS, Params, TrainingValues, load_params, parse_params
+from cnnpipe.params.load import load_params, parse_params
+from cnnpipe.params.schema import Params
+from cnnpipe.params.values import TRAINING_KEYS, TrainingValues
 from cnnpipe.search.space import expand
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,8 +355,13 @@ def test_halving_rungs_are_min_epochs_times_eta_powers_capped_by_epochs(min_epoc
 
 def test_the_error_formatter_reads_only_loc_msg_and_input():
     """The line is built from pydantic's public ``loc``/``msg`` (no error ``type``, ``ctx`` or internal loc names)."""
-    from cnnpipe.params.messages import _describe
+    from functools import partial
 
+    from cnnpipe.params.messages import _describe as describe
+    from cnnpipe.params.schema import Params
+    from cnnpipe.params.values import TRAINING_KEYS
+
+    _describe = partial(describe, model=Params, axis_keys=TRAINING_KEYS)
     assert _describe({"loc": ("lr", "list", 1), "msg": "Input should be greater than 0", "input": 0}) == "lr[1] must be > 0, got 0"
     assert _describe({"loc": ("data", "datset"), "msg": "Extra inputs are not permitted", "input": "x"}) == \
         "unknown key 'datset' in data, did you mean dataset?"

@@ -121,7 +121,7 @@ def test_grid_comparison_ranks_by_select_by_with_the_selected_run_on_top(select_
 
 def test_rank_runs_matches_select_best_on_real_records() -> None:
     """rank_runs reads grid.csv, select_best reads RunRecords: both must name the same run."""
-    from cnnpipe.engine import EpochRecord, RunResult
+    from cnnpipe.engine.records import EpochRecord, RunResult
     from cnnpipe.search import selection as grid_mod
     from cnnpipe.search.space import expand as expand_grid
     from cnnpipe.reports.readme import rank_runs

@@ -22,13 +22,16 @@ import torch
 import torchvision
 from fixtures_raw import Evil, no_proxy, serve  # noqa: F401 - no_proxy is a fixture
 
-from cnnpipe.engine import TrainData, train_run
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.loop import train_run
 from cnnpipe.engine.finetune import body_and_head, frozen_at, param_groups, parameter_counts, set_phase, tracking_fields
-from cnnpipe.models import pretrained_weights as pw
+from cnnpipe.pretrained import fetch as pw
 from cnnpipe.models import torchvision_spec as tvs
 from cnnpipe.models.build import build_model
 from cnnpipe.models.torchvision_nets import TorchvisionNet
-from cnnpipe.params import Params, TrainingValues, parse_params
+from cnnpipe.params.load import parse_params
+from cnnpipe.params.schema import Params
+from cnnpipe.params.values import TrainingValues
 from cnnpipe.search.space import expand
 from cnnpipe.util.errors import CheckpointError, CnnpipeError, DataError, ParamsError
 from cnnpipe.util.hashing import sha256_file
@@ -399,7 +402,7 @@ def test_a_fine_tuned_model_ships_export_and_pyfunc_with_the_weights_normalizati
 
     save_pyfunc(tmp_path / "best", tmp_path / "pyfunc", prepared_dir=tiny_prepared)
     frame = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(images)
-    from cnnpipe.engine import evaluate_logits
+    from cnnpipe.engine.inference import evaluate_logits
 
     logits = evaluate_logits(result.model, data.val.images[:8], mean=sidecar["mean"], std=sidecar["std"])
     assert list(frame["label"]) == [data.classes[i] for i in logits.argmax(1).tolist()]

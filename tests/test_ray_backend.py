@@ -14,12 +14,12 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from cnnpipe.compute import executors  # noqa: E402
+from cnnpipe.search import executors  # noqa: E402
 from cnnpipe.search.trial import TrainContext  # noqa: E402
 from cnnpipe.search.selection import select_best  # noqa: E402
 from cnnpipe.search.runner import run_search  # noqa: E402
-from cnnpipe.engine import TrainData  # noqa: E402
-from cnnpipe.params import MlflowParams  # noqa: E402
+from cnnpipe.engine.data import TrainData
+from cnnpipe.params.sections import MlflowParams
 from cnnpipe.search.space import expand as expand_grid  # noqa: E402
 from cnnpipe.tracking.runs import open_tracker  # noqa: E402
 from synthetic import tiny_params  # noqa: E402

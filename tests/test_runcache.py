@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from cnnpipe.params import parse_params
-from cnnpipe.store.runs import RunCache, cache_key
+from cnnpipe.params.load import parse_params
+from cnnpipe.store.run_cache import RunCache, cache_key
 from cnnpipe.search.space import expand
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def _changed(name: str, values):
 
     from pydantic import ValidationError
 
-    from cnnpipe.params import TrainingValues
+    from cnnpipe.params.values import TrainingValues
 
     field = TrainingValues.model_fields[name]
     current = getattr(values, name)
@@ -114,7 +114,7 @@ def _with_values(cfg, values):
 
 
 def _training_fields():
-    from cnnpipe.params import TrainingValues
+    from cnnpipe.params.values import TrainingValues
 
     return list(TrainingValues.model_fields)
 
@@ -135,7 +135,7 @@ def test_every_training_field_changes_the_cache_key_and_the_run_id():
 def test_every_run_config_field_but_axes_changes_the_cache_key_and_the_run_id():
     """``layers`` and ``dataset`` decide what is trained; ``axes`` only names the run, ``weights_dir`` only
     says where the pinned weights (whose SHA-256 is in ``layers``) are read from."""
-    from cnnpipe.params import RunConfig
+    from cnnpipe.params.run_config import RunConfig
 
     cfg = config()
     base, base_id = cache_key(cfg, "fp", "cpu", code="c"), cfg.run_id

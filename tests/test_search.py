@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnpipe.engine import EpochRecord, RunResult, TrainData
-from cnnpipe.engine import train_run as engine_train_run
+from cnnpipe.engine.data import TrainData
+from cnnpipe.engine.records import EpochRecord, RunResult
+from cnnpipe.engine.loop import train_run as engine_train_run
 from cnnpipe.engine.resume import load_resume_state, save_resume_state, state_path
 from cnnpipe.util.errors import CheckpointError
 from cnnpipe.util.files import atomic_dir, exchange_paths
-from cnnpipe.params import MlflowParams
+from cnnpipe.params.sections import MlflowParams
 from cnnpipe.search.space import expand as expand_grid
 from cnnpipe.search.runner import run_search
 from cnnpipe.store.states import RunStateStore
@@ -223,7 +224,7 @@ def test_without_a_schedule_more_epochs_continue_the_saved_state(data: TrainData
 
 
 def search(data, configs, tmp: Path, *, strategy=None, tracker=None, train_run=None, lines=None, cache=False):
-    from cnnpipe.store.runs import GridCache, RunCache
+    from cnnpipe.store.run_cache import GridCache, RunCache
 
     ctx = TrainContext(data=data, progress=False, num_threads=1, state_root=tmp / "state", train_run=train_run,
                        **({"tracker": tracker} if tracker is not None else {}))

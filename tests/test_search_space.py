@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cnnpipe.util.errors import ParamsError
-from cnnpipe.params import load_params, parse_params
+from cnnpipe.params.load import load_params, parse_params
 from cnnpipe.search.space import expand, round_sig, sample_points
 
 ROOT = Path(__file__).resolve().parents[1]

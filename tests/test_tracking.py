@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from cnnpipe.util.errors import TrackingError
-from cnnpipe.params import MlflowParams
+from cnnpipe.params.sections import MlflowParams
 from cnnpipe.tracking.runs import NullTracker, open_tracker, parent_run_name
-from cnnpipe.serving.registry import register_checkpoint
-from cnnpipe.tracking.stages import log_evaluation
-from cnnpipe.tracking.store import check_reachable, preflight, resolve_store, resolve_target
+from cnnpipe.serving.register import register_checkpoint
+from cnnpipe.tracking.later_stages import log_evaluation
+from cnnpipe.tracking.connection import check_reachable, preflight, resolve_store, resolve_target
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def test_reachable_server_passes_preflight_even_without_health_route():
 def test_disabled_tracking_never_imports_mlflow(tmp_path):
     code = (
         "import sys\n"
-        "from cnnpipe.params import MlflowParams\n"
+        "from cnnpipe.params.sections import MlflowParams\n"
         "from cnnpipe.tracking import calls, runs, stages, store\n"
         "from cnnpipe.reports import train_files, layer_histograms\n"
         "from cnnpipe.serving import publish, registry\n"
@@ -316,7 +316,7 @@ def test_queued_experiments_do_not_move_the_champion(store, tmp_path, monkeypatc
 
 
 def test_experiment_opens_as_model_training_in_the_ui(store):
-    from cnnpipe.tracking.store import EXPERIMENT_KIND
+    from cnnpipe.tracking.connection import EXPERIMENT_KIND
 
     client = client_for(store)
     tracker = open_tracker(settings(store, "kind"))
@@ -333,7 +333,7 @@ def test_experiment_opens_as_model_training_in_the_ui(store):
 
 
 def test_ui_url_opens_the_experiment_in_the_model_training_view(store):
-    from cnnpipe.tracking.store import ui_url
+    from cnnpipe.tracking.connection import ui_url
 
     tracker = open_tracker(settings(store, "ui-url"))
     tracker.end_parent()

@@ -107,7 +107,7 @@ def test_dvc_yaml_deps_cover_every_module_the_stage_imports(project):
     deps = set(stage["deps"])
     assert files - deps == set(), "add these to the train stage's deps in dvc.yaml"
     assert all((ROOT / dep).exists() for dep in deps if dep.startswith(("src/", "stages/")))
-    from cnnpipe.params import TRAINING_KEYS
+    from cnnpipe.params.values import TRAINING_KEYS
 
     assert stage["params"] == [*TRAINING_KEYS, "pretrained", "models", "select_by", "device", "grid", "mlflow", "data.dataset"]
 

@@ -268,7 +268,7 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _training_keys() -> tuple[str, ...]:
-    from cnnpipe.params import TRAINING_KEYS
+    from cnnpipe.params.values import TRAINING_KEYS
 
     return TRAINING_KEYS
 
@@ -299,8 +299,8 @@ def ui_command(tracking_uri: str, artifact_root: str | None, host: str, port: in
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from cnnpipe.params import load_params
-    from cnnpipe.tracking.store import resolve_store, ui_url
+    from cnnpipe.params.load import load_params
+    from cnnpipe.tracking.connection import resolve_store, ui_url
 
     params = load_params(args.params)
     store = resolve_store(params.mlflow)

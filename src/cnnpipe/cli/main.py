@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cnnpipe.params import Params
+    from cnnpipe.params.schema import Params
 
 
 def _validate(args: argparse.Namespace) -> int:
     from cnnpipe.util.errors import ParamsError
-    from cnnpipe.params import load_params
+    from cnnpipe.params.load import load_params
     from cnnpipe.search.space import expand
 
     params = load_params(args.params)
@@ -46,7 +46,7 @@ def _show_model(args: argparse.Namespace) -> int:
     from cnnpipe.util.errors import ParamsError
     from cnnpipe.models.presets import PRESETS
     from cnnpipe.models.spec import normalize_layers, summary_text
-    from cnnpipe.params import load_params
+    from cnnpipe.params.load import load_params
 
     params = load_params(args.params)
     if args.name.startswith("models:/"):
@@ -97,8 +97,8 @@ def _folder_classes(dataset):  # type: ignore[no-untyped-def]
 def _show_registered(uri: str, params: "Params") -> int:
     """``show-model models:/NAME@ALIAS``: the registered version, its links, and its layers."""
     from cnnpipe.models.spec import normalize_layers, summary_text
-    from cnnpipe.serving.registry import describe_version
-    from cnnpipe.tracking.store import make_client as _make_client, resolve_store
+    from cnnpipe.tracking.model_registry import describe_version
+    from cnnpipe.tracking.connection import make_client as _make_client, resolve_store
 
     store = resolve_store(params.mlflow)
     header, sidecar = describe_version(_make_client(store.uri), uri, store.uri)
@@ -125,7 +125,7 @@ def _export(args: argparse.Namespace) -> int:
 
     from cnnpipe.models.checkpoint import load_checkpoint
     from cnnpipe.util.errors import CnnpipeError
-    from cnnpipe.params import load_params
+    from cnnpipe.params.load import load_params
     from cnnpipe.serving.export import FORMATS, INPUT_NAME, export_checkpoint, sample_images
 
     if args.count < 1:
@@ -137,8 +137,8 @@ def _export(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cnnpipe-export-") as tmp:
         folder = Path(args.model)
         if args.model.startswith("models:/"):
-            from cnnpipe.serving.registry import download_checkpoint
-            from cnnpipe.tracking.store import make_client as _make_client, resolve_store
+            from cnnpipe.tracking.model_registry import download_checkpoint
+            from cnnpipe.tracking.connection import make_client as _make_client, resolve_store
 
             store = resolve_store(load_params(args.params).mlflow)
             folder = download_checkpoint(_make_client(store.uri), args.model, store.uri, tmp)

@@ -3,11 +3,7 @@
 Small modules, one job each: ``data`` (whole splits as tensors), ``augment``
 (batched crop/flip), ``optim`` (optimizer + per-step schedule),
 ``early_stopping``, ``resume`` (per-epoch state), ``records`` (what a run
-reports) and ``loop`` (the loop itself, and ``evaluate_logits``).
+reports), ``inference`` (the eval-mode copy, ``evaluate_logits``) and ``loop``
+(the loop itself). This ``__init__`` imports nothing: importing one module
+never runs the loop.
 """
-
-from cnnpipe.engine.data import TrainData
-from cnnpipe.engine.loop import evaluate_logits, train_run
-from cnnpipe.engine.records import EpochRecord, RunResult
-
-__all__ = ["EpochRecord", "RunResult", "TrainData", "evaluate_logits", "train_run"]

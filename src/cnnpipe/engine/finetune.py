@@ -38,7 +38,8 @@ from torch import nn
 from cnnpipe.engine.optim import param_groups as plain_groups
 from cnnpipe.models import torchvision_spec as tvs
 from cnnpipe.models.torchvision_nets import TorchvisionNet
-from cnnpipe.params import RunConfig, TrainingValues
+from cnnpipe.params.run_config import RunConfig
+from cnnpipe.params.values import TrainingValues
 
 
 def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -133,7 +134,7 @@ def tracking_fields(cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int)
     if tvs.is_pretrained(spec) and spec.get("weights_sha256"):
         tags["pretrained.sha256"] = str(spec["weights_sha256"])
         if cfg.weights_dir is not None:
-            from cnnpipe.models.pretrained_weights import read_manifest
+            from cnnpipe.models.pinned_weights import read_manifest
 
             entry = read_manifest(cfg.weights_dir)["weights"].get(spec["torchvision"], {})
             tags["pretrained.source"] = str(entry.get("source", ""))

@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -49,17 +49,34 @@ from cnnpipe.engine.progress import progress_every, progress_line
 from cnnpipe.engine.optim import build_optimizer, build_scheduler, current_lr
 from cnnpipe.engine.records import EpochRecord, RunResult
 from cnnpipe.engine.resume import load_resume_state, save_resume_state, state_identity
-from cnnpipe.store.features import FeatureCache
-from cnnpipe.store.features import applies as features_apply
 from cnnpipe.util.env import progress_bars
 from cnnpipe.util.errors import CnnpipeError
-from cnnpipe.evaluation.metrics import topk_accuracy
+from cnnpipe.engine.metrics import topk_accuracy
 from cnnpipe.models.build import build_model
-from cnnpipe.models.pretrained_weights import WEIGHTS_DIR
+from cnnpipe.models.pinned_weights import WEIGHTS_DIR
 from cnnpipe.models.torchvision_spec import run_normalization
-from cnnpipe.params import RunConfig, resolve_augment
+from cnnpipe.params.run_config import RunConfig
+from cnnpipe.params.values import resolve_augment
 
 OnEpoch = Callable[[EpochRecord, nn.Module], None]
+
+
+class BodyFeatures(Protocol):
+    """A frozen body's outputs on the train and val splits (``train``, ``val`` tensors)."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+
+
+class FeatureSource(Protocol):
+    """Where a head-only run gets its frozen body's outputs (``store.features.FeatureCache``: computed once, kept).
+
+    Handed to ``train_run`` by the caller that decided the run qualifies
+    (``store.features.applies``): the engine never imports the store above it.
+    """
+
+    def get_or_compute(self, cfg: RunConfig, data: TrainData, model: nn.Module, mean: Any, std: Any,
+                       device: str) -> BodyFeatures: ...
 
 
 # --------------------------------------------------------------------------- helpers
@@ -228,6 +245,7 @@ def train_run(
     progress: bool = True,
     layer_stats: bool = False,
     stop_after: int | None = None,
+    features: FeatureSource | None = None,
 ) -> RunResult:
     """Train one run and return its history and best model (see the module docstring).
 
@@ -244,13 +262,15 @@ def train_run(
     most up to this epoch (a successive-halving rung); a run that is not done
     by then returns status 'paused' and continues from ``resume_dir`` later,
     exactly as if it had never stopped (the schedule is defined over
-    ``epochs``, not over the budget).
+    ``epochs``, not over the budget). ``features``: train the head on the
+    frozen body's outputs from this source instead of running the body each
+    batch (only for a run whose body never trains: ``store.features.applies``).
     """
     dev = resolve_device(device)
     configure_backend(dev)
     fork_devices = [torch.device(dev).index or 0] if is_cuda(dev) else []
     with thread_limit(num_threads), torch.random.fork_rng(devices=fork_devices):
-        return _train(cfg, data, dev, on_epoch, resume_dir, progress, layer_stats, stop_after)
+        return _train(cfg, data, dev, on_epoch, resume_dir, progress, layer_stats, stop_after, features)
 
 
 @dataclass
@@ -409,7 +429,7 @@ def _state(cfg: RunConfig, data: TrainData, epoch: int, model: nn.Module, optimi
 
 def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
            resume_dir: str | os.PathLike[str] | None, progress: bool, want_stats: bool,
-           stop_after: int | None) -> RunResult:
+           stop_after: int | None, features_from: FeatureSource | None) -> RunResult:
     v = cfg.values
     started = time.perf_counter()
     torch.manual_seed(v.seed)
@@ -429,9 +449,9 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
     plan = _batch_plan(n, v.batch_size)
     mean, std = run_normalization(cfg.layers, data.mean, data.std)  # a pretrained net's own, else the data's
     scale, shift = norm_constants(mean, std, dev)
-    on_features = features_apply(cfg)  # a linear probe on a frozen body: train the head on its cached outputs
-    if on_features:
-        features = FeatureCache().get_or_compute(cfg, data, model, mean, std, dev)
+    on_features = features_from is not None  # a linear probe on a frozen body: train the head on its cached outputs
+    if features_from is not None:
+        features = features_from.get_or_compute(cfg, data, model, mean, std, dev)
         train_x, val_x = features.train.to(dev), features.val.to(dev)
 
     optimizer = build_optimizer(model, v, param_groups(model, v))

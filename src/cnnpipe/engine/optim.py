@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnpipe.params import TrainingValues
+from cnnpipe.params.values import TrainingValues
 
 ONECYCLE_PCT_START = 0.25
 

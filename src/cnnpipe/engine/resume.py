@@ -24,7 +24,7 @@ from cnnpipe.util.errors import CheckpointError
 from cnnpipe.util.files import atomic_path
 
 if TYPE_CHECKING:
-    from cnnpipe.params import RunConfig
+    from cnnpipe.params.run_config import RunConfig
 
 STATE_FILE = "state.safetensors"
 STATE_FORMAT = "cnnpipe-runstate/2"

@@ -1,7 +1,7 @@
 """Score the selected checkpoint: test metrics, per-class table, confusion, mistakes.
 
 Glue between ``cnnpipe.models.checkpoint`` (the model), ``cnnpipe.data.prepared``
-(the splits) and ``cnnpipe.evaluation.metrics`` (the numbers). The train and validation
+(the splits) and ``cnnpipe.engine.metrics`` (the numbers). The train and validation
 splits are scored too, so the report shows over-fitting next to the test
 score; the train split on a fixed seeded subset of ``TRAIN_SUBSET`` images
 (its accuracy estimate moves by ~0.3 points at most, and evaluating 54k
@@ -42,7 +42,7 @@ from cnnpipe.util.tables import write_csv
 if TYPE_CHECKING:
     import torch
 
-    from cnnpipe.evaluation.metrics import ClassScores, Mistakes
+    from cnnpipe.engine.metrics import ClassScores, Mistakes
     from cnnpipe.store.outputs import OutputCache
 
 METRICS_FILE = "metrics.json"
@@ -57,7 +57,7 @@ TRAIN_SUBSET = 10_000  # train-split images scored (a fixed seeded subset; all w
 SUBSET_SEED = 0
 SIDECAR_IDS = ("run_id", "run_name", "mlflow_run_id", "mlflow_parent_run_id", "mlflow_experiment_id")
 REPORT_FILES = (METRICS_FILE, PER_CLASS_FILE, CONFUSION_FILE, MISTAKES_FILE)
-# What scores a checkpoint: this module and everything it may import (store.code_identity).
+# What scores a checkpoint: this module and everything it may import (codegraph.code_identity).
 CODE_ENTRY = "cnnpipe.evaluation.score"
 CACHE_KIND = "eval"
 
@@ -158,7 +158,7 @@ def evaluation_key(checkpoint_dir: str | os.PathLike[str], prepared_dir: str | o
     from cnnpipe.models.checkpoint import WEIGHTS_FILE, read_sidecar
     from cnnpipe.data.prepared import load_stats
     from cnnpipe.util.hashing import sha256_file
-    from cnnpipe.store.code_identity import code_identity
+    from cnnpipe.codegraph.code_identity import code_identity
     from cnnpipe.util.hashing import digest
 
     checkpoint_dir, prepared_dir = Path(checkpoint_dir), Path(prepared_dir)
@@ -239,8 +239,8 @@ def evaluate_checkpoint(
     from cnnpipe.data.prepared import load_split, load_stats
     from cnnpipe.data.resident_pages import ResidentCap
     from cnnpipe.compute.device import resolve_device
-    from cnnpipe.engine import evaluate_logits
-    from cnnpipe.evaluation.metrics import class_scores, confusion_matrix, mean_loss, most_confident_mistakes, topk_accuracy
+    from cnnpipe.engine.inference import evaluate_logits
+    from cnnpipe.engine.metrics import class_scores, confusion_matrix, mean_loss, most_confident_mistakes, topk_accuracy
 
     checkpoint_dir, prepared_dir = Path(checkpoint_dir), Path(prepared_dir)
     stats = load_stats(prepared_dir)

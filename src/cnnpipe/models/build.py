@@ -115,7 +115,7 @@ def build_model(layers: Sequence[Any], in_shape: Sequence[int], num_classes: int
 
         state = None
         if weights_dir is not None and torchvision_spec.is_pretrained(spec):
-            from cnnpipe.models.pretrained_weights import load_pinned
+            from cnnpipe.models.pinned_weights import load_pinned
 
             state = load_pinned(spec, weights_dir)
         try:
@@ -124,6 +124,14 @@ def build_model(layers: Sequence[Any], in_shape: Sequence[int], num_classes: int
             raise ParamsError(f"{where}: {err}", source="") from None
     infos = normalize_layers(where, list(layers), shape, int(num_classes))  # type: ignore[arg-type]
     return build_from_infos(infos, shape)
+
+
+def rebuild_model(layers: Sequence[Any], in_shape: Sequence[int], num_classes: int, state_dict: dict[str, Any], *,
+                  where: str = "model") -> nn.Module:
+    """The architecture with ``state_dict`` loaded: CPU, eval mode, like a trained run returns it."""
+    model = build_model(list(layers), in_shape, num_classes, where=where)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
 
 
 def count_params(model: nn.Module) -> int:

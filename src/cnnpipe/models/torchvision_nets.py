@@ -17,7 +17,7 @@ seam):
 
 Pretrained weights are loaded into the body only (the source's classifier is
 for other classes), from a state dict the weights stage fetched and verified
-(``pretrained_weights.load_pinned``). A checkpoint rebuilds the same module
+(``pinned_weights.load_pinned``). A checkpoint rebuilds the same module
 with ``weights=None`` and loads its own ``model.safetensors``: it never
 needs the pretrained file.
 """
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnpipe.models.checkpoint import fit_problem
+from cnnpipe.models.weights_file import fit_problem
 from cnnpipe.util.errors import CheckpointError
 
 

@@ -11,7 +11,7 @@ a torchvision upgrade that moves DEFAULT cannot silently change a run),
 ``none`` (random initialisation) or ``custom`` (a file, URL or cnnpipe
 checkpoint named by ``pretrained.weights``). The train stage pins the mapping
 with the fetched weights' SHA-256 and their normalization
-(``cnnpipe.models.pretrained_weights.pin_layers``); since run ids, the run
+(``cnnpipe.models.pinned_weights.pin_layers``); since run ids, the run
 cache key and the run-state identity all hash ``layers``, other weights are
 always another run.
 

@@ -21,20 +21,6 @@ well under a second. One job a module:
 * ``messages``: every problem as one ``ParamsError`` line;
 * ``load``: reading the file.
 
-This module is the schema's public face: the names below are what the rest of
-cnnpipe imports.
+Import from the module that defines a name: this ``__init__`` imports nothing,
+so loading one module never runs the others.
 """
-
-from cnnpipe.params.axes import Choice, IntUniform, LogUniform, Range, Uniform
-from cnnpipe.params.load import load_params, parse_params, read_yaml
-from cnnpipe.params.messages import error_line, suggest
-from cnnpipe.params.run_config import RunConfig
-from cnnpipe.params.schema import Params
-from cnnpipe.params.sections import DataParams, DownloadParams, EvalParams, GridParams, MlflowParams, PretrainedParams
-from cnnpipe.params.values import TRAINING_KEYS, TrainingValues, resolve_augment
-
-__all__ = [
-    "TRAINING_KEYS", "Choice", "DataParams", "DownloadParams", "EvalParams", "GridParams", "IntUniform", "LogUniform",
-    "MlflowParams", "Params", "PretrainedParams", "Range", "RunConfig", "TrainingValues", "Uniform", "error_line",
-    "load_params", "parse_params", "read_yaml", "resolve_augment", "suggest",
-]

@@ -14,6 +14,7 @@ from pydantic import (
 from cnnpipe.util.errors import ParamsError
 from cnnpipe.params.messages import error_line
 from cnnpipe.params.schema import Params
+from cnnpipe.params.values import TRAINING_KEYS
 
 
 def read_yaml(path: str | os.PathLike[str]) -> Any:
@@ -45,4 +46,4 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise ParamsError(error_line(exc), source=source) from None
+        raise ParamsError(error_line(exc, Params, TRAINING_KEYS), source=source) from None

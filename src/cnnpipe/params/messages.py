@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from pydantic import (
@@ -94,11 +94,11 @@ def _path(loc: Iterable[Any]) -> str:
     return out
 
 
-def _keys_at(loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the (sub)section at ``loc``, for "did you mean" suggestions."""
-    from cnnpipe.params.schema import Params
-
-    current: Any = Params
+def _keys_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
+    """Field names of ``model``'s (sub)section at ``loc``, for "did you mean" suggestions."""
+    if model is None:
+        return []
+    current: Any = model
     for part in loc:
         field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
         annotation = field.annotation if field else None
@@ -108,17 +108,17 @@ def _keys_at(loc: tuple[Any, ...]) -> list[str]:
     return list(current.model_fields)
 
 
-def _describe(error: Mapping[str, Any]) -> str:
-    from cnnpipe.params.values import TRAINING_KEYS
-
+def _describe(error: Mapping[str, Any], model: type[BaseModel] | None = None, axis_keys: Collection[str] = ()) -> str:
+    """One error as a line; ``model`` (the validated class) names the keys a typo may have meant, ``axis_keys``
+    are the keys validated as an axis (a value, a list or a range) whose branch name the line drops."""
     loc = tuple(error["loc"])
-    if len(loc) > 1 and loc[0] in TRAINING_KEYS:
+    if len(loc) > 1 and loc[0] in axis_keys:
         loc = (loc[0], *loc[2:])  # drop the axis branch (value / list / the range kind)
     msg = error["msg"]
     if msg == "Extra inputs are not permitted":
         parent = _path(loc[:-1])
         where = f" in {parent}" if parent else ""
-        return f"unknown key {loc[-1]!r}{where}{suggest(loc[-1], _keys_at(loc[:-1]))}"
+        return f"unknown key {loc[-1]!r}{where}{suggest(loc[-1], _keys_at(model, loc[:-1]))}"
     text, needs_input = _phrase(msg)
     if needs_input and "input" in error:
         text += f", got {_shown(error['input'])}"
@@ -128,8 +128,8 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{key}{text}" if text.startswith((".", "[", ":")) else f"{key} {text}"  # ours may continue the key
 
 
-def error_line(exc: ValidationError) -> str:
+def error_line(exc: ValidationError, model: type[BaseModel] | None = None, axis_keys: Collection[str] = ()) -> str:
     """The one line a user sees for ``exc``: its first error (an unknown key first: a typo explains the rest)."""
     errors = exc.errors(include_url=False)
     extra = [e for e in errors if e["msg"] == "Extra inputs are not permitted"]
-    return _describe((extra or errors)[0])
+    return _describe((extra or errors)[0], model, axis_keys)

@@ -142,7 +142,7 @@ class GridParams(_Strict):
 
 
 class PretrainedParams(_Strict):
-    """Where a torchvision model's starting weights come from (cnnpipe.models.pretrained_weights)."""
+    """Where a torchvision model's starting weights come from (cnnpipe.models.pinned_weights)."""
 
     weights: Annotated[str, Field(min_length=1)] = "IMAGENET1K_V1"  # a torchvision weights name, none, a path/URL, a checkpoint
     sha256: Annotated[str, AfterValidator(_sha256)] | None = None  # required for a file or URL; checked for all

@@ -95,7 +95,7 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-# What draws a figure: this module and everything it may import (store.code_identity).
+# What draws a figure: this module and everything it may import (codegraph.code_identity).
 CODE_ENTRY = "cnnpipe.reports.figures"
 
 
@@ -104,7 +104,7 @@ def _code_version() -> str:
     """The drawing code's identity and matplotlib's version (computed once per process, not once per figure)."""
     import matplotlib
 
-    from cnnpipe.store.code_identity import code_identity
+    from cnnpipe.codegraph.code_identity import code_identity
 
     return f"{code_identity(CODE_ENTRY)}/matplotlib-{matplotlib.__version__}"
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cnnpipe.util.files import atomic_write_json
 from cnnpipe.util.tables import write_csv
-from cnnpipe.params import TRAINING_KEYS
+from cnnpipe.params.values import TRAINING_KEYS
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -28,9 +28,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.compute.executors import Event
-from cnnpipe.params import RunConfig
-from cnnpipe.search.progress import SearchProgress, run_line
+from cnnpipe.search.executors import Event
+from cnnpipe.params.run_config import RunConfig
+from cnnpipe.search.search_progress import SearchProgress, run_line
 from cnnpipe.search.selection import RunRecord, failure_reason
 from cnnpipe.util.text import one_line
 from cnnpipe.search.payloads import child_params, child_tags, epoch_metrics, final_metrics
@@ -39,9 +39,10 @@ from cnnpipe.tracking.runs import NullTracker
 from cnnpipe.util.errors import debug_enabled
 
 if TYPE_CHECKING:
-    from cnnpipe.engine import RunResult, TrainData
+    from cnnpipe.engine.data import TrainData
+    from cnnpipe.engine.records import RunResult
     from cnnpipe.engine.records import EpochRecord
-    from cnnpipe.store.runs import CachedRun, GridCache
+    from cnnpipe.store.run_cache import CachedRun, GridCache
     from cnnpipe.store.states import RunStateStore
 
 TRACEBACK_FILE = "traceback.txt"
@@ -187,7 +188,7 @@ class SearchLog:
         self._end_child(rec, histograms)
         complete = rec.ok and rec.result.status in ("finished", "diverged") and not rec.pruned
         if self.cache is not None and complete and rec.result.model is not None and not rec.cached:
-            from cnnpipe.store.runs import HISTOGRAMS, entry_record
+            from cnnpipe.store.run_cache import HISTOGRAMS, entry_record
 
             try:
                 self.cache.store(rec.cfg, entry_record(rec, self.tracker), rec.result.model.state_dict(),
@@ -211,7 +212,7 @@ class SearchLog:
         hit = self.cache.lookup(cfg, fingerprint=self.data.fingerprint, device=self.ctx.device)
         if hit is None:
             return None
-        from cnnpipe.store.runs import cached_result
+        from cnnpipe.store.run_cache import cached_result
 
         result = cached_result(hit, cfg, self.data, self.ctx.device)
         if result is None:
@@ -229,7 +230,7 @@ class SearchLog:
         return rec
 
     def end_reused(self, rec: RunRecord, hit: "CachedRun") -> None:
-        from cnnpipe.store.runs import HISTOGRAMS
+        from cnnpipe.store.run_cache import HISTOGRAMS
 
         histograms = hit.path / HISTOGRAMS
         self._end_child(rec, histograms.read_bytes() if histograms.is_file() else None)
@@ -253,7 +254,7 @@ class SearchLog:
         with tempfile.TemporaryDirectory(prefix="cnnpipe-child-") as tmp:
             files = [self.samples] if self.samples is not None else []
             if histograms:
-                from cnnpipe.store.runs import HISTOGRAMS
+                from cnnpipe.store.run_cache import HISTOGRAMS
 
                 path = Path(tmp) / HISTOGRAMS
                 path.write_bytes(histograms)

@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cnnpipe.engine import RunResult, TrainData
+    from cnnpipe.engine.data import TrainData
+    from cnnpipe.engine.records import RunResult
     from cnnpipe.engine.records import EpochRecord
-    from cnnpipe.params import Params, RunConfig
+    from cnnpipe.params.run_config import RunConfig
+    from cnnpipe.params.schema import Params
 
 
 def child_params(cfg: "RunConfig", data: "TrainData") -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 ``run_search`` first takes every finished trial from the run cache, then
 trains the rest rung by rung (the exhaustive grid is one rung to the end) on
-the executor (``cnnpipe.compute.executors``: sequential, local processes, Ray). Each
+the executor (``cnnpipe.search.executors``: sequential, local processes, Ray). Each
 trial continues from its saved run state, so a killed search resumes where
 it stopped and a promoted trial never retrains an epoch. A failed trial is
 recorded and the search goes on; a ``CnnpipeError`` in a trial stops it
@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from cnnpipe.compute.turns import compute_turn
 from cnnpipe.util.errors import DataError
-from cnnpipe.compute.executors import Executor, SequentialExecutor
-from cnnpipe.params import Params, RunConfig
+from cnnpipe.search.executors import Executor, SequentialExecutor
+from cnnpipe.params.run_config import RunConfig
+from cnnpipe.params.schema import Params
 from cnnpipe.search.log import SearchLog
-from cnnpipe.search.progress import SearchProgress
+from cnnpipe.search.search_progress import SearchProgress
 from cnnpipe.util.env import progress_bars
 from cnnpipe.search.selection import RunRecord
 from cnnpipe.util.text import one_line
@@ -32,8 +33,8 @@ from cnnpipe.search.trial import RunError, TrainContext, run_one
 from cnnpipe.tracking.runs import NullTracker
 
 if TYPE_CHECKING:
-    from cnnpipe.engine import TrainData
-    from cnnpipe.store.runs import CachedRun, GridCache
+    from cnnpipe.engine.data import TrainData
+    from cnnpipe.store.run_cache import CachedRun, GridCache
     from cnnpipe.store.states import RunStateStore
 
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cnnpipe.util.errors import CnnpipeError
-from cnnpipe.params import RunConfig
+from cnnpipe.params.run_config import RunConfig
 from cnnpipe.util.text import one_line
 
 if TYPE_CHECKING:
-    from cnnpipe.engine import RunResult
+    from cnnpipe.engine.records import RunResult
     from cnnpipe.engine.records import EpochRecord
 
 SELECT_BY = ("val_loss", "val_top1")

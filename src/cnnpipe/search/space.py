@@ -23,19 +23,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from cnnpipe.util.errors import ParamsError
-from cnnpipe.params import (
-    TRAINING_KEYS,
-    Choice,
-    IntUniform,
-    LogUniform,
-    Params,
-    Range,
-    RunConfig,
-    TrainingValues,
-    Uniform,
-    error_line,
-    resolve_augment,
-)
+from cnnpipe.params.axes import Choice, IntUniform, LogUniform, Range, Uniform
+from cnnpipe.params.messages import error_line
+from cnnpipe.params.run_config import RunConfig
+from cnnpipe.params.schema import Params
+from cnnpipe.params.values import TRAINING_KEYS, TrainingValues, resolve_augment
 
 if TYPE_CHECKING:
     import numpy as np
@@ -99,7 +91,7 @@ def expand(params: Params, weights_dir: str | os.PathLike[str] | None = None) ->
             if values["model"] not in layers:
                 layers[values["model"]] = params.layers_for(values["model"])
                 if weights_dir is not None:
-                    from cnnpipe.models.pretrained_weights import pin_layers
+                    from cnnpipe.models.pinned_weights import pin_layers
 
                     layers[values["model"]] = pin_layers(layers[values["model"]], weights_dir)
             runs.append(RunConfig(values=_checked(values, params), layers=layers[values["model"]],

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cnnpipe.params import GridParams
+from cnnpipe.params.sections import GridParams
 from cnnpipe.search.selection import RunRecord, rung_score
 
 

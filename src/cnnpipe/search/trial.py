@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 from cnnpipe.util import errors as _errors
 from cnnpipe.util.errors import CheckpointError, CnnpipeError, DataError
-from cnnpipe.compute.executors import Emit
-from cnnpipe.params import RunConfig
+from cnnpipe.search.executors import Emit
+from cnnpipe.params.run_config import RunConfig
 from cnnpipe.search.selection import RunRecord
 from cnnpipe.util.text import one_line
 from cnnpipe.tracking.runs import NullTracker
 
 if TYPE_CHECKING:
-    from torch import nn
 
-    from cnnpipe.engine import RunResult, TrainData
+    from cnnpipe.engine.data import TrainData
+    from cnnpipe.engine.records import RunResult
     from cnnpipe.engine.records import EpochRecord
     from cnnpipe.reports.layer_histograms import LayerSnapshot
 
@@ -126,17 +126,11 @@ class RunOutcome:
             return self.record
         from safetensors.torch import load
 
-        model = rebuild_model(self.record.cfg, data, load(self.weights))
+        from cnnpipe.models.build import rebuild_model
+
+        cfg = self.record.cfg
+        model = rebuild_model(cfg.layers, data.image_shape, data.num_classes, load(self.weights), where=f"model {cfg.values.model}")
         return replace(self.record, result=replace(self.record.result, model=model))
-
-
-def rebuild_model(cfg: RunConfig, data: "TrainData", state_dict: dict[str, Any]) -> "nn.Module":
-    """``cfg``'s architecture with ``state_dict`` loaded: CPU, eval mode, like ``train_run`` returns it."""
-    from cnnpipe.models.build import build_model
-
-    model = build_model(list(cfg.layers), data.image_shape, data.num_classes, where=f"model {cfg.values.model}")
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
 
 
 def _usable_state(folder: Path | None, notes: list[str]) -> int:
@@ -168,7 +162,7 @@ def run_one(ctx: TrainContext, index: int, cfg: RunConfig, budget: int | None = 
         data = ctx.get_data()
         train_run = ctx.train_run
         if train_run is None:
-            from cnnpipe.engine import train_run
+            from cnnpipe.engine.loop import train_run
         folder = None
         if ctx.state_root is not None and stateful:
             from cnnpipe.store.states import RunStateStore
@@ -190,14 +184,18 @@ def run_one(ctx: TrainContext, index: int, cfg: RunConfig, budget: int | None = 
             if last is not None:
                 last.update(model, record.epoch)
 
+        from cnnpipe.store.features import FeatureCache, applies
+
+        cached = {"features": FeatureCache()} if applies(cfg) else {}  # a head on a frozen body: its outputs, kept
         result = train_run(cfg, data, device=ctx.device, num_threads=ctx.num_threads, on_epoch=on_epoch,
-                           progress=ctx.progress, layer_stats=ctx.layer_stats, resume_dir=folder, stop_after=budget)
+                           progress=ctx.progress, layer_stats=ctx.layer_stats, resume_dir=folder, stop_after=budget,
+                           **cached)
     except KeyboardInterrupt:
         raise
     except CnnpipeError as err:
         raise RunError(index, type(err).__name__, str(err), err.exit_code) from err
     except Exception as err:
-        from cnnpipe.engine import RunResult
+        from cnnpipe.engine.records import RunResult
 
         reason = one_line(f"{type(err).__name__}: {err}")
         result = RunResult.failed(cfg.run_id, reason, device=ctx.device, seconds=time.perf_counter() - start,

@@ -35,7 +35,7 @@ def probabilities(checkpoint: "Checkpoint", images: Any) -> "np.ndarray":
     """Softmax of the logits, float32 ``N x classes``."""
     import torch
 
-    from cnnpipe.engine import evaluate_logits
+    from cnnpipe.engine.inference import evaluate_logits
 
     side = checkpoint.sidecar
     batch = torch.from_numpy(as_batch(images, tuple(side["in_shape"])).copy())

@@ -20,7 +20,7 @@ from cnnpipe.reports.train_files import METRIC_KEYS, clean, grid_frame, write_re
 from cnnpipe.util.files import atomic_dir
 
 if TYPE_CHECKING:
-    from cnnpipe.engine import TrainData
+    from cnnpipe.engine.data import TrainData
     from cnnpipe.search.selection import RunRecord
     from cnnpipe.tracking.runs import NullTracker
 
@@ -76,7 +76,7 @@ def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData"
     """
     from cnnpipe.models.checkpoint import save_checkpoint
     from cnnpipe.models.build import model_summary
-    from cnnpipe.serving.registry import version_tags
+    from cnnpipe.tracking.model_registry import version_tags
 
     best_dir = Path(best_dir)
     summary = model_summary(best.cfg.values.model, best.cfg.layers, data.image_shape, data.num_classes)
@@ -90,7 +90,7 @@ def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData"
                           mlflow_parent_run_id=tracker.parent_run_id, mlflow_experiment_id=tracker.experiment_id)
     version = None
     if tracker.enabled:
-        from cnnpipe.serving.registry import register_checkpoint
+        from cnnpipe.serving.register import register_checkpoint
 
         version = register_checkpoint(
             tracker, best.mlflow_run_id, best_dir,

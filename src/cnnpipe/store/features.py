@@ -11,7 +11,7 @@ An entry is keyed by everything its numbers depend on: the resolved
 torchvision spec (architecture, the weights' SHA-256, their normalization,
 the input channels), the prepared data's fingerprint (so the image size and
 the split too), the device kind, the torch version and the code that
-computes them (``CODE_ENTRY``'s import closure, ``store.code_identity``). It
+computes them (``CODE_ENTRY``'s import closure, ``codegraph.code_identity``). It
 is never served for other weights, data or code. Entries live under
 ``.cnnpipe-cache/features/<key>/`` (``features.safetensors`` + ``meta.json``),
 written whole (temp folder, then rename) under a lock, so two grid workers
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.store.code_identity import code_identity
+from cnnpipe.codegraph.code_identity import code_identity
 from cnnpipe.util.env import FEATURES, NO_CACHE, flag
 from cnnpipe.util.files import atomic_dir
 from cnnpipe.util.hashing import digest
@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from cnnpipe.engine import TrainData
-    from cnnpipe.params import RunConfig
+    from cnnpipe.engine.data import TrainData
+    from cnnpipe.params.run_config import RunConfig
 
 KIND = "features"
 FORMAT = "cnnpipe-features/1"
@@ -53,7 +53,7 @@ SPLITS = ("train", "val")
 
 def default_features_dir() -> Path:
     """Beside the run cache (``CNNPIPE_CACHE_DIR`` moves both)."""
-    from cnnpipe.store.runs import default_cache_dir
+    from cnnpipe.store.location import default_cache_dir
 
     return default_cache_dir().parent / KIND
 
@@ -61,7 +61,7 @@ def default_features_dir() -> Path:
 def applies(cfg: "RunConfig") -> bool:
     """Whether ``cfg`` trains a head on a body that never changes and sees the same images every epoch."""
     from cnnpipe.models.torchvision_spec import is_pretrained, spec_of
-    from cnnpipe.params import resolve_augment
+    from cnnpipe.params.values import resolve_augment
 
     v = cfg.values
     return (is_pretrained(spec_of(cfg.layers)) and v.finetune == "head" and v.bn_frozen

@@ -41,7 +41,7 @@ def parse_age(text: str) -> float:
 
 
 def _run_entries() -> list[Entry]:
-    from cnnpipe.store.runs import default_cache_dir
+    from cnnpipe.store.location import default_cache_dir
 
     out = []
     root = default_cache_dir()

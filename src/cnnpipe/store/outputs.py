@@ -31,7 +31,7 @@ class OutputCache:
 
     def __init__(self, kind: str, root: str | os.PathLike[str] | None = None) -> None:
         if root is None:
-            from cnnpipe.store.runs import default_cache_dir
+            from cnnpipe.store.location import default_cache_dir
 
             root = default_cache_dir().parent
         self.root = Path(root) / kind
@@ -39,7 +39,7 @@ class OutputCache:
 
     def get(self, key: str, names: Iterable[str]) -> Path | None:
         """The entry's folder when it holds every one of ``names``; None otherwise (and under CNNPIPE_NO_CACHE)."""
-        from cnnpipe.store.runs import env_no_cache
+        from cnnpipe.store.location import env_no_cache
 
         folder = self.root / key
         if env_no_cache() or not all((folder / name).is_file() for name in names):

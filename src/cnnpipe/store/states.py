@@ -38,7 +38,7 @@ from cnnpipe.util.hashing import digest
 if TYPE_CHECKING:
     from filelock import FileLock
 
-    from cnnpipe.params import RunConfig
+    from cnnpipe.params.run_config import RunConfig
 
 STATE_DIRNAME = "state"
 TRIAL_FILE = "trial.json"
@@ -47,14 +47,14 @@ LOCKS_DIRNAME = ".locks"
 
 def default_state_dir() -> Path:
     """Beside the run cache's ``runs/`` folder (``CNNPIPE_CACHE_DIR`` moves both)."""
-    from cnnpipe.store.runs import default_cache_dir
+    from cnnpipe.store.location import default_cache_dir
 
     return default_cache_dir().parent / STATE_DIRNAME
 
 
 def state_key(cfg: "RunConfig", data_fingerprint: str, device: str, code: str | None = None) -> str:
     from cnnpipe.engine.resume import state_identity
-    from cnnpipe.store.runs import code_version
+    from cnnpipe.store.run_cache import code_version
 
     payload = {"identity": state_identity(cfg), "data": data_fingerprint, "code": code or code_version(),
                "device": device.split(":")[0]}

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from cnnpipe import __version__
 from cnnpipe.tracking.calls import CallPolicy
-from cnnpipe.tracking.store import TrackingTarget, ensure_experiment, make_client, preflight
+from cnnpipe.tracking.connection import TrackingTarget, ensure_experiment, make_client, preflight
 from cnnpipe.util.errors import TrackingError
 from cnnpipe.util.paths import work_dir
 from cnnpipe.util.processes import pid_alive
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import DatasetInput
 
-    from cnnpipe.params import MlflowParams
+    from cnnpipe.params.sections import MlflowParams
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 ROLE = "cnnpipe.role"

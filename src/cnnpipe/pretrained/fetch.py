@@ -1,6 +1,6 @@
 """Pretrained weights as a pinned input: fetched once by the ``weights`` stage, verified every time they are read.
 
-``pretrained.weights`` names where a torchvision model's starting weights
+The ``weights`` stage. ``pretrained.weights`` names where a torchvision model's starting weights
 come from:
 
 * a torchvision weights name (``IMAGENET1K_V1``; ``DEFAULT`` is resolved):
@@ -21,9 +21,7 @@ carry it), ``data/weights/<arch>.safetensors`` (the body's state dict: the
 source's classifier is dropped) and ``manifest.json`` (per architecture: the
 weights' name, source, SHA-256 of the source file, SHA-256 of the converted
 file, and their normalization). The train stage reads only that folder,
-never the network: ``pin_layers`` copies a manifest entry's SHA-256 and
-normalization into the run's layer spec, and ``load_pinned`` re-verifies
-the file before a run loads it.
+never the network (``cnnpipe.models.pinned_weights``).
 
 Every problem (offline with no file, a wrong SHA-256, a truncated file, a
 pickle that would run code, weights of another architecture) is one
@@ -38,26 +36,23 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from cnnpipe.models import torchvision_spec as tvs
-from cnnpipe.util.errors import CheckpointError, CnnpipeError, DataError
+from cnnpipe.models.pinned_weights import FORMAT, MANIFEST, WEIGHTS_DIR
+from cnnpipe.util.errors import CheckpointError, DataError
 from cnnpipe.util.files import atomic_dir, atomic_path
 from cnnpipe.util.hashing import sha256_file
 
 if TYPE_CHECKING:
     import torch
 
-    from cnnpipe.params import Params
+    from cnnpipe.params.schema import Params
 
-WEIGHTS_DIR = Path("data/weights")
-MANIFEST = "manifest.json"
-FORMAT = "cnnpipe-weights/1"
 _HASH_PREFIX = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's convention: resnet18-f37072fd.pth
-
 
 source_kind = tvs.source_kind
 
@@ -108,7 +103,7 @@ def read_state_dict(path: Path, what: str) -> dict[str, "torch.Tensor"]:
             raise CheckpointError(f"{what}: {path} holds a {type(state).__name__}, not a state dict of tensors; "
                                   "save model.state_dict() instead")
         return {str(k): v for k, v in state.items()}
-    from cnnpipe.models.checkpoint import check_weights_file
+    from cnnpipe.models.weights_file import check_weights_file
 
     try:
         check_weights_file(path, None)
@@ -186,8 +181,8 @@ def _locate(arch: str, params: "Params", scratch: Path, progress: bool) -> tuple
             download(weights, path, what=what, timeout=timeout, retries=retries, progress=progress)
         return path, {"weights": tvs.CUSTOM, "source": weights}
     if kind == "registry":
-        from cnnpipe.serving.registry import download_checkpoint
-        from cnnpipe.tracking.store import make_client, resolve_store
+        from cnnpipe.tracking.model_registry import download_checkpoint
+        from cnnpipe.tracking.connection import make_client, resolve_store
 
         store = resolve_store(params.mlflow)
         folder = download_checkpoint(make_client(store.uri), weights, store.uri, scratch)
@@ -219,7 +214,7 @@ def _checkpoint_state(folder: Path, arch: str) -> tuple[dict[str, "torch.Tensor"
 
 def fetch_one(arch: str, params: "Params", scratch: Path, progress: bool = True) -> tuple[dict[str, "torch.Tensor"], dict[str, Any]]:
     """(body state dict, manifest entry) of ``arch``'s pretrained weights, verified."""
-    from cnnpipe.models.checkpoint import fit_problem
+    from cnnpipe.models.weights_file import fit_problem
     from cnnpipe.models.torchvision_nets import bare_network
 
     located, entry = _locate(arch, params, scratch, progress)
@@ -290,58 +285,3 @@ def fetch_weights(params: "Params", out_dir: str | os.PathLike[str] = WEIGHTS_DI
     return manifest
 
 
-# --------------------------------------------------------------------------- the train side
-
-
-def read_manifest(weights_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(weights_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing; fetch the pretrained weights first: dvc repro weights") from None
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path} is unreadable ({type(err).__name__}); run dvc repro weights again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{path} is not a cnnpipe weights manifest; run dvc repro weights again")
-    return manifest
-
-
-def _entry(spec: Mapping[str, Any], weights_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    arch = spec["torchvision"]
-    entry = read_manifest(weights_dir)["weights"].get(arch)
-    if entry is None or entry.get("weights") != spec["weights"]:
-        held = f"holds {entry.get('weights')}" if entry else "has none"
-        raise DataError(f"{Path(weights_dir)} {held} for torchvision:{arch}, the run needs {spec['weights']}; "
-                        "fetch them: dvc repro weights")
-    return entry
-
-
-def pin_layers(layers: Sequence[Any], weights_dir: str | os.PathLike[str]) -> tuple[Any, ...]:
-    """``layers`` with a pretrained torchvision spec pinned: the weights' SHA-256 and normalization added."""
-    spec = tvs.spec_of(layers)
-    if spec is None or not tvs.is_pretrained(spec):
-        return tuple(layers)
-    entry = _entry(spec, weights_dir)
-    return ({**spec, "weights_sha256": entry["sha256"], "mean": list(entry["mean"]), "std": list(entry["std"])},)
-
-
-def load_pinned(spec: Mapping[str, Any], weights_dir: str | os.PathLike[str]) -> dict[str, "torch.Tensor"]:
-    """The body state dict a pinned spec names, re-verified against the manifest (SHA-256 of both files)."""
-    from safetensors.torch import load_file
-
-    from cnnpipe.models.checkpoint import check_weights_file
-
-    arch = spec["torchvision"]
-    if not spec.get("weights_sha256"):
-        raise CnnpipeError(f"torchvision:{arch}: the run's pretrained weights are not pinned (no weights_sha256); "
-                           "the train stage pins them from data/weights (dvc repro)")
-    entry = _entry(spec, weights_dir)
-    if entry["sha256"] != spec["weights_sha256"]:
-        raise DataError(f"{Path(weights_dir)} holds other weights for torchvision:{arch} (SHA-256 {entry['sha256'][:12]}...) "
-                        f"than the run was pinned to ({spec['weights_sha256'][:12]}...); run dvc repro")
-    path = Path(weights_dir) / entry["file"]
-    try:
-        check_weights_file(path, entry["file_sha256"])
-    except CheckpointError as err:
-        raise DataError(f"{err}".replace("re-run the train stage", "run dvc repro weights")) from None
-    return load_file(str(path))

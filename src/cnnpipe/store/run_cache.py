@@ -3,7 +3,7 @@
 A finished run is stored under a key that hashes everything that can change
 its result: the run's full config (training values, resolved layers,
 dataset), the prepared data's fingerprint, the code that trains (the
-identity of every module a trial may import, ``store.code_identity``), the
+identity of every module a trial may import, ``codegraph.code_identity``), the
 torch version and the device. Change any
 of them and the key changes, so a cached result is never stale; nothing is
 ever looked up by run name alone.
@@ -34,21 +34,21 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.store.code_identity import code_identity
-from cnnpipe.util.env import CACHE_DIR, NO_CACHE, flag, text
+from cnnpipe.codegraph.code_identity import code_identity
+from cnnpipe.store.location import default_cache_dir, env_no_cache
 from cnnpipe.util.files import atomic_dir
 from cnnpipe.util.hashing import digest
-from cnnpipe.util.paths import project_root
 
 if TYPE_CHECKING:
     import torch
 
-    from cnnpipe.engine import RunResult, TrainData
-    from cnnpipe.params import GridParams, RunConfig
+    from cnnpipe.engine.data import TrainData
+    from cnnpipe.engine.records import RunResult
+    from cnnpipe.params.run_config import RunConfig
+    from cnnpipe.params.sections import GridParams
     from cnnpipe.search.selection import RunRecord
     from cnnpipe.tracking.runs import NullTracker
 
-CACHE_DIRNAME = ".cnnpipe-cache"
 # What trains a run: a trial (search.trial.run_one) and everything it may import.
 CODE_ENTRY = "cnnpipe.search.trial"
 FORMAT = "cnnpipe-runcache/2"
@@ -61,11 +61,6 @@ class CachedRun:
     record: dict[str, Any]  # what the grid recorded for the run (status, history, metrics, ids)
     state_dict: dict[str, "torch.Tensor"]
     path: Path
-
-
-def default_cache_dir() -> Path:
-    override = text(CACHE_DIR)
-    return Path(override) if override else project_root() / CACHE_DIRNAME / "runs"
 
 
 @lru_cache(maxsize=1)
@@ -154,15 +149,15 @@ def entry_record(rec: "RunRecord", tracker: "NullTracker") -> dict[str, Any]:
 
 def cached_result(hit: CachedRun, cfg: "RunConfig", data: "TrainData", device: str) -> "RunResult | None":
     """The cached run as a ``RunResult`` with its model rebuilt; None if the entry does not fit."""
-    from cnnpipe.engine import EpochRecord, RunResult
-    from cnnpipe.search.trial import rebuild_model
+    from cnnpipe.engine.records import EpochRecord, RunResult
+    from cnnpipe.models.build import rebuild_model
 
     try:
         raw = hit.record
         history = [EpochRecord.from_dict(epoch) for epoch in raw["history"]]
         best_epoch = raw["best_epoch"]
         best = next(epoch for epoch in history if epoch.epoch == best_epoch)
-        model = rebuild_model(cfg, data, hit.state_dict)
+        model = rebuild_model(cfg.layers, data.image_shape, data.num_classes, hit.state_dict, where=f"model {cfg.values.model}")
         return RunResult(run_id=cfg.run_id, status=raw["status"], stop_reason=raw["stop_reason"], best_epoch=best_epoch,
                          best=best, history=history, epochs_run=int(raw["epochs_run"]), seconds=float(raw["seconds"]),
                          images_per_s=float(raw["images_per_s"]), model=model, device=str(raw.get("device", device)))
@@ -185,11 +180,6 @@ class GridCache:
     def store(self, cfg: "RunConfig", record: dict[str, Any], state_dict: Mapping[str, "torch.Tensor"], *,
               fingerprint: str, device: str, files: Mapping[str, bytes] | None = None) -> Path:
         return self.cache.put(cache_key(cfg, fingerprint, device), record, state_dict, files=files)
-
-
-def env_no_cache() -> bool:
-    """``CNNPIPE_NO_CACHE``: recompute every stored result (fresh ones are still stored)."""
-    return flag(NO_CACHE)
 
 
 def open_grid_cache(settings: "GridParams", *, no_cache: bool = False,

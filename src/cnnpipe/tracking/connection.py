@@ -27,7 +27,7 @@ from cnnpipe.util.text import one_line
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from cnnpipe.params import MlflowParams
+    from cnnpipe.params.sections import MlflowParams
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cnnpipe.tracking.runs import MlflowTracker
-from cnnpipe.tracking.store import client_for, preflight
+from cnnpipe.tracking.connection import client_for, preflight
 from cnnpipe.util.errors import TrackingError
 from cnnpipe.util.text import one_line
 
 if TYPE_CHECKING:
-    from cnnpipe.params import MlflowParams
+    from cnnpipe.params.sections import MlflowParams
 
 
 def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child_run_id: str | None = None,
@@ -67,7 +67,7 @@ def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child
 
 
 def registry_metric_tags(metrics: Mapping[str, float]) -> dict[str, str]:
-    from cnnpipe.serving.registry import version_tags
+    from cnnpipe.tracking.model_registry import version_tags
 
     return {key: value for key, value in version_tags({}, dict(metrics)).items() if key != "params"}
 
@@ -76,7 +76,7 @@ def _tag_version(tracker: MlflowTracker, name: str, weights_sha256: str, tags: M
     """Add ``tags`` to the version of ``name`` whose weights are ``weights_sha256`` (if registered here)."""
     from mlflow.exceptions import MlflowException
 
-    from cnnpipe.serving.registry import find_version
+    from cnnpipe.tracking.model_registry import find_version
 
     try:
         version = find_version(tracker.client, name, weights_sha256)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.params import RunConfig
+from cnnpipe.params.run_config import RunConfig
 from cnnpipe.search.selection import RunRecord, failure_reason
 from cnnpipe.util.text import one_line
 

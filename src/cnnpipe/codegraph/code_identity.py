@@ -18,7 +18,7 @@ anyone remembering it; a module nobody imports from there cannot change the
 result and stays out (editing it keeps the caches).
 
 The same closure gives each DVC stage's code deps (``stage_code_files``): a test
-checks ``dvc.yaml`` against it, and ``python -m cnnpipe.store.code_identity
+checks ``dvc.yaml`` against it, and ``python -m cnnpipe.codegraph.code_identity
 stages/train.py`` prints the list (``--write`` rewrites ``dvc.yaml``).
 """
 

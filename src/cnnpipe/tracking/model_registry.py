@@ -1,12 +1,11 @@
-"""The model registry: register a checkpoint, one version per distinct set of weights, the ``champion`` alias.
+"""The MLflow model registry as cnnpipe reads it: versions by weights, their tags, ``champion``, ``models:/`` URIs.
 
-``register_checkpoint`` logs a checkpoint folder as an MLflow pyfunc model
-(``serving.mlflow_model``) on the selected child run and registers it. A
-version is tagged with the SHA-256 of its ``model.safetensors``; a train
-execution whose selected weights match an existing version registers
-nothing and points the alias at that version instead. ``champion`` follows
-the model the last ``dvc repro`` / ``dvc exp run`` in the workspace selected
-(queued experiments, which run in temp copies, leave it alone).
+A version is tagged with the SHA-256 of its ``model.safetensors``
+(``WEIGHTS_TAG``), so ``find_version`` finds the version holding given
+weights. ``champion`` follows the model the last ``dvc repro`` / ``dvc exp
+run`` in the workspace selected (queued experiments, which run in temp
+copies, leave it alone). Registering a checkpoint, which logs a pyfunc
+model, is ``serving.register``'s job.
 """
 
 from __future__ import annotations
@@ -15,16 +14,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.util.errors import TrackingError
-from cnnpipe.util.text import one_line
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
 
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-    from cnnpipe.tracking.runs import MlflowTracker
 
 WEIGHTS_TAG = "cnnpipe.weights_sha256"
 LOCK_TAG = "dvc.lock.models_best"  # the dvc.lock hash of models/best (set by evaluate, once DVC locked train)
@@ -76,75 +71,6 @@ def link_tags(run_tags: dict[str, str]) -> dict[str, str]:
     """The DVC experiment name and git commit of the run (from ``tracking.context_tags``)."""
     links = {"dvc.exp_name": run_tags.get("dvc.exp_name"), "git.commit": run_tags.get("mlflow.source.git.commit")}
     return {key: value for key, value in links.items() if value}
-
-
-# --------------------------------------------------------------------------- registering
-
-
-def register_checkpoint(tracker: "MlflowTracker", run_id: str | None, local_dir: Path, *, description: str = "",
-                    tags: Mapping[str, str] | None = None, prepared_dir: Path | None = None) -> str | None:
-    """Log a checkpoint folder as an MLflow pyfunc model under ``model/`` and register it.
-
-    The model is built "from code" (``cnnpipe.serving``): safetensors + JSON
-    as artifacts, nothing pickled. Weights already registered (same SHA-256)
-    add no version: the existing one is reused. On the main line of work
-    (not a queued experiment) the ``champion`` alias moves to the version.
-    Returns ``"<name>/<version>"`` or None.
-    """
-    import tempfile
-
-    from cnnpipe.models.checkpoint import read_sidecar
-    from cnnpipe.serving.mlflow_model import save_pyfunc
-
-    if not run_id or tracker.lost is not None:
-        return None
-    name = tracker.registered_model
-    sha = read_sidecar(local_dir)["weights_sha256"]
-    if name and _ensure_registered_model(tracker, name):
-        existing = tracker.call("search_model_versions", find_version, tracker.client, name, sha)
-        if existing is not None:
-            print(f"mlflow: weights unchanged since {name}/{existing.version}; no new version", flush=True)
-            return _crown(tracker, name, existing.version)
-    with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as tmp:
-        folder = Path(tmp) / "model"
-        tracker.call("save_model", save_pyfunc, local_dir, folder, prepared_dir=prepared_dir)
-        if folder.is_dir():
-            tracker.call("log_artifacts", tracker.client.log_artifacts, run_id, str(folder), "model")
-    if not name or tracker.lost is not None:
-        return None
-    run = tracker.call("get_run", tracker.client.get_run, run_id)
-    if run is None:
-        return None
-    source = run.info.artifact_uri.rstrip("/") + "/model"
-    version = tracker.call(
-        "create_model_version", tracker.client.create_model_version, name, source, run_id,
-        tags={WEIGHTS_TAG: sha, **link_tags(tracker.base_tags), **(tags or {})}, description=description or None, await_creation_for=0,
-    )
-    return _crown(tracker, name, version.version) if version is not None else None
-
-
-def _ensure_registered_model(tracker: "MlflowTracker", name: str) -> bool:
-    """Create the registered model unless it exists; False (or TrackingError) if the store refuses."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        tracker.client.create_registered_model(name, description="CNN classifiers trained by cnnpipe: MLflow pyfunc "
-                                            "models (safetensors + model.json, nothing pickled)")
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            message = f"MLflow could not create registered model {name!r}: {one_line(err.message)}"
-            if not tracker.keep_going:
-                raise TrackingError(f"{message}; set mlflow.registered_model: null to skip registering") from None
-            tracker.failed(message)
-            return False
-    return True
-
-
-def _crown(tracker: "MlflowTracker", name: str, version: str) -> str:
-    """``champion`` -> this version on the main line of work; the ``"<name>/<version>"`` label."""
-    if is_main_line():
-        tracker.call("set_registered_model_alias", set_champion, tracker.client, name, version)
-    return f"{name}/{version}"
 
 
 # --------------------------------------------------------------------------- models:/ URIs

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cnnpipe.util.errors import CnnpipeError, DataError
 
 if TYPE_CHECKING:
-    from cnnpipe.engine import TrainData
-    from cnnpipe.params import GridParams
+    from cnnpipe.engine.data import TrainData
+    from cnnpipe.params.sections import GridParams
 
 Event = tuple[Any, ...]
 Emit = Callable[[Event], None]
@@ -61,7 +61,7 @@ _LOADED: dict[tuple[str, str], "TrainData"] = {}  # per process: a worker trains
 
 def _load_prepared(folder: Path, fingerprint: str, digests: tuple[Any, ...] = ()) -> "TrainData":
     from cnnpipe.data.prepared import trust_digests
-    from cnnpipe.engine import TrainData
+    from cnnpipe.engine.data import TrainData
 
     key = (str(folder), fingerprint)
     if key not in _LOADED:

@@ -1,0 +1,1 @@
+"""The ``weights`` stage: every torchvision model's starting weights fetched, verified and pinned in ``data/weights/``."""
