@@ -11,13 +11,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from cnnpipe.codegraph.stage_deps import check_code_deps
 from cnnpipe.util.errors import answer_help, run_entry_point
 
 
 def main() -> int:
-    from cnnpipe.params.load import load_params
+    check_code_deps(__file__)  # dvc.yaml must declare every package this stage runs
+    from cnnpipe.params.stage_sections import load_sections
 
-    params = load_params()  # validates the whole file before anything is written
+    params = load_sections("data")  # validates what this stage reads before anything is written
     from cnnpipe.data.download import download_dataset
     from cnnpipe.data.registry import get_dataset
     from cnnpipe.util.paths import project_root

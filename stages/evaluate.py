@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cnnpipe.codegraph.stage_deps import check_code_deps
 from cnnpipe.util.errors import answer_help, run_entry_point
 
 CHECKPOINT = Path("models/best")
@@ -24,13 +25,14 @@ REPORTS = Path("reports")
 
 
 def main() -> int:
+    check_code_deps(__file__)  # dvc.yaml must declare every package this stage runs
     from cnnpipe.evaluation.score import (evaluate_checkpoint, evaluation_key, numeric_metrics, report_paths, reuse_reports,
                                     store_reports, summary_line, write_reports)
-    from cnnpipe.params.load import load_params
+    from cnnpipe.params.stage_sections import load_sections
 
     from cnnpipe.compute import turns
 
-    params = load_params()
+    params = load_sections("eval", "mlflow", "device")
     if params.mlflow.enabled:
         from cnnpipe.tracking import later_stages as tracking_stages
         from cnnpipe.tracking import connection as tracking_store

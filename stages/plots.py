@@ -6,7 +6,7 @@ evaluate outputs (``metrics.json``, ``per_class.csv``, ``confusion.csv``,
 writes ``reports/figures/*.png`` (the folder is replaced whole) and
 ``reports/README.md``, and logs both to the MLflow parent run. A figure
 whose inputs did not change since it was last drawn is copied back from
-``.cnnpipe-cache/figures`` instead (``cnnpipe.reports.figures.draw``).
+``.cnnpipe-cache/figures`` instead (``cnnpipe.reports.figure_cache.draw``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import functools
 import json
 from pathlib import Path
 
+from cnnpipe.codegraph.stage_deps import check_code_deps
 from cnnpipe.util.errors import DataError, answer_help, run_entry_point
 
 PREPARED = Path("data/prepared")
@@ -38,15 +39,19 @@ def _read_inputs() -> dict:
 
 
 def main() -> int:
-    from cnnpipe.reports import figures
+    check_code_deps(__file__)  # dvc.yaml must declare every package this stage runs
+    from cnnpipe.reports.class_figures import confusion_from_pairs, confusion_heatmap, mistakes_grid, per_class_bars
+    from cnnpipe.reports.curve_figures import grid_curves, learning_curves
+    from cnnpipe.reports.figure_cache import draw as draw_cached
+    from cnnpipe.reports.figure_cache import figure_store
+    from cnnpipe.reports.search_figures import grid_comparison, halving_rungs
     from cnnpipe.data.prepared import load_images_numpy, load_stats
     from cnnpipe.util.files import atomic_dir
-    from cnnpipe.store.outputs import OutputCache
-    from cnnpipe.params.load import load_params
+    from cnnpipe.params.stage_sections import load_sections
     from cnnpipe.params.values import TRAINING_KEYS
     from cnnpipe.reports.readme import write_readme
 
-    params = load_params()
+    params = load_sections("mlflow", "select_by")
     if params.mlflow.enabled:
         from cnnpipe.tracking import later_stages as tracking_stages
         from cnnpipe.tracking import connection as tracking_store
@@ -74,23 +79,23 @@ def main() -> int:
     halving = "pruned" in grid and bool(grid["pruned"].astype(bool).any())
     if halving:
         names["Successive halving rungs"] = "halving_rungs.png"
-    cache = OutputCache(figures.FIGURE_CACHE_KIND)  # an unchanged figure is copied back, not drawn again
-    draw = functools.partial(figures.draw, cache=cache)
+    cache = figure_store()  # an unchanged figure is copied back, not drawn again
+    draw = functools.partial(draw_cached, cache=cache)
     with atomic_dir(FIGURES) as tmp:
-        draw(figures.learning_curves, history[history["run_id"] == selected], tmp / names["Learning curves (selected run)"],
+        draw(learning_curves, history[history["run_id"] == selected], tmp / names["Learning curves (selected run)"],
              best_epoch=train.get("best_epoch"), title=f"Selected run: {run_name}", stop_reason=stop_reason)
-        draw(figures.grid_curves, history, tmp / names["All grid runs"], grid=grid, selected_run_id=selected)
-        draw(figures.grid_comparison, grid, tmp / names["Grid comparison"], select_by=train.get("select_by", "val_loss"),
+        draw(grid_curves, history, tmp / names["All grid runs"], grid=grid, selected_run_id=selected)
+        draw(grid_comparison, grid, tmp / names["Grid comparison"], select_by=train.get("select_by", "val_loss"),
              selected_run_id=selected)
         if halving:
-            draw(figures.halving_rungs, history, grid, tmp / names["Successive halving rungs"], selected_run_id=selected,
+            draw(halving_rungs, history, grid, tmp / names["Successive halving rungs"], selected_run_id=selected,
                  select_by=params.select_by)
-        draw(figures.per_class_bars, data["per_class.csv"], tmp / names["Per-class accuracy"],
+        draw(per_class_bars, data["per_class.csv"], tmp / names["Per-class accuracy"],
              title="Per-class accuracy: train vs test")
-        counts = figures.confusion_from_pairs(confusion["actual"].astype(str), confusion["predicted"].astype(str), classes)
-        draw(figures.confusion_heatmap, counts, classes, tmp / names["Confusion matrix"])
+        counts = confusion_from_pairs(confusion["actual"].astype(str), confusion["predicted"].astype(str), classes)
+        draw(confusion_heatmap, counts, classes, tmp / names["Confusion matrix"])
         index = mistakes["index"].to_numpy(dtype=int)
-        draw(figures.mistakes_grid, load_images_numpy(PREPARED, "test")[index], mistakes["actual"].astype(str).tolist(),
+        draw(mistakes_grid, load_images_numpy(PREPARED, "test")[index], mistakes["actual"].astype(str).tolist(),
              mistakes["predicted"].astype(str).tolist(), mistakes["confidence"].tolist(), tmp / names["Most confident mistakes"])
     figures = {caption: FIGURES / name for caption, name in names.items()}
     write_readme(README, train=train, grid=grid, metrics=data["metrics.json"], per_class=data["per_class.csv"],

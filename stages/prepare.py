@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cnnpipe.codegraph.stage_deps import check_code_deps
 from cnnpipe.util.errors import answer_help, run_entry_point
 
 
@@ -46,9 +47,10 @@ def prepare_folder_stage(params, out: Path) -> int:  # type: ignore[no-untyped-d
 
 
 def main() -> int:
-    from cnnpipe.params.load import load_params
+    check_code_deps(__file__)  # dvc.yaml must declare every package this stage runs
+    from cnnpipe.params.stage_sections import load_sections
 
-    params = load_params()
+    params = load_sections("data", "eval")
     from cnnpipe.data.prepare import prepare_dataset
     from cnnpipe.data.registry import get_dataset
 

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cnnpipe.codegraph.stage_deps import check_code_deps
 from cnnpipe.util.errors import run_entry_point
 
 PREPARED = Path("data/prepared")
@@ -40,6 +41,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_code_deps(__file__)  # dvc.yaml must declare every package this stage runs
     from cnnpipe.tracking import runs as tracking_runs
     from cnnpipe.tracking import connection as tracking_store
     from cnnpipe.reports import train_files
@@ -57,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
 
     from cnnpipe.compute.device import describe, resolve_device
     from cnnpipe.engine.data import TrainData
-    from cnnpipe.search.executors import make_executor
+    from cnnpipe.search.backend_choice import make_executor
 
     device = resolve_device(params.device)
     executor = make_executor(params.grid, len(configs), device=device)  # ray missing: fail now

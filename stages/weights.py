@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import sys
 
+from cnnpipe.codegraph.stage_deps import check_code_deps
 from cnnpipe.util.errors import answer_help, run_entry_point
 
 
 def main() -> int:
+    check_code_deps(__file__)  # dvc.yaml must declare every package this stage runs
     from cnnpipe.models.pinned_weights import WEIGHTS_DIR
     from cnnpipe.pretrained.fetch import fetch_weights
     from cnnpipe.params.load import load_params

@@ -158,3 +158,29 @@ def run_stage(work: Path, root: Path, *extra_args: str, env: dict[str, str] | No
 
 # Historical name used by tests/test_train_stage.py.
 make_project = stage_project
+
+
+# --------------------------------------------------------------------------- params a stage reads
+
+
+def recorded_reads(folder: Path) -> dict[str, set[str]]:
+    """Stage -> the params keys its processes read (``CNNPIPE_RECORD_PARAMS=folder``, ``cnnpipe.params.reads``)."""
+    import json
+
+    out: dict[str, set[str]] = {}
+    for path in folder.glob("*.json"):
+        stage = path.stem.rsplit("-", 1)[0]
+        out.setdefault(stage, set()).update(json.loads(path.read_text()))
+    return out
+
+
+def assert_reads_declared(project: Path, folder: Path) -> dict[str, set[str]]:
+    """Every params key a stage read is declared in its ``dvc.yaml`` params (a key covers every key below it)."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    reads = recorded_reads(folder)
+    assert reads, f"nothing recorded in {folder}"
+    for stage, keys in reads.items():
+        declared = [str(p) for p in stages[stage].get("params", [])]
+        undeclared = sorted(k for k in keys if not any(k == d or k.startswith(d + ".") for d in declared))
+        assert not undeclared, f"stage {stage} reads {undeclared} but dvc.yaml does not declare them"
+    return reads

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fixtures_images import COLORS, image_bytes, make_tree
-from project_builder import DVC, commit_all, pipeline_project, run_ok
+from project_builder import DVC, assert_reads_declared, commit_all, pipeline_project, run_ok
 from synthetic import TINY
 
 pytestmark = pytest.mark.long(30)
@@ -29,8 +29,12 @@ def test_dvc_repro_trains_on_a_dvc_added_folder_and_reruns_prepare_when_it_chang
 
     # The README's commands ("Your own images"), with a small image size for speed.
     run_ok([DVC, "add", "-q", "my_images"], project)
+    reads = tmp_path / "reads"
     out = run_ok([DVC, "exp", "run", "-S", "data.dataset=folder", "-S", "data.source=my_images",
-                  "-S", "data.image_size=[16,16]", "-S", "eval.top_k=[1,2]"], project, timeout=900).stdout
+                  "-S", "data.image_size=[16,16]", "-S", "eval.top_k=[1,2]"], project, timeout=900,
+                 env={"CNNPIPE_RECORD_PARAMS": str(reads)}).stdout
+    recorded = assert_reads_declared(project, reads)  # the folder path reads its own keys: declared too
+    assert {"data.source", "data.image_size"} <= recorded["prepare"]
     assert "skipped 1 unreadable image(s): dog/broken.jpg" in out
     stats = json.loads((project / "data/prepared/stats.json").read_text())
     assert stats["dataset"] == "folder" and stats["classes"] == ["cat", "dog"] and stats["image_shape"] == [3, 16, 16]

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from fixtures_raw import make_idx_raw, no_proxy, serve  # noqa: F401 - no_proxy is a fixture
-from project_builder import BIN, pipeline_project, run
+from project_builder import BIN, assert_reads_declared, pipeline_project, run
 
 FIGURES = ["confusion_matrix.png", "grid_comparison.png", "grid_curves.png", "learning_curves.png", "mistakes.png",
            "per_class_accuracy.png"]
 SCRIPT_SRC = re.compile(r"<script\b[^>]*?\bsrc\s*=\s*[\"']?([^\"'\s>]+)", re.IGNORECASE)
 
-pytestmark = pytest.mark.long(35)
+pytestmark = pytest.mark.long(60)
 
 
 @pytest.mark.slow
@@ -30,10 +30,15 @@ def test_dvc_repro_end_to_end_then_offline_plots(tmp_path: Path, no_proxy: None)
     fixture = make_idx_raw(tmp_path / "www", n_train=200, n_test=60)
     with contextlib.contextmanager(serve)(fixture.folder) as server:
         project = pipeline_project(tmp_path / "project", server.url, fixture.checksums)
-        repro = run([str(BIN / "dvc"), "repro"], project, timeout=600)
+        reads = tmp_path / "reads"
+        repro = run([str(BIN / "dvc"), "repro"], project, timeout=600, env={"CNNPIPE_RECORD_PARAMS": str(reads)})
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
-    for stage in ("download", "prepare", "train", "evaluate", "plots"):
+    for stage in ("download", "prepare", "weights", "train", "evaluate", "plots"):
         assert f"Running stage '{stage}'" in repro.stdout
+    # Each stage read only params keys its dvc.yaml entry declares (recorded as it ran: cnnpipe.params.reads).
+    recorded = assert_reads_declared(project, reads)
+    assert set(recorded) == {"download", "prepare", "weights", "train", "evaluate", "plots"}
+    assert "data.dataset" in recorded["download"] and "lr" in recorded["train"] and "eval.top_k" in recorded["evaluate"]
 
     reports = project / "reports"
     metrics = json.loads((reports / "metrics.json").read_text())
@@ -81,15 +86,37 @@ def test_dvc_repro_end_to_end_then_offline_plots(tmp_path: Path, no_proxy: None)
     assert again.returncode == 0
     assert "Running stage" not in again.stdout
 
-    # Editing the scoring code re-scores: evaluate's stored reports key on the code evaluate runs
-    # (engine/loop.py's evaluate_logits was once missing from a hand-kept list, and 91% was served).
-    loop = project / "src" / "cnnpipe" / "engine" / "loop.py"
-    source = loop.read_text()
-    assert source.count("    return out if out is not None else torch.zeros(0, 0)\n") == 1
-    loop.write_text(source.replace("    return out if out is not None else torch.zeros(0, 0)\n",
-                                   "    return -out if out is not None else torch.zeros(0, 0)\n"))
-    rescored = run([str(BIN / "dvc"), "repro", "-s", "evaluate"], project)
+    # A module added later re-scores (the reported bug: dvc.yaml listed files, not the new one, and `dvc repro`
+    # said "up to date" with a stale score). The code deps are package folders: the new file is covered.
+    evaluation = project / "src" / "cnnpipe" / "evaluation"
+    (evaluation / "scale.py").write_text("FACTOR = 1.0\n")
+    score = evaluation / "score.py"
+    source = score.read_text()
+    anchor = re.search(r"^( +)logits = evaluate_logits\(model, images,[^\n]*\n", source, re.M)
+    assert anchor is not None, "the test split's logits line moved: update this test"
+    indent = anchor.group(1)
+    score.write_text(source[:anchor.end()] + f"{indent}from cnnpipe.evaluation.scale import FACTOR\n"
+                     f"{indent}logits = logits * FACTOR\n" + source[anchor.end():])
+    same = run([str(BIN / "dvc"), "repro"], project)
+    assert same.returncode == 0 and "Running stage 'evaluate'" in same.stdout, same.stdout[-3000:] + same.stderr[-3000:]
+    assert json.loads((reports / "metrics.json").read_text())["test_top1"] == metrics["test_top1"]
+    (evaluation / "scale.py").write_text("FACTOR = -1.0\n")  # only the new module changes
+    rescored = run([str(BIN / "dvc"), "repro"], project)
     assert rescored.returncode == 0, rescored.stdout[-3000:] + rescored.stderr[-3000:]
     assert "Running stage 'evaluate'" in rescored.stdout and "reports reused" not in rescored.stdout
+    assert "Running stage 'train'" not in rescored.stdout  # train never ran the evaluation package
     negated = json.loads((reports / "metrics.json").read_text())
     assert negated["test_top1"] < metrics["test_top1"] and negated["test_loss"] > metrics["test_loss"]
+
+    # A package the stage never declared: one line naming the module and the fix, before anything is written.
+    (evaluation / "scale.py").write_text("from cnnpipe.reports.readme import write_readme\n\nFACTOR = 1.0\n")
+    refused = run([str(BIN / "dvc"), "repro"], project)
+    assert refused.returncode != 0
+    [line] = [ln for ln in refused.stdout.splitlines() + refused.stderr.splitlines() if "does not depend on it" in ln]
+    assert "stage evaluate runs src/cnnpipe/reports/" in line and "python -m cnnpipe.codegraph.stage_deps --write" in line
+    assert json.loads((reports / "metrics.json").read_text()) == negated
+    fixed = run([str(BIN / "python"), "-m", "cnnpipe.codegraph.stage_deps", "--write"], project)
+    assert fixed.returncode == 0 and "evaluate" in fixed.stdout, fixed.stdout + fixed.stderr
+    again = run([str(BIN / "dvc"), "repro"], project)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert json.loads((reports / "metrics.json").read_text())["test_top1"] == metrics["test_top1"]

@@ -17,16 +17,14 @@ tomorrow and imported anywhere below the entry is in the identity without
 anyone remembering it; a module nobody imports from there cannot change the
 result and stays out (editing it keeps the caches).
 
-The same closure gives each DVC stage's code deps (``stage_code_files``): a test
-checks ``dvc.yaml`` against it, and ``python -m cnnpipe.codegraph.code_identity
-stages/train.py`` prints the list (``--write`` rewrites ``dvc.yaml``).
+The same closure gives each DVC stage's code deps (``stage_code_files``, made
+into package folders by ``codegraph.stage_deps``).
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
-import sys
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -155,62 +153,3 @@ def stage_code_files(script: Path, root: Path | None = None) -> list[Path]:
     """The cnnpipe files a stage script runs (its import closure and their data files), for ``dvc.yaml`` deps."""
     modules = closure((), root, scripts=[script])
     return sorted({*modules.values(), *data_files(modules)})
-
-
-def write_stage_deps(dvc_yaml: Path, root: Path | None = None) -> list[str]:
-    """Rewrite each stage's code deps in ``dvc_yaml`` (its ``src/``/``stages/`` lines) from its import closure.
-
-    Other lines (comments, data deps, params, outs) stay as they are. Returns
-    the names of the stages whose deps changed.
-    """
-    import re
-
-    root = root or package_root()
-    project = dvc_yaml.parent
-    lines = dvc_yaml.read_text(encoding="utf-8").splitlines()
-    out: list[str] = []
-    changed: list[str] = []
-    stage = script = None
-    written = False
-    code_dep = re.compile(r"^(\s+)- (src|stages)/\S+$")
-    for line in lines:
-        head = re.match(r"^  (\w+):\s*$", line)
-        if head:
-            stage, written = head.group(1), False
-        cmd = re.match(r"^\s+cmd: python (stages/\S+\.py)", line)
-        if cmd:
-            script = project / cmd.group(1)
-        dep = code_dep.match(line)
-        if not dep or script is None:
-            out.append(line)
-            continue
-        if not written:
-            wanted = [script, *stage_code_files(script, root)]
-            block = [f"{dep.group(1)}- {path.relative_to(project).as_posix()}" for path in wanted]
-            out.extend(block)
-            written = True
-            changed.append(str(stage))
-    text = "\n".join(out) + "\n"
-    if text != dvc_yaml.read_text(encoding="utf-8"):
-        dvc_yaml.write_text(text, encoding="utf-8")
-        return changed
-    return []
-
-
-def main(argv: list[str]) -> int:
-    """Print each stage script's ``dvc.yaml`` code deps; ``--write`` rewrites them in ``dvc.yaml``."""
-    root = package_root()
-    project = root.parents[1]
-    if argv == ["--write"]:
-        changed = write_stage_deps(project / "dvc.yaml", root)
-        print(f"dvc.yaml: code deps rewritten ({', '.join(changed)})" if changed else "dvc.yaml: code deps up to date")
-        return 0
-    for script in argv:
-        print(f"# {script}")
-        for path in [project / script, *stage_code_files(project / script, root)]:
-            print(f"      - {path.relative_to(project).as_posix()}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -21,40 +21,27 @@ source fails the user gets one line listing what was tried and why.
 from __future__ import annotations
 
 import contextlib
-import errno
-import http.client
 import os
 import shutil
-import socket
-import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from cnnpipe import __version__
 from cnnpipe.data.formats import RawCheck, RawFormatError, inspect_raw
 from cnnpipe.data.registry import DatasetSpec, RawFile
 from cnnpipe.data.sources import Source, sources_for
 from cnnpipe.util.retry import retrying
+from cnnpipe.util.transfer import Rejected as _Rejected
+from cnnpipe.util.transfer import Transient as _Transient
+from cnnpipe.util.transfer import copy_stream as _copy
+from cnnpipe.util.transfer import fatal_if_disk_full as _fatal_if_disk_full
+from cnnpipe.util.transfer import fetch_http as _fetch_http
 from cnnpipe.util.errors import DataError
 
-USER_AGENT = f"cnnpipe/{__version__} (dataset download; python-urllib)"
-CHUNK = 1 << 16
-PROGRESS_MIN_BYTES = 1 << 20  # no bar for label files
 TEMP_SUFFIX = ".part"
 MAX_BACKOFF = 30.0  # seconds
-
-
-class _Transient(Exception):
-    """Worth another attempt at the same source (network error, truncation)."""
-
-
-class _Rejected(Exception):
-    """This source will not do; move on to the next one."""
 
 
 @dataclass(frozen=True)
@@ -106,71 +93,6 @@ def verify_file(path: Path, spec: DatasetSpec, raw: RawFile, pins: Mapping[str, 
     return verdict
 
 
-# --------------------------------------------------------------------------- transfer
-
-
-def _progress(total: int | None, name: str, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    show = enabled and (total is None or total >= PROGRESS_MIN_BYTES)
-    return tqdm(
-        total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-        disable=None if show else True, file=sys.stderr, dynamic_ncols=True,
-    )
-
-
-def _copy(stream: IO[bytes], out: IO[bytes], total: int | None, name: str, progress: bool) -> int:
-    written = 0
-    with _progress(total, name, progress) as bar:
-        while chunk := stream.read(CHUNK):
-            out.write(chunk)
-            written += len(chunk)
-            bar.update(len(chunk))
-    return written
-
-
-class _NoRedirectLoops(urllib.request.HTTPRedirectHandler):
-    """urllib's handler, with a short limit: a loop should fail fast, not after 10 hops."""
-
-    max_redirections = 5
-    max_repeats = 2
-
-
-def _opener() -> urllib.request.OpenerDirector:
-    opener = urllib.request.build_opener(_NoRedirectLoops())
-    opener.addheaders = [("User-Agent", USER_AGENT), ("Accept-Encoding", "identity")]
-    return opener
-
-
-def _fetch_http(url: str, out: IO[bytes], name: str, timeout: float, progress: bool) -> None:
-    try:
-        with _opener().open(url, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            written = _copy(response, out, total, name, progress)
-    except urllib.error.HTTPError as err:
-        if 300 <= err.code < 400:
-            raise _Rejected(f"redirect loop (HTTP {err.code})") from None
-        raise _Rejected(f"HTTP {err.code} {err.reason}".strip()) from None
-    except urllib.error.URLError as err:
-        reason = err.reason
-        if isinstance(reason, (socket.timeout, TimeoutError)):
-            raise _Transient(f"timed out after {timeout:g} s") from None
-        if isinstance(reason, socket.gaierror):
-            raise _Transient(f"unknown host ({reason.strerror})") from None
-        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
-        raise _Transient(f"network error: {text.lower()}") from None
-    except (socket.timeout, TimeoutError):
-        raise _Transient(f"timed out after {timeout:g} s") from None
-    except http.client.IncompleteRead as err:
-        raise _Transient(f"truncated: connection closed after {len(err.partial)} bytes") from None
-    except (http.client.HTTPException, ConnectionError, OSError) as err:
-        _fatal_if_disk_full(err, out)
-        raise _Transient(f"network error: {type(err).__name__}: {err}".rstrip(": ")) from None
-    if total is not None and written != total:
-        raise _Transient(f"truncated: got {written} of {total} bytes")
-
-
 def _fetch_local(path: Path, out: IO[bytes], name: str, progress: bool) -> None:
     if not path.is_file():
         raise _Rejected("missing")
@@ -182,13 +104,6 @@ def _fetch_local(path: Path, out: IO[bytes], name: str, progress: bool) -> None:
     except OSError as err:
         _fatal_if_disk_full(err, out)
         raise _Transient(f"read error: {err}") from None
-
-
-def _fatal_if_disk_full(err: BaseException, out: IO[bytes]) -> None:
-    """A full disk is not the source's fault: stop with one line instead of trying every mirror."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        folder = Path(getattr(out, "name", ".")).parent
-        raise DataError(f"no space left on the device holding {folder}; free some space and re-run the download stage") from None
 
 
 def _attempt(source: Source, spec: DatasetSpec, raw: RawFile, dest: Path, pins: Mapping[str, str],

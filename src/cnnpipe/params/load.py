@@ -1,4 +1,4 @@
-"""Reading ``params.yaml``: YAML syntax errors name the line, every other problem is one ``ParamsError`` line."""
+"""Reading the whole ``params.yaml`` as ``Params``: every problem is one ``ParamsError`` line (``params.yaml_file`` reads the YAML)."""
 
 from __future__ import annotations
 
@@ -6,34 +6,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import (
     ValidationError,
 )
 
 from cnnpipe.util.errors import ParamsError
+from cnnpipe.params import reads
 from cnnpipe.params.messages import error_line
+from cnnpipe.params.yaml_file import read_yaml
 from cnnpipe.params.schema import Params
 from cnnpipe.params.values import TRAINING_KEYS
-
-
-def read_yaml(path: str | os.PathLike[str]) -> Any:
-    """Parse ``path`` with ``safe_load`` (``None`` for an empty file); syntax errors name the line."""
-    source = Path(path)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ParamsError("file not found; run from the project root or pass --params", source=str(path)) from None
-    except UnicodeDecodeError:
-        raise ParamsError("not UTF-8 text", source=str(path)) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ParamsError(f"YAML syntax error at {where}{err.problem}; fix the YAML", source=str(path)) from None
-    except yaml.YAMLError as err:
-        raise ParamsError(f"YAML error: {err}", source=str(path)) from None
 
 
 def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
@@ -44,6 +26,7 @@ def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     """Validate already-parsed YAML; ``None`` is an empty file and is refused."""
     try:
-        return Params.model_validate(raw)
+        with reads.paused():
+            return Params.model_validate(raw)
     except ValidationError as exc:
         raise ParamsError(error_line(exc, Params, TRAINING_KEYS), source=source) from None

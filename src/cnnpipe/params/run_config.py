@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from typing import Any, ClassVar
 
 from cnnpipe.params.messages import _fmt
 from cnnpipe.params.values import TrainingValues, _Strict
@@ -11,6 +10,8 @@ from cnnpipe.params.values import TrainingValues, _Strict
 
 class RunConfig(_Strict):
     """One search point: scalar training values plus the resolved architecture."""
+
+    _KEY_PREFIX: ClassVar[str | None] = None  # not a part of params.yaml: its values' reads are noted
 
     values: TrainingValues
     layers: tuple[Any, ...]  # the resolved layer spec of ``values.model`` (plain YAML data)

@@ -21,9 +21,10 @@ from pydantic import (
 from cnnpipe.data.registry import DatasetSpec
 from cnnpipe.util.errors import ParamsError
 from cnnpipe.params.messages import _bad, _shown, suggest
-from cnnpipe.params.values import Device, Metric, MonitorSetting, TRAINING_KEYS, TrainingValues, _Strict
+from cnnpipe.params.values import PLAIN_FIELDS, MonitorSetting, TRAINING_KEYS, TrainingValues, _Strict
 from cnnpipe.params.axes import Axis, Choice, Range, _candidates, _is_range
-from cnnpipe.params.sections import DataParams, EvalParams, GridParams, MlflowParams, PretrainedParams
+from cnnpipe.params.pretrained_section import PretrainedParams
+from cnnpipe.params.sections import DataParams, EvalParams, GridParams, MlflowParams
 
 
 def _section_or_empty(raw: dict[str, Any]) -> dict[str, Any]:
@@ -236,8 +237,7 @@ Params = create_model(
     __module__=__name__,
     __doc__="A validated ``params.yaml``. Every default is the shipped file's value.",
     **_axis_fields(),
-    select_by=(Metric, "val_loss"),
-    device=(Device, "auto"),
+    **PLAIN_FIELDS,
     models=(dict[str, tuple[Any, ...]], Field(default_factory=dict)),
     data=(DataParams, Field(default_factory=DataParams)),
     eval=(EvalParams, Field(default_factory=EvalParams)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -45,11 +45,15 @@ def _sha256(value: str) -> str:
 
 
 class DownloadParams(_Strict):
+
+    _KEY_PREFIX: ClassVar[str] = "data.download."
     timeout: PositiveFloat = 30.0
     retries: NonNegInt = 3
 
 
 class DataParams(_Strict):
+
+    _KEY_PREFIX: ClassVar[str] = "data."
     dataset: str = "fashion-mnist"
     val_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False), BeforeValidator(_no_bool)] = 0.1
     split_seed: NonNegInt = 0
@@ -102,6 +106,8 @@ class DataParams(_Strict):
 
 
 class EvalParams(_Strict):
+
+    _KEY_PREFIX: ClassVar[str] = "eval."
     top_k: list[PositiveInt] = Field(default_factory=lambda: [1, 5], min_length=1)
     batch_size: PositiveInt = 1000
     mistakes: NonNegInt = 25
@@ -109,6 +115,8 @@ class EvalParams(_Strict):
 
 
 class MlflowParams(_Strict):
+
+    _KEY_PREFIX: ClassVar[str] = "mlflow."
     enabled: StrictBool = True
     tracking_uri: str | None = None
     experiment: Annotated[str, Field(min_length=1)] = "cnnpipe"
@@ -118,6 +126,8 @@ class MlflowParams(_Strict):
 
 class GridParams(_Strict):
     """How the search runs: where (workers, backend), how much (max_runs, samples) and which strategy."""
+
+    _KEY_PREFIX: ClassVar[str] = "grid."
 
     workers: Annotated[Union[Literal["auto"], int], PlainValidator(_workers)] = "auto"
     backend: Literal["local", "ray"] = "local"
@@ -139,23 +149,3 @@ class GridParams(_Strict):
             out.append(rung)
             rung *= self.eta
         return (*out, epochs)
-
-
-class PretrainedParams(_Strict):
-    """Where a torchvision model's starting weights come from (cnnpipe.models.pinned_weights)."""
-
-    weights: Annotated[str, Field(min_length=1)] = "IMAGENET1K_V1"  # a torchvision weights name, none, a path/URL, a checkpoint
-    sha256: Annotated[str, AfterValidator(_sha256)] | None = None  # required for a file or URL; checked for all
-
-    @model_validator(mode="after")
-    def _pinned(self) -> "PretrainedParams":
-        from cnnpipe.models.torchvision_spec import source_kind
-
-        kind = source_kind(self.weights)
-        if "://" in self.weights and kind not in ("url", "registry"):
-            raise _bad(f".weights uses unsupported scheme {self.weights.split('://', 1)[0]!r}; use http(s)://, "
-                       "models:/NAME@ALIAS, a file or checkpoint folder, a torchvision weights name or none")
-        if kind in ("url", "file") and self.sha256 is None:
-            raise _bad(f".weights {json.dumps(self.weights)} is a file or URL: pin it with pretrained.sha256 "
-                       "(sha256sum FILE) so the run cannot silently start from other weights")
-        return self

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -14,6 +14,7 @@ from pydantic import (
 )
 
 from cnnpipe.data.registry import get_dataset
+from cnnpipe.params import reads
 from cnnpipe.params.messages import _bad, _fmt
 
 
@@ -42,7 +43,31 @@ Finetune = Literal["full", "head", "gradual"]
 
 
 class _Strict(BaseModel):
+    """A params model: unknown keys refused, values frozen, each field read noted (``params.reads``) when recording.
+
+    ``_KEY_PREFIX`` is where the model sits in ``params.yaml`` (``data.``,
+    ``data.download.``; training values and the file itself: the top level);
+    None for a model that is not a part of the file (``RunConfig``).
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _KEY_PREFIX: ClassVar[str | None] = ""
+
+    if reads.READ is not None:  # only a recording process pays for the hook
+        def __getattribute__(self, name: str) -> Any:
+            value = object.__getattribute__(self, name)
+            cls = object.__getattribute__(self, "__class__")
+            if cls._KEY_PREFIX is not None and name in cls.model_fields and not isinstance(value, _Strict):
+                # a section's fields are noted by the section, under its own prefix
+                reads.note(cls._KEY_PREFIX + name)
+            return value
+
+        def model_dump(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            """A whole section read at once (e.g. hashed into a key): every key under it counts as read."""
+            prefix = (type(self)._KEY_PREFIX or "").rstrip(".")
+            if prefix:
+                reads.note(prefix)
+            return super().model_dump(*args, **kwargs)
 
 
 class TrainingValues(_Strict):
@@ -87,3 +112,8 @@ def resolve_augment(augment: str, dataset: str) -> str:
     if augment != "auto":
         return augment
     return "none" if get_dataset(dataset).digits else "crop_flip"
+
+
+# Top-level keys that are plain values, not axes: declared once here for ``Params`` and for the stages that
+# validate only what they read (``params.stage_sections``).
+PLAIN_FIELDS: dict[str, tuple[Any, Any]] = {"select_by": (Metric, "val_loss"), "device": (Device, "auto")}

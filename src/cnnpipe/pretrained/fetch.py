@@ -129,7 +129,9 @@ def torchvision_cache_path(url: str) -> Path:
 def download(url: str, dest: Path, *, what: str, timeout: float, retries: int, progress: bool = True,
              hash_prefix: str | None = None) -> None:
     """``url`` -> ``dest`` (atomic), retrying network errors; ``hash_prefix`` checks torch.hub's file-name hash."""
-    from cnnpipe.data.download import _fetch_http, _Rejected, _Transient
+    from cnnpipe.util.transfer import Rejected as _Rejected
+    from cnnpipe.util.transfer import Transient as _Transient
+    from cnnpipe.util.transfer import fetch_http as _fetch_http
 
     problem = ""
     for attempt in range(retries + 1):

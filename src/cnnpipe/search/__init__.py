@@ -5,9 +5,8 @@
   synchronous successive halving (rungs, promotion).
 * ``trial``: the worker side of one trial (any process, a pool worker, Ray):
   train from its saved run state up to a budget, report epochs as events.
-* ``runstate``: the per-epoch run-state store at the project root (resume).
 * ``log``: the parent side, the ONLY writer to MLflow and the run cache.
-* ``progress``: what the user sees: lines, tqdm bars, the grid ETA.
+* ``search_progress``: what the user sees: lines, tqdm bars, the grid ETA.
 * ``selection``: run records and how the best run is chosen.
 * ``runner``: ties them together for the train stage.
 """

@@ -47,7 +47,7 @@ FORMAT = "cnnpipe-features/1"
 FILE = "features.safetensors"
 META = "meta.json"
 BATCH = 256
-CODE_ENTRY = "cnnpipe.store.features"  # this module and what it imports: the body's code and the normalization
+CODE_ENTRY = "cnnpipe.store.features"  # the identity: this module's import closure (codegraph.code_identity)
 SPLITS = ("train", "val")
 
 

@@ -1,10 +1,11 @@
-"""``cnnpipe cache``: what the run cache and the run-state store hold, and pruning them.
+"""``cnnpipe cache``: what the stores under ``.cnnpipe-cache/`` hold, and pruning them.
 
 All live under ``<project root>/.cnnpipe-cache/`` (``runs/``: finished runs,
 ``state/``: unfinished or pruned runs that a later search continues,
 ``eval/`` and ``figures/``: evaluate's reports and plots' figures by their
-inputs, ``cnnpipe.store.outputs``). They grow with every new config; this is
-how a user sees and bounds them.
+inputs, ``cnnpipe.store.outputs``; ``features/``: a frozen body's cached
+outputs, ``cnnpipe.store.features``). They grow with every new config; this
+is how a user sees and bounds them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 @dataclass(frozen=True)
 class Entry:
-    kind: str  # "run" (finished, in runs/), "state" (resumable, in state/), "eval" or "figures" (stored outputs)
+    kind: str  # "run" (finished, in runs/), "state" (resumable, in state/), "eval", "figures" or "features"
     path: Path
     bytes: int
     modified: float

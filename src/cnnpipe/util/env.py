@@ -19,6 +19,7 @@ TAKE_TURNS = "CNNPIPE_TAKE_TURNS"  # concurrent experiments compute one at a tim
 PROGRESS_EVERY = "CNNPIPE_PROGRESS_EVERY"  # seconds between mid-epoch lines when not a terminal (0: none)
 FEATURES = "CNNPIPE_FEATURES"  # a frozen body's features computed once and reused (default on)
 CACHE_DIR = "CNNPIPE_CACHE_DIR"  # where .cnnpipe-cache/runs lives (the other stores beside it)
+RECORD_PARAMS = "CNNPIPE_RECORD_PARAMS"  # a folder: each stage process writes the params keys it read there (tests)
 
 
 def flag(name: str, default: bool = False) -> bool:
