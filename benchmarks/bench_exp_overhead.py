@@ -77,14 +77,40 @@ def build(project: Path) -> None:
     sh([*git, "commit", "-qm", "bench"], project)
 
 
-def identity_seconds() -> float:
-    """Wall time of computing every store's code identity in a fresh process (what a stage adds)."""
-    code = ("import time; t = time.perf_counter(); from cnnpipe.codegraph.code_identity import code_identity; "
-            "[code_identity(e) for e in ('cnnpipe.search.trial', 'cnnpipe.evaluation.score', "
-            "'cnnpipe.reports.figures')]; print(time.perf_counter() - t)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+def store_entries() -> list[str]:
+    """Every store's ``CODE_ENTRY`` (found in the source, as tests/test_code_identity.py finds them)."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "src" / "cnnpipe").rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if (isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CODE_ENTRY" for t in node.targets)
+                    and isinstance(node.value, ast.Constant)):
+                found.append(node.value.value)
+    return sorted(set(found))
+
+
+def fresh_process_seconds(code: str) -> float:
+    """Wall time ``code`` measures (it prints it) in a fresh interpreter on this checkout's src/."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": str(BIN)})
     return float(out.stdout.strip())
+
+
+def identity_seconds() -> float:
+    """Computing every store's code identity in a fresh process (what the stages add, together)."""
+    return fresh_process_seconds(
+        "import time; t = time.perf_counter(); from cnnpipe.codegraph.code_identity import code_identity; "
+        f"[code_identity(e) for e in {store_entries()!r}]; print(time.perf_counter() - t)")
+
+
+def check_seconds() -> float:
+    """Every stage's start check of its dvc.yaml code deps (codegraph.stage_deps), in one fresh process."""
+    return fresh_process_seconds(
+        "import time; from pathlib import Path; t = time.perf_counter(); "
+        "from cnnpipe.codegraph.stage_deps import check_code_deps, stage_scripts; "
+        "[check_code_deps(Path(s)) for s in stage_scripts(Path('dvc.yaml')).values()]; "
+        "print(time.perf_counter() - t)")
 
 
 def main() -> int:
@@ -107,18 +133,23 @@ def main() -> int:
         # tutorial_epoch returns images/s over the 60,000 training images: one epoch is 60,000 / that
         epochs = [TUTORIAL_IMAGES / tutorial_epoch(root, args.threads) for _ in range(2)]
     identity = [identity_seconds() for _ in range(3)]
+    checks = [check_seconds() for _ in range(3)]
 
     te = statistics.median(epochs)
     exp = statistics.median(cached)
     ident = statistics.median(identity)
+    check = statistics.median(checks)
+    stores = len(store_entries())
     print(f"\nfirst dvc repro (downloads, prepares, trains 4 one-epoch runs): {first:.1f} s")
     print(f"{'what':<58} {'seconds':>8} {'tutorial epochs':>16}")
     print(f"{'tutorial loop, one epoch (te)':<58} {te:>8.2f} {1.0:>16.2f}")
     print(f"{'fully cached dvc exp run -S lr=..., median of ' + str(len(cached)):<58} {exp:>8.2f} {exp / te:>16.2f}")
     print(f"{'  each: ' + ', '.join(f'{c:.2f}' for c in cached):<58}")
-    print(f"{'code identity of the 3 stores (fresh process, median of 3)':<58} {ident:>8.3f} {ident / te:>16.3f}")
+    print(f"{f'code identity of the {stores} stores (fresh process, median of 3)':<58} {ident:>8.3f} {ident / te:>16.3f}")
+    print(f"{'code-deps check of all 6 stages (fresh process, median of 3)':<58} {check:>8.3f} {check / te:>16.3f}")
     record("exp_overhead", "cached dvc exp run", exp, "s", exp / te, "tutorial epoch")
-    record("exp_overhead", "code identity (3 stores)", ident, "s", ident / te, "tutorial epoch")
+    record("exp_overhead", f"code identity ({stores} stores)", ident, "s", ident / te, "tutorial epoch")
+    record("exp_overhead", "code-deps check (6 stages)", check, "s", check / te, "tutorial epoch")
     return 0
 
 

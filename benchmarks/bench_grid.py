@@ -57,7 +57,9 @@ def main() -> None:
     args = parse_args()
     import yaml
 
-    from cnnpipe.search import executors
+    from cnnpipe.compute.parallelism import cpu_cores
+    from cnnpipe.search.backend_choice import make_executor
+    from cnnpipe.search.backend_sequential import SequentialExecutor
     from cnnpipe.search.trial import TrainContext
     from cnnpipe.search.runner import run_search
     from cnnpipe.engine.data import TrainData
@@ -93,14 +95,14 @@ def main() -> None:
     results: dict[str, list[float]] = {"sequential": [], "parallel": [], "full": [], "incremental": []}
     with tempfile.TemporaryDirectory(prefix="bench-grid-") as tmp:
         seeded = Path(tmp) / "seeded"  # the default grid's runs, cached once
-        parallel = executors.make_executor(settings, len(configs), device="cpu")
+        parallel = make_executor(settings, len(configs), device="cpu")
         print(f"parallel executor: {parallel.description}")
         for repeat in range(args.repeats):
             print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
-            results["sequential"].append(timed("sequential", executors.SequentialExecutor(executors.cpu_cores()), configs))
+            results["sequential"].append(timed("sequential", SequentialExecutor(cpu_cores()), configs))
             store = GridCache(RunCache(seeded), reuse=False) if repeat == 0 else None  # store only: timing unaffected
             results["parallel"].append(timed("parallel", parallel, configs, store))
-        grown = executors.make_executor(settings, len(wider_configs), device="cpu")
+        grown = make_executor(settings, len(wider_configs), device="cpu")
         for repeat in range(args.repeats):
             print(f"grid + one lr ({len(wider_configs)} runs), repeat {repeat + 1}/{args.repeats}", flush=True)
             results["full"].append(timed("full", grown, wider_configs))

@@ -46,7 +46,7 @@ def main() -> None:
                         help="retrain each pick with these extra seeds: test top-1 mean and sd per pick")
     args = parser.parse_args()
 
-    from cnnpipe.search import executors
+    from cnnpipe.search.backend_choice import make_executor
     from cnnpipe.engine.data import TrainData
     from cnnpipe.engine.inference import evaluate_logits
     from cnnpipe.engine.metrics import topk_accuracy
@@ -66,7 +66,7 @@ def main() -> None:
                            "mlflow": {"enabled": False}})
     configs = expand(params)
     data = TrainData.load(args.prepared, splits=("train", "val", "test"))
-    executor = executors.make_executor(params.grid, len(configs), device="cpu")
+    executor = make_executor(params.grid, len(configs), device="cpu")
     print(f"{len(configs)} points x {args.epochs} epochs of {args.model} on {len(data.train)} train images; "
           f"executor: {executor.description}", flush=True)
 
@@ -74,7 +74,7 @@ def main() -> None:
         logits = evaluate_logits(rec.result.model, data.test.images, mean=data.mean, std=data.std)
         return topk_accuracy(logits, data.test.labels, (1,))[1]
 
-    spreading = executors.make_executor(params.grid.model_copy(update={"spread_threads": True}), len(configs),
+    spreading = make_executor(params.grid.model_copy(update={"spread_threads": True}), len(configs),
                                         device="cpu")
     rows = []
     picks: dict[str, tuple] = {}  # name -> (config, test top-1 at the grid's seed)

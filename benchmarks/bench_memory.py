@@ -239,7 +239,7 @@ def _train_one(lr: float, prepared: str, fingerprint: str, budget: int | None = 
 
     ``budget``: ``resident_pages.BUDGET_BYTES`` in this worker (None: cnnpipe's default).
     """
-    from cnnpipe.search.executors import PreparedSource
+    from cnnpipe.search.trial_data import PreparedSource
     from cnnpipe.data import resident_pages
 
     if budget is not None:
@@ -260,7 +260,7 @@ def _train_one(lr: float, prepared: str, fingerprint: str, budget: int | None = 
 
 
 def train(prepared: Path, budget: int | None = None) -> dict[str, object]:
-    from cnnpipe.search.executors import ProcessExecutor
+    from cnnpipe.search.backend_pool import ProcessExecutor
     from cnnpipe.data.prepared import load_stats
 
     fingerprint = load_stats(prepared).fingerprint

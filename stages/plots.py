@@ -6,7 +6,7 @@ evaluate outputs (``metrics.json``, ``per_class.csv``, ``confusion.csv``,
 writes ``reports/figures/*.png`` (the folder is replaced whole) and
 ``reports/README.md``, and logs both to the MLflow parent run. A figure
 whose inputs did not change since it was last drawn is copied back from
-``.cnnpipe-cache/figures`` instead (``cnnpipe.reports.figure_cache.draw``).
+``.cnnpipe-cache/figures`` instead (``cnnpipe.figures.figure_cache.draw``).
 """
 
 from __future__ import annotations
@@ -40,16 +40,16 @@ def _read_inputs() -> dict:
 
 def main() -> int:
     check_code_deps(__file__)  # dvc.yaml must declare every package this stage runs
-    from cnnpipe.reports.class_figures import confusion_from_pairs, confusion_heatmap, mistakes_grid, per_class_bars
-    from cnnpipe.reports.curve_figures import grid_curves, learning_curves
-    from cnnpipe.reports.figure_cache import draw as draw_cached
-    from cnnpipe.reports.figure_cache import figure_store
-    from cnnpipe.reports.search_figures import grid_comparison, halving_rungs
+    from cnnpipe.figures.class_figures import confusion_from_pairs, confusion_heatmap, mistakes_grid, per_class_bars
+    from cnnpipe.figures.curve_figures import grid_curves, learning_curves
+    from cnnpipe.figures.figure_cache import draw as draw_cached
+    from cnnpipe.figures.figure_cache import figure_store
+    from cnnpipe.figures.search_figures import grid_comparison, halving_rungs
     from cnnpipe.data.prepared import load_images_numpy, load_stats
     from cnnpipe.util.files import atomic_dir
     from cnnpipe.params.stage_sections import load_sections
     from cnnpipe.params.values import TRAINING_KEYS
-    from cnnpipe.reports.readme import write_readme
+    from cnnpipe.figures.report_readme import write_readme
 
     params = load_sections("mlflow", "select_by")
     if params.mlflow.enabled:

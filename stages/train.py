@@ -14,7 +14,6 @@ store and the run cache are anchored at the project root.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 

@@ -45,7 +45,7 @@ def defining_file(function: str) -> Path:
 
 def test_every_store_names_its_code_entry() -> None:
     # the run cache and run states (store/run_cache.py), evaluate's reports, the figures
-    assert {"store/run_cache.py", "evaluation/score.py", "reports/figure_cache.py"} <= set(ENTRIES)
+    assert {"store/run_cache.py", "evaluation/score.py", "figures/figure_cache.py"} <= set(ENTRIES)
     for entry in ENTRIES.values():
         assert ci.module_file(entry, PACKAGE) is not None, entry
 
@@ -61,7 +61,7 @@ def package_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_module_an_entry_can_import_changes_its_identity(entry: str, package_copy: Path) -> None:
     files = ci.identity_files(entry, root=package_copy)
     before = ci.code_identity(entry, root=package_copy)
-    assert package_copy / "models" / "presets.yaml" in files or entry == "cnnpipe.reports.figure_cache"
+    assert package_copy / "models" / "presets.yaml" in files or entry == "cnnpipe.figures.figure_cache"
     for path in files:
         original = path.read_bytes()
         try:
@@ -104,13 +104,13 @@ def test_a_new_module_imported_inside_a_function_joins_the_identity(package_copy
 def test_modules_outside_the_closure_and_type_checking_imports_do_not_count(package_copy: Path, tmp_path: Path) -> None:
     root = tmp_path / "cnnpipe"
     shutil.copytree(package_copy, root)
-    entry = ENTRIES["reports/figure_cache.py"]
+    entry = ENTRIES["figures/figure_cache.py"]
     before = ci.code_identity(entry, root=root)
     commands = root / "cli" / "commands.py"  # the CLI draws no figure
     assert commands not in ci.identity_files(entry, root=root)
     commands.write_text(commands.read_text() + "\n# edited\n")
     assert ci.code_identity(entry, root=root) == before  # an edit outside the closure keeps the stored figures
-    figures = root / "reports" / "figure_cache.py"
+    figures = root / "figures" / "figure_cache.py"
     figures.write_text(figures.read_text() + "\nif TYPE_CHECKING:\n    from cnnpipe.cli import commands\n")
     assert commands not in ci.identity_files(entry, root=root)
 
@@ -121,7 +121,7 @@ def test_each_store_key_uses_its_entry_identity(monkeypatch: pytest.MonkeyPatch)
     from importlib.metadata import version
 
     from cnnpipe.evaluation import score
-    from cnnpipe.reports import figure_cache
+    from cnnpipe.figures import figure_cache
     from cnnpipe.store import outputs
     from cnnpipe.store import run_cache as runs
 
@@ -142,8 +142,8 @@ def test_each_store_key_uses_its_entry_identity(monkeypatch: pytest.MonkeyPatch)
         after = {entry: store.key({"inputs": 1}) for entry, store in stores.items()}
         assert runs.code_version().endswith("-spied/torch-" + version("torch"))
         assert score.report_store().code().endswith("-spied/torch-" + version("torch"))
-        assert "-spied/matplotlib-" in figure_cache.figure_store().code("cnnpipe.reports.curve_figures")
+        assert "-spied/matplotlib-" in figure_cache.figure_store().code("cnnpipe.figures.curve_figures")
     finally:
         outputs.code_version.cache_clear()
     assert all(after[entry] != before[entry] for entry in stores)
-    assert set(stores) <= set(seen) and "cnnpipe.reports.curve_figures" in seen
+    assert set(stores) <= set(seen) and "cnnpipe.figures.curve_figures" in seen

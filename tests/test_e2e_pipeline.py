@@ -109,7 +109,7 @@ def test_dvc_repro_end_to_end_then_offline_plots(tmp_path: Path, no_proxy: None)
     assert negated["test_top1"] < metrics["test_top1"] and negated["test_loss"] > metrics["test_loss"]
 
     # A package the stage never declared: one line naming the module and the fix, before anything is written.
-    (evaluation / "scale.py").write_text("from cnnpipe.reports.readme import write_readme\n\nFACTOR = 1.0\n")
+    (evaluation / "scale.py").write_text("from cnnpipe.figures.report_readme import write_readme\n\nFACTOR = 1.0\n")
     refused = run([str(BIN / "dvc"), "repro"], project)
     assert refused.returncode != 0
     [line] = [ln for ln in refused.stdout.splitlines() + refused.stderr.splitlines() if "does not depend on it" in ln]

@@ -285,7 +285,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(data: TrainData, tmp_path
 
 def test_evaluation_batches_are_capped_by_input_values_and_score_the_same(monkeypatch) -> None:
     """Large images are scored in smaller batches than eval.batch_size asks (their activations would not fit)."""
-    import cnnpipe.engine.loop as loop
+    from cnnpipe.engine import inference
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
@@ -296,7 +296,7 @@ def test_evaluation_batches_are_capped_by_input_values_and_score_the_same(monkey
     whole = evaluate_logits(model, images, **kwargs)
     assert seen == [20, 20, 10]  # below the cap: eval.batch_size as given
     seen.clear()
-    monkeypatch.setattr(loop, "EVAL_BATCH_VALUES", 7 * 3 * 8 * 8 + 5)  # room for 7 images a batch
+    monkeypatch.setattr(inference, "EVAL_BATCH_VALUES", 7 * 3 * 8 * 8 + 5)  # room for 7 images a batch
     capped = evaluate_logits(model, images, **kwargs)
     assert seen == [7] * 7 + [1]
     assert torch.allclose(capped, whole, atol=1e-6)

@@ -260,11 +260,10 @@ def test_the_evaluation_key_changes_with_every_eval_setting_the_device_the_model
 
 def test_stored_reports_come_back_byte_for_byte_with_this_checkpoints_ids(project: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from cnnpipe.evaluation.score import REPORT_FILES, evaluation_key, reuse_reports, store_reports
-    from cnnpipe.store.outputs import OutputCache
+    from cnnpipe.evaluation.score import REPORT_FILES, evaluation_key, report_store, reuse_reports, store_reports
     from cnnpipe.params.sections import EvalParams
 
-    cache = OutputCache("eval", root=tmp_path / "cache")
+    cache = report_store(root=tmp_path / "cache")
     settings = EvalParams(tta="none").model_dump(mode="json")
     best, prepared = project / "models/best", project / "data/prepared"
     key = evaluation_key(best, prepared, settings=settings, device="cpu")
@@ -306,3 +305,12 @@ def test_a_train_subset_is_scored_alike_whatever_the_gather_and_page_budgets(pro
     assert whole.metrics["train_top1"] == bits.metrics["train_top1"]
     assert whole.metrics["train_loss"] == bits.metrics["train_loss"]
     assert bool((whole.train_accuracy == bits.train_accuracy).all())
+
+
+def test_the_evaluate_stage_never_imports_the_report_code() -> None:
+    """Scoring needs no figure or README code: evaluate's import closure (its code deps) stays without reports/."""
+    from cnnpipe.codegraph import code_identity as ci
+
+    modules = ci.closure((), scripts=[ROOT / "stages" / "evaluate.py"])
+    assert not [m for m in modules if m.startswith("cnnpipe.reports")]
+    assert len(modules) <= 60, sorted(modules)

@@ -31,7 +31,8 @@ from cnnpipe.search.selection import GridFailed
 from cnnpipe.search.payloads import search_definition
 from cnnpipe.search.runner import run_search
 from cnnpipe.search.search_progress import run_line
-from cnnpipe.search import executors
+from cnnpipe.search.backend_choice import make_executor
+from cnnpipe.search.backend_sequential import SequentialExecutor
 from cnnpipe.engine.data import TrainData
 from cnnpipe.engine.inference import evaluate_logits
 from cnnpipe.engine.records import EpochRecord, RunResult
@@ -363,9 +364,9 @@ def test_train_context_pickles_for_worker_processes(data, store):
 
 def test_executor_honours_an_explicit_worker_count():
     settings = make_params(grid={"workers": 4}).grid
-    executor = executors.make_executor(settings, 8, cores=8)
+    executor = make_executor(settings, 8, cores=8)
     assert executor.workers == 4 and executor.description == "4 worker processes x 2 torch thread(s)"
-    assert isinstance(executors.make_executor(make_params().grid, 8, cores=1), executors.SequentialExecutor)
+    assert isinstance(make_executor(make_params().grid, 8, cores=1), SequentialExecutor)
 
 
 @pytest.mark.slow

@@ -239,7 +239,7 @@ WORKER = textwrap.dedent("""
     import sys
     from pathlib import Path
     import torch
-    from cnnpipe.search.executors import PreparedSource
+    from cnnpipe.search.trial_data import PreparedSource
     from cnnpipe.data.prepared import load_stats
     from cnnpipe.engine.data import TrainData
 

@@ -22,7 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnpipe.search import executors
+from cnnpipe.compute.parallelism import plan_parallelism, spread
+from cnnpipe.compute.ray_cluster import ClusterError, _host_port, connect_ray
+from cnnpipe.search import backend_choice
+from cnnpipe.search.backend_choice import make_executor
+from cnnpipe.search.backend_pool import ProcessExecutor, WorkerDied
+from cnnpipe.search.backend_sequential import SequentialExecutor
+from cnnpipe.search.trial_data import InlineSource
 from cnnpipe.search.trial import run_one
 from cnnpipe.search.trial import TrainContext
 from cnnpipe.search.trial import RunError
@@ -91,9 +97,9 @@ def train(configs, data, prepared, store, experiment, executor, **ctx_kwargs):
 def both(data, prepared, store):
     """The 2x2 grid as the stage runs it on 2 cores (auto), and one run at a time with the same threads per run."""
     configs = expand_grid(make_params())
-    pool = executors.make_executor(make_params().grid, len(configs), cores=2)
-    assert isinstance(pool, executors.ProcessExecutor) and (pool.workers, pool.threads) == (2, 1)
-    sequential = train(configs, data, prepared, store, "sequential", executors.SequentialExecutor(pool.threads))
+    pool = make_executor(make_params().grid, len(configs), cores=2)
+    assert isinstance(pool, ProcessExecutor) and (pool.workers, pool.threads) == (2, 1)
+    sequential = train(configs, data, prepared, store, "sequential", SequentialExecutor(pool.threads))
     parallel = train(configs, data, prepared, store, "parallel", pool)
     return sequential, parallel
 
@@ -102,38 +108,38 @@ def both(data, prepared, store):
 
 
 def test_auto_workers_is_one_per_core_at_most_one_per_run():
-    assert executors.plan_parallelism("auto", runs=4, cores=2) == (2, 1)
-    assert executors.plan_parallelism("auto", runs=4, cores=16) == (4, 4)
-    assert executors.plan_parallelism("auto", runs=1, cores=8) == (1, 8)
-    assert executors.plan_parallelism(3, runs=8, cores=2) == (3, 1)
-    assert executors.plan_parallelism(8, runs=2, cores=16) == (2, 8)
+    assert plan_parallelism("auto", runs=4, cores=2) == (2, 1)
+    assert plan_parallelism("auto", runs=4, cores=16) == (4, 4)
+    assert plan_parallelism("auto", runs=1, cores=8) == (1, 8)
+    assert plan_parallelism(3, runs=8, cores=2) == (3, 1)
+    assert plan_parallelism(8, runs=2, cores=16) == (2, 8)
 
 
 def test_make_executor_picks_the_backend():
     grid_params = make_params(grid={"workers": "auto"}).grid
-    assert isinstance(executors.make_executor(grid_params, 4, cores=1), executors.SequentialExecutor)
-    pool = executors.make_executor(grid_params, 4, cores=2)
-    assert isinstance(pool, executors.ProcessExecutor) and (pool.workers, pool.threads) == (2, 1)
+    assert isinstance(make_executor(grid_params, 4, cores=1), SequentialExecutor)
+    pool = make_executor(grid_params, 4, cores=2)
+    assert isinstance(pool, ProcessExecutor) and (pool.workers, pool.threads) == (2, 1)
     # a GPU is the bottleneck: auto trains one run at a time there
-    assert isinstance(executors.make_executor(grid_params, 4, device="cuda", cores=16), executors.SequentialExecutor)
-    assert isinstance(executors.make_executor(make_params(grid={"workers": 1}).grid, 4, cores=16),
-                      executors.SequentialExecutor)
+    assert isinstance(make_executor(grid_params, 4, device="cuda", cores=16), SequentialExecutor)
+    assert isinstance(make_executor(make_params(grid={"workers": 1}).grid, 4, cores=16),
+                      SequentialExecutor)
 
 
 def test_one_worker_runs_in_this_process_with_every_core_and_restores_the_thread_count():
-    one = executors.make_executor(make_params(grid={"workers": 1}).grid, 4, cores=2)
-    assert isinstance(one, executors.SequentialExecutor) and one.threads == 2
+    one = make_executor(make_params(grid={"workers": 1}).grid, 4, cores=2)
+    assert isinstance(one, SequentialExecutor) and one.threads == 2
     before = torch.get_num_threads()
-    seen = list(executors.SequentialExecutor(threads=1).map(lambda x: (x, torch.get_num_threads()), [(1,), (2,)]))
+    seen = list(SequentialExecutor(threads=1).map(lambda x: (x, torch.get_num_threads()), [(1,), (2,)]))
     assert seen == [(1, 1), (2, 1)] and torch.get_num_threads() == before
-    assert list(executors.SequentialExecutor().map(lambda x: torch.get_num_threads(), [(1,)])) == [before]
+    assert list(SequentialExecutor().map(lambda x: torch.get_num_threads(), [(1,)])) == [before]
 
 
 def test_spread_threads_plans_the_idle_workers_cores_for_a_smaller_rung():
-    assert [executors.spread(2, 1, tasks) for tasks in (1, 2, 3)] == [2, 1, 1]
-    assert [executors.spread(4, 2, tasks) for tasks in (1, 2, 3, 4)] == [8, 4, 2, 2]
-    plain = executors.make_executor(make_params().grid, 4, cores=2)
-    spreading = executors.make_executor(make_params(grid={"spread_threads": True}).grid, 4, cores=2)
+    assert [spread(2, 1, tasks) for tasks in (1, 2, 3)] == [2, 1, 1]
+    assert [spread(4, 2, tasks) for tasks in (1, 2, 3, 4)] == [8, 4, 2, 2]
+    plain = make_executor(make_params().grid, 4, cores=2)
+    spreading = make_executor(make_params(grid={"spread_threads": True}).grid, 4, cores=2)
     assert (plain.threads_for(1), spreading.threads_for(1), spreading.threads_for(2)) == (1, 2, 1)
 
 
@@ -143,15 +149,15 @@ def test_spread_threads_pins_a_lone_trials_worker_to_every_core():
     def threads_seen(executor, tasks):
         return sorted(executor.map(torch.get_num_threads, [()] * tasks))
 
-    assert threads_seen(executors.ProcessExecutor(2, 1), 1) == [1]
-    assert threads_seen(executors.ProcessExecutor(2, 1, spread_threads=True), 1) == [2]
-    assert threads_seen(executors.ProcessExecutor(2, 1, spread_threads=True), 2) == [1, 1]
+    assert threads_seen(ProcessExecutor(2, 1), 1) == [1]
+    assert threads_seen(ProcessExecutor(2, 1, spread_threads=True), 1) == [2]
+    assert threads_seen(ProcessExecutor(2, 1, spread_threads=True), 2) == [1, 1]
 
 
 def test_ray_backend_without_ray_is_one_line(monkeypatch):
-    monkeypatch.setattr(executors, "ray_installed", lambda: False)
+    monkeypatch.setattr(backend_choice, "ray_installed", lambda: False)  # the name make_executor calls
     with pytest.raises(CnnpipeError) as info:
-        executors.make_executor(make_params(grid={"backend": "ray"}).grid, 4)
+        make_executor(make_params(grid={"backend": "ray"}).grid, 4)
     assert str(info.value) == "grid.backend is ray but ray is not installed; pip install 'cnnpipe[ray]'"
 
 
@@ -163,12 +169,12 @@ def test_a_ray_address_where_nothing_listens_is_one_line_at_once():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again below: nothing listens there
-    with pytest.raises(executors.ClusterError) as info:
-        executors.connect_ray(f"127.0.0.1:{port}")
+    with pytest.raises(ClusterError) as info:
+        connect_ray(f"127.0.0.1:{port}")
     assert str(info.value) == (f"cannot reach the Ray cluster at grid.ray_address 127.0.0.1:{port} (Connection refused); "
                                f"start it (ray start --head --port={port}) or fix grid.ray_address")
-    assert executors._host_port("ray://head-node:10001") == ("head-node", 10001)
-    assert executors._host_port("[::1]:6379") == ("::1", 6379) and executors._host_port("auto") is None
+    assert _host_port("ray://head-node:10001") == ("head-node", 10001)
+    assert _host_port("[::1]:6379") == ("::1", 6379) and _host_port("auto") is None
 
 
 def test_a_run_error_crosses_processes_as_the_same_one_line_error():
@@ -259,7 +265,7 @@ def test_late_or_missing_epoch_events_still_give_full_histories(data, store):
     with tracker.running():
         ctx = TrainContext(data=data, tracker=tracker, progress=False)
         log = SearchLog(ctx, tracker, {1: cfg}, select_by="val_loss", progress=SearchProgress(None, bars=False))
-        outcome = run_one(ctx.for_workers(executors.InlineSource(data)), 1, cfg)  # no events at all
+        outcome = run_one(ctx.for_workers(InlineSource(data)), 1, cfg)  # no events at all
         rec = log.finish(outcome, final=True)
         log.handle(("epoch", 1, rec.result.history[0]))  # arrives after the result: ignored
     history = client_for(store).get_metric_history(rec.mlflow_run_id, "val_loss")
@@ -269,7 +275,7 @@ def test_late_or_missing_epoch_events_still_give_full_histories(data, store):
 @pytest.mark.slow
 def test_a_crash_in_a_worker_fails_that_run_and_the_grid_goes_on(data, prepared, store):
     configs = expand_grid(make_params(batch_size=64))
-    tracker, records, lines = train(configs, data, prepared, store, "crash", executors.ProcessExecutor(2, 1),
+    tracker, records, lines = train(configs, data, prepared, store, "crash", ProcessExecutor(2, 1),
                                     train_run=crash_on_lr_005)
     crashed, ok = records
     assert crashed.result.status == "failed" and "RuntimeError: worker crash for lr=0.05" in crashed.result.stop_reason
@@ -294,7 +300,7 @@ def test_a_user_error_in_a_worker_stops_the_grid_with_one_line(data, prepared, t
     make_prepared(other, n_train=300, n_val=100, n_test=20, seed=7)  # same layout, different fingerprint
     ctx = TrainContext(data=data, progress=False, prepared_dir=other)
     with pytest.raises(DataError) as info:
-        run_search(expand_grid(make_params(batch_size=64)), ctx, executor=executors.ProcessExecutor(2, 1),
+        run_search(expand_grid(make_params(batch_size=64)), ctx, executor=ProcessExecutor(2, 1),
                         report=None)
     assert "changed while the grid was running" in str(info.value) and "\n" not in str(info.value)
 
@@ -307,8 +313,8 @@ def exit_abruptly(cfg, data, **kwargs):
 @pytest.mark.slow
 def test_a_dead_worker_process_is_one_line_not_a_hang(data, prepared):
     ctx = TrainContext(data=data, progress=False, prepared_dir=prepared, train_run=exit_abruptly)
-    with pytest.raises(executors.WorkerDied) as info:
-        run_search(expand_grid(make_params(batch_size=64)), ctx, executor=executors.ProcessExecutor(2, 1),
+    with pytest.raises(WorkerDied) as info:
+        run_search(expand_grid(make_params(batch_size=64)), ctx, executor=ProcessExecutor(2, 1),
                         report=None)
     assert str(info.value).startswith("a grid worker process died") and "grid.workers" in str(info.value)
 
@@ -318,7 +324,7 @@ import multiprocessing, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if the test runner ignores SIGINT
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from cnnpipe.search import executors
+from cnnpipe.search.backend_pool import ProcessExecutor
 from cnnpipe.engine.data import TrainData
 from cnnpipe.params.load import parse_params
 from cnnpipe.params.sections import MlflowParams
@@ -337,7 +343,7 @@ if __name__ == "__main__":
         with tracker.running():
             ctx = TrainContext(data=TrainData.load(prepared, splits=("train", "val")), tracker=tracker,
                                     progress=False, prepared_dir=prepared)
-            run_search(expand_grid(params), ctx, executor=executors.ProcessExecutor(2, 1),
+            run_search(expand_grid(params), ctx, executor=ProcessExecutor(2, 1),
                             report=lambda line: print(line, flush=True))
     except KeyboardInterrupt:
         print("INTERRUPTED workers left:", len(multiprocessing.active_children()), flush=True)

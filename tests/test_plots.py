@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cnnpipe.reports import figures
-from cnnpipe.reports.readme import markdown_table, render_readme, write_readme
+from cnnpipe.figures import class_figures, curve_figures, figure_cache, figure_style, search_figures
+from cnnpipe.figures.report_readme import markdown_table, render_readme, write_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -66,14 +66,14 @@ def assert_png(path: Path, size: tuple[float, float]) -> None:
     with Image.open(path) as image:
         assert image.format == "PNG"
         width, height = image.size
-        assert abs(width - size[0] * figures.DPI) <= 1 and abs(height - size[1] * figures.DPI) <= 1, image.size
+        assert abs(width - size[0] * figure_style.DPI) <= 1 and abs(height - size[1] * figure_style.DPI) <= 1, image.size
         low, high = image.convert("L").getextrema()
         assert low < 100 and high > 200  # something was drawn on the white background
 
 
 def test_learning_curves(tmp_path: Path) -> None:
     history = make_history()
-    path = figures.learning_curves(history[history.run_id == "r0"], tmp_path / "lc.png", best_epoch=4,
+    path = curve_figures.learning_curves(history[history.run_id == "r0"], tmp_path / "lc.png", best_epoch=4,
                                  title="Selected run", stop_reason="early_stopping")
     assert path == tmp_path / "lc.png"
     assert_png(path, (15, 4.8))
@@ -82,17 +82,17 @@ def test_learning_curves(tmp_path: Path) -> None:
 def test_learning_curves_single_epoch(tmp_path: Path) -> None:
     history = make_history()
     one = history[(history.run_id == "r1") & (history.epoch == 1)]
-    assert_png(figures.learning_curves(one, tmp_path / "one.png", best_epoch=1), (15, 4.8))
+    assert_png(curve_figures.learning_curves(one, tmp_path / "one.png", best_epoch=1), (15, 4.8))
 
 
 def test_grid_curves(tmp_path: Path) -> None:
-    path = figures.grid_curves(make_history(), tmp_path / "grid_curves.png", grid=make_grid(), selected_run_id="r0")
+    path = curve_figures.grid_curves(make_history(), tmp_path / "grid_curves.png", grid=make_grid(), selected_run_id="r0")
     legend_rows = math.ceil(len(RUNS) / 3) + 1
     assert_png(path, (15, 4.8 + 0.25 * legend_rows))
 
 
 def test_grid_comparison_with_a_diverged_run(tmp_path: Path) -> None:
-    path = figures.grid_comparison(make_grid(), tmp_path / "cmp.png", selected_run_id="r0")
+    path = search_figures.grid_comparison(make_grid(), tmp_path / "cmp.png", selected_run_id="r0")
     assert_png(path, (10, 1.6 + 0.42 * len(RUNS)))
 
 
@@ -108,11 +108,11 @@ def ranking_grid() -> pd.DataFrame:
                                                    ("val_top1", ["r0", "r2", "r1", "r3"])])
 def test_grid_comparison_ranks_by_select_by_with_the_selected_run_on_top(select_by: str, order: list[str]) -> None:
     """The same order as select_best: the metric, ties to the other metric then grid order; failures last."""
-    from cnnpipe.reports.readme import rank_runs
+    from cnnpipe.figures.grid_table import rank_runs
 
     grid = ranking_grid()
     assert list(rank_runs(grid, select_by)["run_id"]) == order
-    fig = figures.grid_comparison_figure(grid, select_by=select_by, selected_run_id=order[0])
+    fig = search_figures.grid_comparison_figure(grid, select_by=select_by, selected_run_id=order[0])
     names = dict(zip(grid["run_id"], grid["run_name"]))
     ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]  # y axis inverted: first tick is the top bar
     assert ticks == [f"{names[order[0]]}  (selected)", *(names[r] for r in order[1:])]
@@ -124,7 +124,7 @@ def test_rank_runs_matches_select_best_on_real_records() -> None:
     from cnnpipe.engine.records import EpochRecord, RunResult
     from cnnpipe.search import selection as grid_mod
     from cnnpipe.search.space import expand as expand_grid
-    from cnnpipe.reports.readme import rank_runs
+    from cnnpipe.figures.grid_table import rank_runs
     from synthetic import tiny_params
 
     table = ranking_grid()
@@ -143,25 +143,25 @@ def test_rank_runs_matches_select_best_on_real_records() -> None:
 
 
 def test_curves_label_train_metrics_as_measured_while_training(tmp_path: Path) -> None:
-    fig_labels = [label for _, series, _, _ in figures.CURVE_PANELS for column, label, _ in series]
-    assert figures.TRAIN_LABEL in fig_labels and "augmented" in figures.TRAIN_LABEL and "train mode" in figures.TRAIN_LABEL
-    assert all(label == figures.VAL_LABEL for _, series, _, _ in figures.CURVE_PANELS
+    fig_labels = [label for _, series, _, _ in curve_figures.CURVE_PANELS for column, label, _ in series]
+    assert figure_style.TRAIN_LABEL in fig_labels and "augmented" in figure_style.TRAIN_LABEL and "train mode" in figure_style.TRAIN_LABEL
+    assert all(label == figure_style.VAL_LABEL for _, series, _, _ in curve_figures.CURVE_PANELS
                for column, label, _ in series if column.startswith("val"))
-    assert all(label == figures.TRAIN_LABEL for _, series, _, _ in figures.CURVE_PANELS
+    assert all(label == figure_style.TRAIN_LABEL for _, series, _, _ in curve_figures.CURVE_PANELS
                for column, label, _ in series if column.startswith("train"))
 
 
 def test_per_class_bars(tmp_path: Path) -> None:
-    assert_png(figures.per_class_bars(make_per_class(), tmp_path / "pc.png"), (9, 1.6 + 0.5 * len(CLASSES)))
+    assert_png(class_figures.per_class_bars(make_per_class(), tmp_path / "pc.png"), (9, 1.6 + 0.5 * len(CLASSES)))
 
 
 def test_confusion_heatmap(tmp_path: Path) -> None:
     side = 2.8 + 0.65 * len(CLASSES)
-    assert_png(figures.confusion_heatmap(make_confusion(), CLASSES, tmp_path / "cm.png"), (side + 1.3, side))
+    assert_png(class_figures.confusion_heatmap(make_confusion(), CLASSES, tmp_path / "cm.png"), (side + 1.3, side))
 
 
 def test_confusion_from_pairs_counts_in_class_order() -> None:
-    counts = figures.confusion_from_pairs(["Bag", "Bag", "Coat"], ["Bag", "Coat", "Coat"], ["Coat", "Bag"])
+    counts = class_figures.confusion_from_pairs(["Bag", "Bag", "Coat"], ["Bag", "Coat", "Coat"], ["Coat", "Bag"])
     assert counts.tolist() == [[1, 0], [1, 1]]
 
 
@@ -170,13 +170,13 @@ def test_mistakes_grid(tmp_path: Path, channels: int) -> None:
     from synthetic import make_images
 
     images, labels = make_images(7, (channels, 16, 16), 10, seed=3)
-    path = figures.mistakes_grid(images, [CLASSES[i] for i in labels], [CLASSES[(i + 1) % 10] for i in labels],
+    path = class_figures.mistakes_grid(images, [CLASSES[i] for i in labels], [CLASSES[(i + 1) % 10] for i in labels],
                                [0.99] * 7, tmp_path / "m.png", ncols=5)
     assert_png(path, (2.3 * 5 + 0.4, 2.55 * 2 + 0.7))
 
 
 def test_mistakes_grid_without_mistakes(tmp_path: Path) -> None:
-    path = figures.mistakes_grid(np.zeros((0, 1, 8, 8), np.uint8), [], [], [], tmp_path / "none.png")
+    path = class_figures.mistakes_grid(np.zeros((0, 1, 8, 8), np.uint8), [], [], [], tmp_path / "none.png")
     assert_png(path, (2.3 + 0.4, 2.55 + 0.7))
 
 
@@ -188,7 +188,7 @@ def test_figure_write_is_atomic_and_overwrites(tmp_path: Path, monkeypatch: pyte
 
     target = tmp_path / "cmp.png"
     target.write_bytes(b"old")
-    figures.grid_comparison(make_grid(), target)
+    search_figures.grid_comparison(make_grid(), target)
     old = target.read_bytes()
     assert old[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["cmp.png"]  # no temp file left behind
@@ -207,11 +207,11 @@ def test_figure_write_is_atomic_and_overwrites(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr(Figure, "savefig", dies_half_way)
     with pytest.raises(OSError, match="No space left"):
-        figures.grid_comparison(make_grid(), target, selected_run_id="r1")
+        search_figures.grid_comparison(make_grid(), target, selected_run_id="r1")
     assert target.read_bytes() == old  # never observed half-written
     assert [p.name for p in tmp_path.iterdir()] == ["cmp.png"]
     monkeypatch.setattr(Figure, "savefig", real_savefig)
-    figures.grid_comparison(make_grid(), target, selected_run_id="r1")
+    search_figures.grid_comparison(make_grid(), target, selected_run_id="r1")
     assert target.read_bytes() != old and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -326,6 +326,16 @@ def test_plots_stage_missing_input_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip() == "error: reports/train.json is missing; run the earlier stages first (dvc repro)"
 
 
+def test_the_plots_stage_never_imports_training_code() -> None:
+    """Drawing needs no engine, search or compute layer: the stage's import closure (its code deps) stays small."""
+    from cnnpipe.codegraph import code_identity as ci
+
+    modules = ci.closure((), scripts=[ROOT / "stages" / "plots.py"])
+    layers = {m.split(".")[1] for m in modules if m.count(".")}
+    assert not layers & {"engine", "search", "compute"}, sorted(modules)
+    assert len(modules) <= 50, sorted(modules)
+
+
 # --------------------------------------------------------------------------- offline DVC plots template
 
 
@@ -354,7 +364,7 @@ def test_rank_runs_leaves_pruned_trials_out_of_the_candidates() -> None:
     """A successive-halving grid.csv (read back from CSV, as the plots stage does): pruned trials rank last."""
     import io
 
-    from cnnpipe.reports.readme import rank_runs
+    from cnnpipe.figures.grid_table import rank_runs
 
     csv = ("run_id,run_name,status,val_loss,val_top1,pruned\n"
            "a,lr=1,paused,0.10,0.99,True\n"
@@ -393,31 +403,31 @@ def _perturbed(frame: pd.DataFrame, column: str) -> pd.DataFrame:
 def test_a_figure_key_changes_with_every_drawn_column_and_no_undrawn_one() -> None:
     from cnnpipe.reports.train_files import GRID_COLUMNS, HISTORY_COLUMNS
 
-    assert figures.UNDRAWN_COLUMNS <= set(GRID_COLUMNS) | set(HISTORY_COLUMNS)  # no stale name hides a real column
-    for fn, frame, other in ((figures.grid_comparison, _full_grid(), {}),
-                             (figures.learning_curves, make_history()[list(HISTORY_COLUMNS)], {})):
-        base = figures.figure_key(fn, frame, "unused.png", **other)
-        assert figures.figure_key(fn, frame.copy(), "elsewhere.png", **other) == base  # the output path does not count
+    assert figure_cache.UNDRAWN_COLUMNS <= set(GRID_COLUMNS) | set(HISTORY_COLUMNS)  # no stale name hides a real column
+    for fn, frame, other in ((search_figures.grid_comparison, _full_grid(), {}),
+                             (curve_figures.learning_curves, make_history()[list(HISTORY_COLUMNS)], {})):
+        base = figure_cache.figure_key(fn, frame, "unused.png", **other)
+        assert figure_cache.figure_key(fn, frame.copy(), "elsewhere.png", **other) == base  # the output path does not count
         for column in frame.columns:
-            changed = figures.figure_key(fn, _perturbed(frame, column), "unused.png", **other)
-            assert (changed == base) == (column in figures.UNDRAWN_COLUMNS), column
-    assert figures.figure_key(figures.grid_comparison, make_grid(), "x.png", select_by="val_top1") != \
-        figures.figure_key(figures.grid_comparison, make_grid(), "x.png", select_by="val_loss")
+            changed = figure_cache.figure_key(fn, _perturbed(frame, column), "unused.png", **other)
+            assert (changed == base) == (column in figure_cache.UNDRAWN_COLUMNS), column
+    assert figure_cache.figure_key(search_figures.grid_comparison, make_grid(), "x.png", select_by="val_top1") != \
+        figure_cache.figure_key(search_figures.grid_comparison, make_grid(), "x.png", select_by="val_loss")
 
 
 def test_undrawn_columns_really_leave_every_figure_unchanged(tmp_path: Path) -> None:
     """The key's promise, checked on the pixels: perturbing every undrawn column gives the same PNG bytes."""
     history, grid = make_history(), _full_grid()
     other_history, other_grid = history, grid
-    for column in figures.UNDRAWN_COLUMNS:
+    for column in figure_cache.UNDRAWN_COLUMNS:
         if column in other_history:
             other_history = _perturbed(other_history, column)
         if column in other_grid:
             other_grid = _perturbed(other_grid, column)
     for name, draw in {
-        "curves": lambda h, g, p: figures.grid_curves(h, p, grid=g, selected_run_id="r0"),
-        "comparison": lambda h, g, p: figures.grid_comparison(g, p, selected_run_id="r0"),
-        "learning": lambda h, g, p: figures.learning_curves(h[h.run_id == "r0"], p, best_epoch=4),
+        "curves": lambda h, g, p: curve_figures.grid_curves(h, p, grid=g, selected_run_id="r0"),
+        "comparison": lambda h, g, p: search_figures.grid_comparison(g, p, selected_run_id="r0"),
+        "learning": lambda h, g, p: curve_figures.learning_curves(h[h.run_id == "r0"], p, best_epoch=4),
     }.items():
         a = draw(history, grid, tmp_path / f"{name}-a.png")
         b = draw(other_history, other_grid, tmp_path / f"{name}-b.png")
@@ -425,31 +435,27 @@ def test_undrawn_columns_really_leave_every_figure_unchanged(tmp_path: Path) -> 
 
 
 def test_a_figure_with_unchanged_inputs_is_copied_back_not_drawn(tmp_path: Path, monkeypatch) -> None:
-    from cnnpipe.store.outputs import OutputCache
-
-    cache = OutputCache("figures", root=tmp_path / "cache")
-    first = figures.draw(figures.grid_comparison, make_grid(), tmp_path / "a.png", cache=cache, selected_run_id="r0")
+    cache = figure_cache.figure_store(root=tmp_path / "cache")
+    first = figure_cache.draw(search_figures.grid_comparison, make_grid(), tmp_path / "a.png", cache=cache, selected_run_id="r0")
     assert cache.hits == 0 and len(list(cache.root.iterdir())) == 1
-    again = figures.draw(figures.grid_comparison, make_grid(), tmp_path / "b.png", cache=cache, selected_run_id="r0")
+    again = figure_cache.draw(search_figures.grid_comparison, make_grid(), tmp_path / "b.png", cache=cache, selected_run_id="r0")
     assert cache.hits == 1 and again.read_bytes() == first.read_bytes()
-    other = figures.draw(figures.grid_comparison, make_grid(), tmp_path / "c.png", cache=cache, selected_run_id="r1")
+    other = figure_cache.draw(search_figures.grid_comparison, make_grid(), tmp_path / "c.png", cache=cache, selected_run_id="r1")
     assert cache.hits == 1 and len(list(cache.root.iterdir())) == 2 and other.read_bytes() != first.read_bytes()
     monkeypatch.setenv("CNNPIPE_NO_CACHE", "1")  # draws again (and stores the fresh one)
-    figures.draw(figures.grid_comparison, make_grid(), tmp_path / "d.png", cache=cache, selected_run_id="r0")
+    figure_cache.draw(search_figures.grid_comparison, make_grid(), tmp_path / "d.png", cache=cache, selected_run_id="r0")
     assert cache.hits == 1
     monkeypatch.delenv("CNNPIPE_NO_CACHE")
-    (cache.root / figures.figure_key(figures.grid_comparison, make_grid(), "x", selected_run_id="r0") / figures.FIGURE_FILE).unlink()
-    redrawn = figures.draw(figures.grid_comparison, make_grid(), tmp_path / "e.png", cache=cache, selected_run_id="r0")
+    (cache.root / figure_cache.figure_key(search_figures.grid_comparison, make_grid(), "x", selected_run_id="r0") / figure_cache.FIGURE_FILE).unlink()
+    redrawn = figure_cache.draw(search_figures.grid_comparison, make_grid(), tmp_path / "e.png", cache=cache, selected_run_id="r0")
     assert cache.hits == 1 and redrawn.read_bytes() == first.read_bytes()  # an incomplete entry is drawn again
 
 
 def test_a_figure_that_cannot_be_stored_is_still_written(tmp_path: Path, capsys) -> None:
-    from cnnpipe.store.outputs import OutputCache
-
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the cache folder should be")
-    cache = OutputCache("figures", root=blocked)
-    path = figures.draw(figures.grid_comparison, make_grid(), tmp_path / "a.png", cache=cache, selected_run_id="r0")
+    cache = figure_cache.figure_store(root=blocked)
+    path = figure_cache.draw(search_figures.grid_comparison, make_grid(), tmp_path / "a.png", cache=cache, selected_run_id="r0")
     assert path.stat().st_size > 1000
     assert "cache: could not store" in capsys.readouterr().err
 
@@ -486,20 +492,20 @@ def halving_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
 def test_halving_rungs_clip_a_diverged_trial_on_a_log_axis(tmp_path: Path) -> None:
     """One trial at val_loss 25 must not flatten the others: log axis, top at 10x the median best loss."""
     history, grid = halving_tables()
-    ax = figures.halving_rungs_figure(history, grid, selected_run_id="t00").axes[0]
+    ax = search_figures.halving_rungs_figure(history, grid, selected_run_id="t00").axes[0]
     sane = history[history["run_id"] != DIVERGED]["val_loss"]
     low, high = ax.get_ylim()
     assert ax.get_yscale() == "log" and low <= sane.min() and sane.max() <= high < 25
     assert high < 10 * sane.max()  # the sane curves fill the axis, not a tenth of it
     assert "1 diverging trial(s) clipped" in ax.get_title() and "rungs end at epochs 1, 3" in ax.get_title()
-    assert_png(figures.halving_rungs(history, grid, tmp_path / "halving_rungs.png", selected_run_id="t00"), (9, 5.2))
-    top1 = figures.halving_rungs_figure(history, grid, select_by="val_top1").axes[0]
+    assert_png(search_figures.halving_rungs(history, grid, tmp_path / "halving_rungs.png", selected_run_id="t00"), (9, 5.2))
+    top1 = search_figures.halving_rungs_figure(history, grid, select_by="val_top1").axes[0]
     assert top1.get_yscale() == "linear"
 
 
 def test_grid_comparison_sets_pruned_trials_apart_from_the_ranked_finalists(tmp_path: Path) -> None:
     history, grid = halving_tables()
-    fig = figures.grid_comparison_figure(grid, select_by="val_loss", selected_run_id="t00")
+    fig = search_figures.grid_comparison_figure(grid, select_by="val_loss", selected_run_id="t00")
     ax = fig.axes[0]
     names = dict(zip(grid["run_name"], grid["run_id"]))
     order = [names[t.get_text().removesuffix("  (selected)")] for t in ax.get_yticklabels()]
@@ -517,10 +523,10 @@ def test_grid_comparison_sets_pruned_trials_apart_from_the_ranked_finalists(tmp_
     colors = [bar.get_facecolor() for bar in ax.patches]
     from matplotlib.colors import to_rgba
 
-    assert colors[3:] == [to_rgba(figures.PRUNED_COLOR)] * 24 and to_rgba(figures.PRUNED_COLOR) not in colors[:3]
+    assert colors[3:] == [to_rgba(figure_style.PRUNED_COLOR)] * 24 and to_rgba(figure_style.PRUNED_COLOR) not in colors[:3]
     assert ax.get_title().startswith("3 finalists ranked by select_by: val_loss")
     assert ax.get_xlim()[1] < 25  # the diverged trial's bar runs off the edge instead of shrinking every other
-    assert_png(figures.grid_comparison(grid, tmp_path / "grid_comparison.png", selected_run_id="t00"),
+    assert_png(search_figures.grid_comparison(grid, tmp_path / "grid_comparison.png", selected_run_id="t00"),
                (12, 1.6 + 0.42 * 27))  # wider: room for the "pruned at epoch N" labels
-    curves = figures.grid_curves(history, tmp_path / "grid_curves.png", grid=grid, selected_run_id="t00")
+    curves = curve_figures.grid_curves(history, tmp_path / "grid_curves.png", grid=grid, selected_run_id="t00")
     assert curves.is_file()

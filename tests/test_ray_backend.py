@@ -14,7 +14,9 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from cnnpipe.search import executors  # noqa: E402
+from cnnpipe.search.backend_choice import make_executor  # noqa: E402
+from cnnpipe.search.backend_ray import RayExecutor  # noqa: E402
+from cnnpipe.search.backend_sequential import SequentialExecutor  # noqa: E402
 from cnnpipe.search.trial import TrainContext  # noqa: E402
 from cnnpipe.search.selection import select_best  # noqa: E402
 from cnnpipe.search.runner import run_search  # noqa: E402
@@ -51,8 +53,8 @@ def both(prepared, tmp_path_factory):
 
     store = tmp_path_factory.mktemp("mlstore")
     tracker = open_tracker(MlflowParams(tracking_uri=f"sqlite:///{store / 'mlflow.db'}", experiment="ray"))
-    executor = executors.make_executor(params().grid, 2)
-    assert isinstance(executor, executors.RayExecutor)
+    executor = make_executor(params().grid, 2)
+    assert isinstance(executor, RayExecutor)
     lines: list[str] = []
     with tracker.running():
         ctx = TrainContext(data=data, tracker=tracker, progress=False, num_threads=1, prepared_dir=prepared)
@@ -97,7 +99,7 @@ def test_successive_halving_on_ray_selects_and_trains_like_the_local_backend(pre
     trials = expand_grid(tiny_params(lr=[0.05, 0.02, 0.01, 0.005], batch_size=64, epochs=3, patience=9,
                                      grid={"backend": "ray"}))
     results = {}
-    for name, executor in (("local", executors.SequentialExecutor(1)), ("ray", executors.make_executor(params().grid, 4))):
+    for name, executor in (("local", SequentialExecutor(1)), ("ray", make_executor(params().grid, 4))):
         ctx = TrainContext(data=data, progress=False, num_threads=1, prepared_dir=prepared, state_root=tmp_path / name)
         results[name] = run_search(trials, ctx, executor=executor, strategy=halving(eta=2, min_epochs=1),
                                    states=RunStateStore(tmp_path / name), report=None)

@@ -72,6 +72,17 @@ def test_corrupt_or_foreign_entries_are_misses_not_errors(tmp_path):
     assert cache.get(key) is None
 
 
+def test_no_cache_misses_every_lookup_but_still_stores(tmp_path, monkeypatch):
+    """CNNPIPE_NO_CACHE is the code-keyed store's rule (store.outputs), the same for runs as for reports and figures."""
+    cache = RunCache(tmp_path)
+    key = cache_key(config(), "fp", "cpu", code="c")
+    monkeypatch.setenv("CNNPIPE_NO_CACHE", "1")
+    cache.put(key, {"status": "finished"}, {"w": torch.ones(2)})
+    assert cache.get(key) is None and (tmp_path / key / "result.json").is_file()
+    monkeypatch.delenv("CNNPIPE_NO_CACHE")
+    assert cache.get(key) is not None
+
+
 # ----------------------------------------------------------------- every schema field is in every key
 # The cases come from the schema (``TrainingValues.model_fields``), never a hand-kept list: a
 # key that ignored any training key (``weight_decay``, say) fails here.

@@ -380,7 +380,7 @@ def test_a_crashed_run_keeps_its_traceback_in_mlflow_and_under_debug(data, tmp_p
 def test_the_rungs_figure_draws_every_trial(tmp_path: Path) -> None:
     import pandas as pd
 
-    from cnnpipe.reports.figures import halving_rungs
+    from cnnpipe.figures.search_figures import halving_rungs
 
     rows, grid = [], []
     for i, stop in enumerate([1, 1, 3, 9]):

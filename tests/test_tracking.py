@@ -126,9 +126,9 @@ def test_disabled_tracking_never_imports_mlflow(tmp_path):
     code = (
         "import sys\n"
         "from cnnpipe.params.sections import MlflowParams\n"
-        "from cnnpipe.tracking import calls, runs, stages, store\n"
+        "from cnnpipe.tracking import calls, runs, later_stages, model_registry, connection as store\n"
         "from cnnpipe.reports import train_files, layer_histograms\n"
-        "from cnnpipe.serving import publish, registry\n"
+        "from cnnpipe.serving import publish, register\n"
         "from cnnpipe.search import runner, log, trial\n"
         "t = runs.open_tracker(MlflowParams(enabled=False))\n"
         "assert type(t) is runs.NullTracker and store.preflight(MlflowParams(enabled=False)) is None\n"

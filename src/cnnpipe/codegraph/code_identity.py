@@ -55,6 +55,9 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
+_STATEMENT_FIELDS = ("body", "orelse", "finalbody", "handlers")  # where a statement holds statements
+
+
 def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     """Every ``cnnpipe`` module name an AST may import at run time (candidates: not all need to exist)."""
     found: set[str] = set()
@@ -76,8 +79,12 @@ def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
                 base = node.module or ""
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
+        for field in _STATEMENT_FIELDS:  # imports are statements: skip expressions, the bulk of a tree
+            for child in getattr(node, field, ()):
+                visit(child)
+        for case in getattr(node, "cases", ()):  # match statements
+            for child in case.body:
+                visit(child)
 
     visit(tree)
     return {name for name in found if name == PACKAGE or name.startswith(PACKAGE + ".")}

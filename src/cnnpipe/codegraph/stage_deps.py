@@ -57,19 +57,19 @@ def _load(dvc_yaml: Path) -> dict[str, Any]:
     return yaml.load(dvc_yaml.read_text(encoding="utf-8"), Loader=loader) or {}
 
 
-def stage_scripts(dvc_yaml: Path) -> dict[str, str]:
+def stage_scripts(dvc_yaml: Path, loaded: dict[str, Any] | None = None) -> dict[str, str]:
     """Stage name -> the script its ``cmd`` runs (``stages/train.py``), for stages that run a script."""
     out = {}
-    for name, stage in (_load(dvc_yaml).get("stages") or {}).items():
+    for name, stage in ((loaded if loaded is not None else _load(dvc_yaml)).get("stages") or {}).items():
         match = _SCRIPT.match(str(stage.get("cmd", "")))
         if match:
             out[name] = match.group(1)
     return out
 
 
-def declared_deps(dvc_yaml: Path) -> dict[str, list[str]]:
+def declared_deps(dvc_yaml: Path, loaded: dict[str, Any] | None = None) -> dict[str, list[str]]:
     """Stage name -> its ``deps`` as written (interpolated entries like ``${data.source}`` kept as text)."""
-    stages = _load(dvc_yaml).get("stages") or {}
+    stages = (loaded if loaded is not None else _load(dvc_yaml)).get("stages") or {}
     return {name: [str(dep) for dep in stage.get("deps") or []] for name, stage in stages.items()}
 
 
@@ -91,11 +91,12 @@ def check_code_deps(script: str | Path, project: Path | None = None) -> None:
     if not dvc_yaml.is_file() or not root.is_relative_to(project) or not script.is_relative_to(project):
         return
     relative = script.relative_to(project).as_posix()
-    stages = [name for name, path in stage_scripts(dvc_yaml).items() if path == relative]
+    loaded = _load(dvc_yaml)
+    stages = [name for name, path in stage_scripts(dvc_yaml, loaded).items() if path == relative]
     if not stages:
         return
     files = [relative, *(p.relative_to(project).as_posix() for p in stage_code_files(script, root))]
-    deps = declared_deps(dvc_yaml)
+    deps = declared_deps(dvc_yaml, loaded)
     for stage in stages:
         missing = uncovered(files, deps.get(stage, []))
         if missing:

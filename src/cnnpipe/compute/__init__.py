@@ -1,1 +1,1 @@
-"""Where and how runs compute: the device, torch threads, the executors, the machine's compute turn."""
+"""Where and how runs compute: the device, torch threads, the run/thread plan, the Ray connection, the compute turn."""

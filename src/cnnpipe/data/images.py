@@ -1,9 +1,8 @@
 """One image file -> a uint8 C x H x W array, the same way for ``prepare`` and ``predict``.
 
-PIL, not ``torchvision.io``: on this machine PIL decoded and resized faster
-in every case measured (benchmarks/bench_decode.py: JPEG 256 px -> 64 px
-844 img/s with ``draft`` vs 374 for torchvision; PNG 245 vs 162), it reads
-the size from the header before decoding (so a decompression bomb is refused
+PIL, not ``torchvision.io``: PIL decoded and resized faster in every case
+``benchmarks/bench_decode.py`` measured (figures in benchmarks/README.md), it
+reads the size from the header before decoding (so a decompression bomb is refused
 before it costs memory) and it names a truncated file as truncated
 (``torchvision.io`` raises a generic RuntimeError). JPEGs use ``draft``: the decoder scales by 1/2, 1/4 or 1/8
 while decoding, never below the target size.

@@ -78,8 +78,8 @@ class ResidentCap:
 
     Measured, not estimated: the kernel maps a whole page-cache folio (up to
     2 MB on ext4) for one image read at random, so rows x row size
-    underestimates what a shuffled epoch maps by ~40x. ``/proc/self/statm``
-    is one short read per batch. Where it does not exist, rows read x their
+    underestimates what a shuffled epoch maps many times over (figure in
+    benchmarks/README.md). ``/proc/self/statm`` is one short read per batch. Where it does not exist, rows read x their
     pages stand in.
     """
 

@@ -1,4 +1,4 @@
-"""An inference-only copy of a trained model: same function, less arithmetic.
+"""Scoring a model: ``evaluate_logits`` on an inference-only copy (same function, less arithmetic).
 
 Scoring never needs autograd, batch statistics or the training layout, so
 ``inference_copy`` gives ``evaluate_logits`` a deep copy (the caller's model,
@@ -13,15 +13,18 @@ which may still be training, is never touched) with:
   values;
 * 2x2 / stride-2 max pooling (``{maxpool: 2}``) as two elementwise maxima
   over strided views (``MaxPool2x2``): equal values, since max is exact,
-  but ~2-7x faster than ``nn.MaxPool2d`` on the CPU when the layer has few
+  and faster than ``nn.MaxPool2d`` on the CPU when the layer has few
   channels (NHWC pooling vectorises over channels: 6 channels leave the
-  vector lanes mostly empty; benchmarks/README.md). Training keeps
-  ``nn.MaxPool2d``: its backward pass routes ties differently;
+  vector lanes mostly empty; figures in benchmarks/README.md). Training
+  keeps ``nn.MaxPool2d``: its backward pass routes ties differently;
 * channels_last (NHWC) for conv nets, which oneDNN runs fastest on the CPU
   and cuDNN on CUDA.
 
 Outputs equal the original model's in eval mode up to float rounding (the
-folded weights are rounded once).
+folded weights are rounded once). ``evaluate_logits`` is the one scoring
+path: the training loop's validation (but for a head trained on cached
+features), the evaluate stage and ``predict`` all call it, so a checkpoint
+scores the same everywhere.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from cnnpipe.compute.device import resolve_device
+from cnnpipe.data.resident_pages import ResidentCap
+from cnnpipe.engine.augment import norm_constants, normalize
+from cnnpipe.engine.data import on_device
+from cnnpipe.engine.precision import autocast
 from cnnpipe.models.build import BasicBlock
 
 _FOLDABLE = ((nn.Conv2d, nn.BatchNorm2d, fuse_conv_bn_eval), (nn.Linear, nn.BatchNorm1d, fuse_linear_bn_eval))
@@ -121,6 +129,7 @@ def _optimise_block(block: BasicBlock) -> None:
 
 
 def has_conv(model: nn.Module) -> bool:
+    """True when ``model`` has a Conv2d: then NHWC (channels_last) is the layout its kernels run fastest in."""
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
@@ -145,3 +154,59 @@ def inference_copy(model: nn.Module, *, channels_last: bool | None = None) -> nn
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net
+
+
+EVAL_BATCH_VALUES = 1 << 25  # input values in one evaluation batch at most (128 MB as float32: 303 images of 192x192 RGB)
+
+
+@torch.inference_mode()
+def evaluate_logits(
+    model: nn.Module,
+    images_uint8: torch.Tensor,
+    *,
+    mean: list[float] | tuple[float, ...],
+    std: list[float] | tuple[float, ...],
+    batch_size: int = 1000,
+    device: str = "cpu",
+    tta: str = "none",
+) -> torch.Tensor:
+    """Float32 logits (N x classes, on the CPU) for uint8 N x C x H x W images.
+
+    Runs an inference copy of ``model`` (``inference_copy``: BatchNorm
+    folded, channels_last, eval mode), so the caller's model is untouched.
+    ``device`` is where the forward passes run (the model is expected there);
+    on CUDA the split moves there once when it fits, on the CPU batches are
+    sliced from it as it is (a mapped split is not copied whole).
+    ``batch_size`` is capped at ``EVAL_BATCH_VALUES`` input values a batch,
+    so a batch's activations do not grow with the image size (the evaluate
+    stage's memory once grew with 192x192 RGB images scored 1,000 at a time:
+    benchmarks/README.md); below the cap (up to ~100x100 RGB at 1,000 a
+    batch) it is used as given.
+    ``tta="flip"`` averages the probabilities of each image and its mirror
+    image and returns their log (test-time augmentation; ``cross_entropy``
+    and ``softmax`` read it like logits).
+    """
+    device = resolve_device(device)
+    per_image = max(1, int(images_uint8[0].numel())) if images_uint8.shape[0] else 1
+    batch_size = max(1, min(batch_size, EVAL_BATCH_VALUES // per_image))
+    scale, shift = norm_constants(mean, std, device)
+    channels_last = has_conv(model)
+    net = inference_copy(model, channels_last=channels_last)
+    images = on_device(images_uint8, device)
+    pages = ResidentCap(images)  # a large mapped split: keep a budget of its pages mapped, not all
+    out: torch.Tensor | None = None
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device, non_blocking=True)
+        pages.read(x.shape[0])
+        if channels_last:  # uint8 first: the float batch is born NHWC, no float copy
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalize(x, scale, shift)
+        with autocast(device):
+            logits = net(x).float()
+            if tta == "flip":
+                probs = logits.softmax(1).add_(net(x.flip(3)).float().softmax(1)).mul_(0.5)
+                logits = probs.clamp_min_(1e-12).log_()
+        if out is None:
+            out = torch.empty(images.shape[0], logits.shape[1], dtype=torch.float32)
+        out[start:start + logits.shape[0]].copy_(logits)
+    return out if out is not None else torch.zeros(0, 0)

@@ -20,11 +20,16 @@ result (status 'diverged', with epoch and batch in ``stop_reason``): a grid
 with one too-large learning rate must go on. Everything else raises: a bug
 should be seen, not recorded as a metric. ``KeyboardInterrupt`` propagates
 after the last finished epoch's resume state was saved.
+
+The loop's parts with a job of their own live beside it: validation scores
+through ``engine.inference.evaluate_logits`` (the evaluate stage's path too),
+the forward passes run under ``engine.precision.autocast``, the per-layer
+norms come from ``engine.layer_stats`` and the per-epoch state is assembled
+and saved by ``engine.resume``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -44,19 +49,21 @@ from cnnpipe.engine.data import TrainData, gather, on_device
 from cnnpipe.engine.early_stopping import EarlyStopping
 from cnnpipe.engine.ema import make_ema
 from cnnpipe.engine.finetune import param_groups, set_phase
-from cnnpipe.engine.inference import has_conv, inference_copy
-from cnnpipe.engine.progress import progress_every, progress_line
-from cnnpipe.engine.optim import build_optimizer, build_scheduler, current_lr
-from cnnpipe.engine.records import EpochRecord, RunResult
-from cnnpipe.engine.resume import load_resume_state, save_resume_state, state_identity
-from cnnpipe.util.env import progress_bars
-from cnnpipe.util.errors import CnnpipeError
+from cnnpipe.engine.inference import evaluate_logits, has_conv
+from cnnpipe.engine.layer_stats import LayerStats
 from cnnpipe.engine.metrics import topk_accuracy
+from cnnpipe.engine.optim import build_optimizer, build_scheduler, current_lr
+from cnnpipe.engine.precision import autocast
+from cnnpipe.engine.progress import progress_every, progress_line
+from cnnpipe.engine.records import EpochRecord, RunResult
+from cnnpipe.engine.resume import load_resume_state, match_layouts, run_state, save_run_state, state_identity
 from cnnpipe.models.build import build_model
 from cnnpipe.models.pinned_weights import WEIGHTS_DIR
 from cnnpipe.models.torchvision_spec import run_normalization
 from cnnpipe.params.run_config import RunConfig
 from cnnpipe.params.values import resolve_augment
+from cnnpipe.util.env import progress_bars
+from cnnpipe.util.errors import CnnpipeError
 
 OnEpoch = Callable[[EpochRecord, nn.Module], None]
 
@@ -85,121 +92,15 @@ class FeatureSource(Protocol):
 def use_channels_last(model: nn.Module, device: str) -> bool:
     """channels_last (NHWC) for every conv net, on CUDA and on the CPU.
 
-    Measured on a 2-core AVX2 CPU (oneDNN), batch 100-128, fwd+bwd+Adam: the
-    BatchNorm VGG preset trains ~1.3-1.6x faster in NHWC and even the 6/12
-    channel tutorial net ~1.2-1.5x (see benchmarks/README.md).
+    On a CPU (oneDNN) NHWC trained faster than NCHW for the BatchNorm VGG
+    preset and even for the 6/12-channel tutorial net (figures in
+    benchmarks/README.md).
     """
     del device  # same answer on both: kept in the signature for when they differ
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def _autocast(device: str) -> contextlib.AbstractContextManager[Any]:
-    if is_cuda(device):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _stat_modules(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
-    """Modules owning parameters directly, by module path (``0``, ``4.conv1``)."""
-    out = []
-    for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own and name:
-            out.append((name, own))
-    return out
-
-
-class LayerStats:
-    """Per-module weight norms and epoch-mean gradient norms, without per-step host syncs."""
-
-    def __init__(self, model: nn.Module, device: str) -> None:
-        self.modules = _stat_modules(model)
-        self.params = [p for _, ps in self.modules for p in ps]
-        owner = [i for i, (_, ps) in enumerate(self.modules) for _ in ps]
-        self.owner = torch.tensor(owner, dtype=torch.long, device=device)
-        self.grad_sum = torch.zeros(len(self.modules), device=device)
-        self.steps = 0
-
-    def _module_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
-        sq = torch.zeros(len(self.modules), device=norms.device).index_add_(0, self.owner, norms.square())
-        return sq.sqrt()
-
-    def after_backward(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self.grad_sum += self._module_norms(grads)
-        self.steps += 1
-
-    def collect(self) -> dict[str, float]:
-        with torch.no_grad():
-            weights = self._module_norms([p.detach() for p in self.params]).tolist()
-        grads = (self.grad_sum / max(1, self.steps)).tolist()
-        out: dict[str, float] = {}
-        for (name, _), w, g in zip(self.modules, weights, grads):
-            out[f"weight_norm/{name}"] = float(w)
-            out[f"grad_norm/{name}"] = float(g)
-        self.grad_sum.zero_()
-        self.steps = 0
-        return out
+    return has_conv(model)
 
 
 # --------------------------------------------------------------------------- evaluation
-
-
-EVAL_BATCH_VALUES = 1 << 25  # input values in one evaluation batch at most (128 MB as float32: 303 images of 192x192 RGB)
-
-
-@torch.inference_mode()
-def evaluate_logits(
-    model: nn.Module,
-    images_uint8: torch.Tensor,
-    *,
-    mean: list[float] | tuple[float, ...],
-    std: list[float] | tuple[float, ...],
-    batch_size: int = 1000,
-    device: str = "cpu",
-    tta: str = "none",
-) -> torch.Tensor:
-    """Float32 logits (N x classes, on the CPU) for uint8 N x C x H x W images.
-
-    Runs an inference copy of ``model`` (``engine.inference``: BatchNorm
-    folded, channels_last, eval mode), so the caller's model is untouched.
-    ``device`` is where the forward passes run (the model is expected there);
-    on CUDA the split moves there once when it fits, on the CPU batches are
-    sliced from it as it is (a mapped split is not copied whole).
-    ``batch_size`` is capped at ``EVAL_BATCH_VALUES`` input values a batch,
-    so a batch's activations do not grow with the image size (the evaluate
-    stage held 5.6 GB of its own scoring 192x192 RGB images 1,000 at a
-    time); below the cap (up to ~100x100 RGB at 1,000 a batch) it is used
-    as given.
-    ``tta="flip"`` averages the probabilities of each image and its mirror
-    image and returns their log (test-time augmentation; ``cross_entropy``
-    and ``softmax`` read it like logits).
-    """
-    device = resolve_device(device)
-    per_image = max(1, int(images_uint8[0].numel())) if images_uint8.shape[0] else 1
-    batch_size = max(1, min(batch_size, EVAL_BATCH_VALUES // per_image))
-    scale, shift = norm_constants(mean, std, device)
-    channels_last = has_conv(model)
-    net = inference_copy(model, channels_last=channels_last)
-    images = on_device(images_uint8, device)
-    pages = ResidentCap(images)  # a large mapped split: keep a budget of its pages mapped, not all
-    out: torch.Tensor | None = None
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True)
-        pages.read(x.shape[0])
-        if channels_last:  # uint8 first: the float batch is born NHWC, no float copy
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = normalize(x, scale, shift)
-        with _autocast(device):
-            logits = net(x).float()
-            if tta == "flip":
-                probs = logits.softmax(1).add_(net(x.flip(3)).float().softmax(1)).mul_(0.5)
-                logits = probs.clamp_min_(1e-12).log_()
-        if out is None:
-            out = torch.empty(images.shape[0], logits.shape[1], dtype=torch.float32)
-        out[start:start + logits.shape[0]].copy_(logits)
-    return out if out is not None else torch.zeros(0, 0)
 
 
 @torch.inference_mode()
@@ -215,6 +116,7 @@ def _head_logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
 
 
 def _val_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
+    """Validation loss, top-1 and top-5 (top-k for fewer than 5 classes); an empty split's loss is NaN, not an error."""
     if labels.numel() == 0:
         return math.nan, 0.0, 0.0
     loss = float(F.cross_entropy(logits, labels))
@@ -322,7 +224,7 @@ def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: tor
             pages.read(hi - lo)
             y = train_y[idx]
             if on_features:
-                with _autocast(dev):
+                with autocast(dev):
                     logits = model.head(x)
                     loss = F.cross_entropy(logits, y, label_smoothing=v.label_smoothing)
             else:
@@ -331,7 +233,7 @@ def _train_epoch(*, epoch: int, cfg: RunConfig, model: nn.Module, optimizer: tor
                 x = normalize(x, scale, shift)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(dev):
+                with autocast(dev):
                     logits = model(x)
                     loss = F.cross_entropy(logits, y, label_smoothing=v.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -381,52 +283,6 @@ def _cpu_model(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
-    """Give every loaded optimizer state tensor its parameter's strides.
-
-    A saved state is contiguous, while a conv net's parameters (and so the
-    grads and moment buffers of an uninterrupted run) are channels_last. The
-    values are the same, but elementwise kernels take another path on mixed
-    layouts and round differently: without this a resumed run drifts from an
-    uninterrupted one in the last bits, and the drift grows (measured on
-    ``small_bn``: 0.3% of the loss after one epoch).
-    """
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
-                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                    like = torch.empty_like(param, dtype=value.dtype)
-                    like.copy_(value)
-                    optimizer.state[param][key] = like
-
-
-def _save(resume_dir: str | os.PathLike[str] | None, state: dict[str, Any] | None) -> None:
-    if resume_dir is not None and state is not None:
-        save_resume_state(resume_dir, state)
-
-
-def _state(cfg: RunConfig, data: TrainData, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-           scheduler: Any, generator: torch.Generator, dev: str, stopper: EarlyStopping,
-           history: list[EpochRecord], seconds: float, train_images: int, train_seconds: float,
-           stop_reason: str | None, status: str, ema: Any = None, diverged_model: bool = False) -> dict[str, Any]:
-    """Everything ``_train`` needs to continue after ``epoch`` (see ``engine.resume``).
-
-    A diverged run's live weights are NaN and never trained further: only
-    its history and best weights matter, so its model/optimizer are not kept.
-    """
-    return {
-        "identity": state_identity(cfg), "data_fingerprint": data.fingerprint, "epoch": epoch, "status": status,
-        "model": None if diverged_model else {k: t.detach() for k, t in model.state_dict().items()},
-        "optimizer": None if diverged_model else optimizer.state_dict(),
-        "scheduler": None if diverged_model or scheduler is None else scheduler.state_dict(),
-        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(torch.device(dev)) if is_cuda(dev) else None,
-        "early": stopper.state_dict(), "history": [r.to_dict() for r in history],
-        "seconds": seconds, "train_images": train_images, "train_seconds": train_seconds, "stop_reason": stop_reason,
-        "ema": None if diverged_model or ema is None else ema.state_dict(),
-    }
-
-
 def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
            resume_dir: str | os.PathLike[str] | None, progress: bool, want_stats: bool,
            stop_after: int | None, features_from: FeatureSource | None) -> RunResult:
@@ -473,7 +329,7 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         if state["model"] is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            _match_layouts(optimizer)
+            match_layouts(optimizer)
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
@@ -513,9 +369,10 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         train_seconds += ep.seconds
         if ep.diverged:
             status, stop_reason = "diverged", ep.diverged
-            _save(resume_dir, _state(cfg, data, epoch - 1, model, optimizer, scheduler, generator, dev, stopper,
-                                     history, prior_seconds + time.perf_counter() - started, train_images,
-                                     train_seconds, stop_reason, status, ema, diverged_model=True))
+            save_run_state(resume_dir, run_state(cfg, data, epoch - 1, model, optimizer, scheduler, generator, dev,
+                                                 stopper, history, prior_seconds + time.perf_counter() - started,
+                                                 train_images, train_seconds, stop_reason, status, ema,
+                                                 diverged_model=True))
             break
         eval_start = time.perf_counter()
         if on_features:
@@ -526,9 +383,10 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         if not math.isfinite(val_loss):
             status = "diverged"
             stop_reason = f"diverged: validation loss is {'nan' if math.isnan(val_loss) else 'inf'} at epoch {epoch}"
-            _save(resume_dir, _state(cfg, data, epoch - 1, model, optimizer, scheduler, generator, dev, stopper,
-                                     history, prior_seconds + time.perf_counter() - started, train_images,
-                                     train_seconds, stop_reason, status, ema, diverged_model=True))
+            save_run_state(resume_dir, run_state(cfg, data, epoch - 1, model, optimizer, scheduler, generator, dev,
+                                                 stopper, history, prior_seconds + time.perf_counter() - started,
+                                                 train_images, train_seconds, stop_reason, status, ema,
+                                                 diverged_model=True))
             break
         record = EpochRecord(
             epoch=epoch, train_loss=ep.loss, train_top1=ep.top1, val_loss=val_loss, val_top1=val_top1,
@@ -540,9 +398,9 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         stopper.update(val_loss if v.monitor == "val_loss" else val_top1, epoch, scored)
         if stopper.should_stop and epoch < v.epochs:
             stop_reason = "early_stopping"
-        _save(resume_dir, _state(cfg, data, epoch, model, optimizer, scheduler, generator, dev, stopper, history,
-                                 prior_seconds + time.perf_counter() - started, train_images, train_seconds,
-                                 stop_reason, status, ema))
+        save_run_state(resume_dir, run_state(cfg, data, epoch, model, optimizer, scheduler, generator, dev, stopper,
+                                             history, prior_seconds + time.perf_counter() - started, train_images,
+                                             train_seconds, stop_reason, status, ema))
         if on_epoch is not None:
             on_epoch(record, model)
 

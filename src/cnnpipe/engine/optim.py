@@ -35,8 +35,8 @@ def build_optimizer(model: nn.Module, values: TrainingValues,
                     groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
     """adam | adamw | sgd (momentum, nesterov) with ``values.lr`` and ``values.weight_decay``.
 
-    Fused kernels (one per step, CPU and CUDA): ~8% less time per step than
-    ``foreach`` for the tutorial net on 2 CPU cores (benchmarks/README.md).
+    Fused kernels (one per step, CPU and CUDA): less time per step than
+    ``foreach`` for the tutorial net on the CPU (figure in benchmarks/README.md).
     ``groups`` (default: ``param_groups``) may set a learning rate per group
     (``engine.finetune``: a torchvision body's lower rate).
     """

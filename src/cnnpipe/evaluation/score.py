@@ -15,15 +15,16 @@ predicted probabilities with its mirror image's; ``auto`` means flip when the
 model was trained with flips (``augment`` crop_flip/flip, which ``auto``
 gives photos and clothes) on a dataset that is not handwriting (a mirrored
 digit is another glyph). A model that never saw a mirrored image is hurt by
-it: measured on Fashion-MNIST after one epoch without augmentation, flip
-TTA cost 9 points of test top-1 (all shoes face left there). It applies to
-every split scored, so train/val/test stay comparable.
+it: on Fashion-MNIST after one epoch without augmentation, flip TTA
+lowered test top-1 (all shoes face left there; figure in
+benchmarks/README.md). It applies to every split scored, so train/val/test stay comparable.
 
 The reports are a pure function of the weights, the prepared data, the
-``eval`` params, the device kind and this code: ``evaluation_key`` hashes all
-of them, and the stage copies a stored set back (``reuse_reports``) instead of
-scoring again, rewriting only the run ids in ``metrics.json``
-(``cnnpipe.store.outputs``).
+``eval`` params, the device kind and this code: ``evaluation_key`` names a
+``report_store`` entry over all of them (``cnnpipe.store.outputs``, the API
+every code-keyed store shares), and the stage copies a stored set back
+(``reuse_reports``) instead of scoring again, rewriting only the run ids in
+``metrics.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cnnpipe.store.outputs import OutputCache
 from cnnpipe.util.errors import CheckpointError
 from cnnpipe.util.files import atomic_write_json
 from cnnpipe.util.tables import write_csv
@@ -43,7 +45,6 @@ if TYPE_CHECKING:
     import torch
 
     from cnnpipe.engine.metrics import ClassScores, Mistakes
-    from cnnpipe.store.outputs import OutputCache
 
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.csv"
@@ -59,6 +60,7 @@ SIDECAR_IDS = ("run_id", "run_name", "mlflow_run_id", "mlflow_parent_run_id", "m
 REPORT_FILES = (METRICS_FILE, PER_CLASS_FILE, CONFUSION_FILE, MISTAKES_FILE)
 # What scores a checkpoint: this module and everything it may import (codegraph.code_identity).
 CODE_ENTRY = "cnnpipe.evaluation.score"
+LIBRARIES = ("torch",)  # its version is part of the code that scores
 CACHE_KIND = "eval"
 
 
@@ -139,6 +141,11 @@ def train_subset(n: int, size: int = TRAIN_SUBSET, seed: int = SUBSET_SEED) -> "
     return torch.randperm(n, generator=generator)[:size].sort().values
 
 
+def report_store(root: str | os.PathLike[str] | None = None) -> OutputCache:
+    """Evaluate's stored reports, ``.cnnpipe-cache/eval/<key>/`` (``root``: another folder for every store)."""
+    return OutputCache(CACHE_KIND, root, code_entry=CODE_ENTRY, libraries=LIBRARIES)
+
+
 def evaluation_key(checkpoint_dir: str | os.PathLike[str], prepared_dir: str | os.PathLike[str], *,
                    settings: Mapping[str, Any], device: str) -> str:
     """Hash of everything the reports depend on; raises the stage's one-line errors for a bad checkpoint or data.
@@ -149,31 +156,27 @@ def evaluation_key(checkpoint_dir: str | os.PathLike[str], prepared_dir: str | o
     claims: altered weights are scored, and refused, never matched).
     ``device`` is the ``device`` param; anything but ``cpu`` may resolve to a
     GPU, whose float results are its own, so its entries are also per
-    machine. Torch is not imported (its version is read from the installed
-    metadata): a reused evaluation costs no torch start-up.
+    machine. The store adds the code (``CODE_ENTRY``'s identity and the torch
+    version, read from the installed metadata): a reused evaluation costs no
+    torch start-up.
     """
     import platform
-    from importlib.metadata import version
 
-    from cnnpipe.models.checkpoint import WEIGHTS_FILE, read_sidecar
     from cnnpipe.data.prepared import load_stats
+    from cnnpipe.models.checkpoint import WEIGHTS_FILE, read_sidecar
     from cnnpipe.util.hashing import sha256_file
-    from cnnpipe.codegraph.code_identity import code_identity
-    from cnnpipe.util.hashing import digest
 
     checkpoint_dir, prepared_dir = Path(checkpoint_dir), Path(prepared_dir)
     sidecar = read_sidecar(checkpoint_dir)
     stats = load_stats(prepared_dir)
     check_compatible(sidecar, stats, checkpoint_dir, prepared_dir)
-    return digest({
+    return report_store().key({
         "model": {k: v for k, v in sidecar.items() if k not in SIDECAR_IDS and k != "created"},
         "weights": sha256_file(checkpoint_dir / WEIGHTS_FILE) if (checkpoint_dir / WEIGHTS_FILE).is_file() else None,
         "data": stats.fingerprint,
         "settings": dict(settings),
         "tta": resolve_tta(str(settings.get("tta", "none")), stats.dataset, (sidecar.get("params") or {}).get("augment")),
         "device": device if device == "cpu" else f"{device}@{platform.node()}",
-        "torch": version("torch"),
-        "code": code_identity(CODE_ENTRY),
     })
 
 
@@ -182,16 +185,15 @@ def report_paths(reports_dir: str | os.PathLike[str]) -> dict[str, Path]:
 
 
 def reuse_reports(key: str, checkpoint_dir: str | os.PathLike[str], reports_dir: str | os.PathLike[str],
-                  cache: "OutputCache | None" = None) -> dict[str, Any] | None:
+                  cache: OutputCache | None = None) -> dict[str, Any] | None:
     """Copy the stored reports of ``key`` into ``reports_dir`` and return their metrics; None when not stored.
 
     ``metrics.json`` gets this checkpoint's run ids (a new MLflow parent each
     execution); every other byte is the stored one.
     """
     from cnnpipe.models.checkpoint import read_sidecar
-    from cnnpipe.store.outputs import OutputCache
 
-    cache = cache or OutputCache(CACHE_KIND)
+    cache = cache or report_store()
     entry = cache.get(key, REPORT_FILES)
     if entry is None:
         return None
@@ -211,10 +213,9 @@ def reuse_reports(key: str, checkpoint_dir: str | os.PathLike[str], reports_dir:
     return metrics
 
 
-def store_reports(key: str, paths: Mapping[str, Path], cache: "OutputCache | None" = None) -> Path | None:
-    from cnnpipe.store.outputs import OutputCache
-
-    return (cache or OutputCache(CACHE_KIND)).put(key, {name: paths[name] for name in REPORT_FILES})
+def store_reports(key: str, paths: Mapping[str, Path], cache: OutputCache | None = None) -> Path | None:
+    """Keep the reports just written under ``key`` (best effort: a full disk costs a re-score next time)."""
+    return (cache or report_store()).put(key, {name: paths[name] for name in REPORT_FILES})
 
 
 def evaluate_checkpoint(

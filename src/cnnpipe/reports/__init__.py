@@ -1,1 +1,1 @@
-"""What the stages write for people: the train stage's tables, the figures, reports/README.md."""
+"""What the train stage writes for people: grid.csv, history.csv, curves.csv, train.json, layer histograms."""

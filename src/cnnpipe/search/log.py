@@ -1,7 +1,7 @@
 """The parent's side of every trial: the ONLY writer to MLflow, the run cache and the state notes.
 
 What each run records is ``search.payloads``; how a finished run is stored
-and read back is ``store.runs``; the figures are ``reports``; this module
+and read back is ``store.run_cache``; its tables and histograms are ``reports``; this module
 only orders the writes.
 
 Events from ``search.trial`` (possibly from other processes or Ray) arrive
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.search.executors import Event
+from cnnpipe.search.backend import Event
 from cnnpipe.params.run_config import RunConfig
 from cnnpipe.search.search_progress import SearchProgress, run_line
 from cnnpipe.search.selection import RunRecord, failure_reason

@@ -2,7 +2,7 @@
 
 ``run_search`` first takes every finished trial from the run cache, then
 trains the rest rung by rung (the exhaustive grid is one rung to the end) on
-the executor (``cnnpipe.search.executors``: sequential, local processes, Ray). Each
+a backend (``search.backend_choice``: sequential, local processes, Ray). Each
 trial continues from its saved run state, so a killed search resumes where
 it stopped and a promoted trial never retrains an epoch. A failed trial is
 recorded and the search goes on; a ``CnnpipeError`` in a trial stops it
@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from cnnpipe.compute.turns import compute_turn
 from cnnpipe.util.errors import DataError
-from cnnpipe.search.executors import Executor, SequentialExecutor
+from cnnpipe.search.backend import Executor
+from cnnpipe.search.backend_sequential import SequentialExecutor
 from cnnpipe.params.run_config import RunConfig
 from cnnpipe.params.schema import Params
 from cnnpipe.search.log import SearchLog

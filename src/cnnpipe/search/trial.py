@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from cnnpipe.util import errors as _errors
 from cnnpipe.util.errors import CheckpointError, CnnpipeError, DataError
-from cnnpipe.search.executors import Emit
+from cnnpipe.search.backend import Emit
 from cnnpipe.params.run_config import RunConfig
 from cnnpipe.search.selection import RunRecord
 from cnnpipe.util.text import one_line
@@ -53,7 +53,7 @@ class TrainContext:
     train_run: Callable[..., "RunResult"] | None = None  # None: cnnpipe.engine.train_run
     prepared_dir: Path | None = None  # where ``data`` came from: workers reload it instead of unpickling tensors
     state_root: Path | None = None  # the run-state store (None: no per-epoch state, no resume)
-    source: Any = None  # an executors.DataSource (workers only)
+    source: Any = None  # an trial_data.DataSource (workers only)
     portable: bool = False  # pack the best weights as bytes (results cross a process boundary)
     samples: Path | None = None  # reports/samples.png, attached to every child run when present
 

@@ -122,7 +122,7 @@ def _save(checkpoint_dir: Path, out_dir: str | os.PathLike[str], sidecar: dict[s
 
     The first call in a process spends seconds in MLflow's check of the pins
     against the installed packages (it scans every distribution); later calls
-    take ~0.5 s.
+    are much faster (figures in benchmarks/README.md).
     """
     import mlflow.pyfunc
 

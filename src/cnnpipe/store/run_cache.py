@@ -12,7 +12,9 @@ Entries live at ``<project root>/.cnnpipe-cache/runs/<key>/`` (anchored at
 ``$DVC_ROOT`` so queued experiments share it): ``result.json`` (the run's
 record and history), ``model.safetensors`` (the best weights) and, when
 layer statistics were logged, ``layer_histograms.png``, written atomically as
-one folder.
+one folder. Naming, finding and writing an entry go through the code-keyed
+store API every store shares (``cnnpipe.store.outputs.OutputCache``); this
+module adds what a run entry holds.
 
 Policy (``open_grid_cache``): ``grid.cache: false`` turns the cache off (no
 lookups, nothing stored). ``python stages/train.py --no-cache`` or
@@ -30,14 +32,10 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.codegraph.code_identity import code_identity
-from cnnpipe.store.location import default_cache_dir, env_no_cache
-from cnnpipe.util.files import atomic_dir
-from cnnpipe.util.hashing import digest
+from cnnpipe.store.outputs import RUNS_KIND, OutputCache
 
 if TYPE_CHECKING:
     import torch
@@ -51,8 +49,11 @@ if TYPE_CHECKING:
 
 # What trains a run: a trial (search.trial.run_one) and everything it may import.
 CODE_ENTRY = "cnnpipe.search.trial"
+LIBRARIES = ("torch",)  # its version is part of the code that trains
 FORMAT = "cnnpipe-runcache/2"
 HISTOGRAMS = "layer_histograms.png"
+RESULT_FILE = "result.json"
+WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -63,63 +64,75 @@ class CachedRun:
     path: Path
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """The identity of the code that trains (``CODE_ENTRY``'s import closure) plus the torch version."""
-    from importlib.metadata import version
+def run_store(folder: str | os.PathLike[str] | None = None) -> OutputCache:
+    """The run cache as a code-keyed store: ``folder`` (default ``.cnnpipe-cache/runs``) holds one entry per key."""
+    return OutputCache(RUNS_KIND, folder=folder, code_entry=CODE_ENTRY, libraries=LIBRARIES)
 
-    return f"{code_identity(CODE_ENTRY)}/torch-{version('torch')}"
+
+def code_version() -> str:
+    """The identity of the code that trains (``CODE_ENTRY``'s import closure) plus the torch version.
+
+    Run states (``store.states``) key on it too: a state is resumable only by the code that wrote it.
+    """
+    return run_store().code()
 
 
 def cache_key(cfg: "RunConfig", data_fingerprint: str, device: str, code: str | None = None) -> str:
-    payload = {
+    """The entry of one search point: its full config, the prepared data, the device kind and the code."""
+    inputs = {
         "format": FORMAT,
         "values": cfg.values.model_dump(mode="json"),
         "layers": list(cfg.layers),
         "dataset": cfg.dataset,
         "data": data_fingerprint,
-        "code": code or code_version(),
         "device": device.split(":")[0],
     }
-    return digest(payload)
+    return run_store().key(inputs, code=code or code_version())
 
 
 class RunCache:
     """Get and put finished runs by key. Corrupt entries are ignored, never trusted."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir()
+        self.store = run_store(root)
+        self.root = self.store.root
 
     def get(self, key: str) -> CachedRun | None:
+        """The stored run of ``key``; None when absent, incomplete, corrupt or filed under another key
+        (and under ``CNNPIPE_NO_CACHE``, like every code-keyed store)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        entry = self.root / key
+        entry = self.store.get(key, (RESULT_FILE, WEIGHTS_FILE))
+        if entry is None:
+            return None
         try:
-            record = json.loads((entry / "result.json").read_text(encoding="utf-8"))
+            record = json.loads((entry / RESULT_FILE).read_text(encoding="utf-8"))
             if record.get("cache_format") != FORMAT or record.get("cache_key") != key:
                 return None
-            state = load_file(str(entry / "model.safetensors"))
+            state = load_file(str(entry / WEIGHTS_FILE))
         except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError):
             return None
         return CachedRun(key=key, record=record, state_dict=state, path=entry)
 
     def put(self, key: str, record: dict[str, Any], state_dict: Mapping[str, "torch.Tensor"],
             files: Mapping[str, bytes] | None = None) -> Path:
-        """Store one run (``files``: extra artifacts by plain file name, e.g. its histogram figure)."""
+        """Store one run (``files``: extra artifacts by plain file name, e.g. its histogram figure).
+
+        Unlike a stage output, a failed write raises: the caller decides whether losing the entry matters.
+        """
         from safetensors.torch import save_file
 
-        entry = self.root / key
-        with atomic_dir(entry) as tmp:
+        with self.store.writing(key) as tmp:
             tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
-            save_file(tensors, str(tmp / "model.safetensors"))
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
             for name, blob in (files or {}).items():
-                if Path(name).name != name or name in ("result.json", "model.safetensors"):
+                if Path(name).name != name or name in (RESULT_FILE, WEIGHTS_FILE):
                     raise ValueError(f"not a plain extra file name: {name!r}")
                 (tmp / name).write_bytes(blob)
             body = {**record, "cache_format": FORMAT, "cache_key": key}
-            (tmp / "result.json").write_text(json.dumps(body, indent=2, default=str) + "\n", encoding="utf-8")
-        return entry
+            (tmp / RESULT_FILE).write_text(json.dumps(body, indent=2, default=str) + "\n", encoding="utf-8")
+        return self.root / key
 
 
 # --------------------------------------------------------------------------- what an entry holds
@@ -187,4 +200,5 @@ def open_grid_cache(settings: "GridParams", *, no_cache: bool = False,
     """None when ``grid.cache`` is false; a store-only cache for ``--no-cache`` / ``CNNPIPE_NO_CACHE=1``."""
     if not settings.cache:
         return None
-    return GridCache(RunCache(root), reuse=not (no_cache or env_no_cache()))
+    cache = RunCache(root)
+    return GridCache(cache, reuse=not no_cache and cache.store.reusing)

@@ -3,8 +3,8 @@
 Only ``MlflowClient`` is used (never the fluent ``mlflow.start_run`` stack), so
 a tracker is a few plain strings that a parallel worker can rebuild, and
 nothing depends on a global "active run". mlflow is imported lazily inside
-functions: it costs ~3 s, and with ``mlflow.enabled: false`` (``NullTracker``)
-it is never imported at all. One job a module:
+functions: importing it takes seconds (benchmarks/README.md), and with
+``mlflow.enabled: false`` (``NullTracker``) it is never imported at all. One job a module:
 
 * ``store``: where the store is (``$MLFLOW_TRACKING_URI``, params, or
   ``mlflow.db`` at the project root, ``$DVC_ROOT`` in a queued experiment),

@@ -33,7 +33,7 @@ def ctrl_c_after_the_call() -> Iterator[None]:
 
     A KeyboardInterrupt raised mid-call leaves MLflow's SQLAlchemy session open
     while the traceback is alive, holding the sqlite write lock, so the KILLED
-    status written next waited ~100 s on its own process and was lost (the
+    status written next waited on its own process and was lost (the
     parent stayed RUNNING). Calls take milliseconds; a stuck one (a server that
     does not answer) still stops on the second Ctrl-C.
     """

@@ -228,8 +228,8 @@ def warm_up(settings: "MlflowParams", *, root: Path | None = None) -> threading.
     """Import mlflow and open the store in a background thread while the stage computes.
 
     ``evaluate`` and ``plots`` spend their time in torch/matplotlib code that
-    releases the GIL; importing mlflow (~1-3 s) and opening the store overlap
-    with it instead of following it. Errors are left for the real call to
+    releases the GIL; importing mlflow (seconds: benchmarks/README.md) and
+    opening the store overlap with it instead of following it. Errors are left for the real call to
     report (one line, as always); nothing is started when tracking is off.
     """
     if not settings.enabled:

@@ -232,7 +232,7 @@ class MlflowTracker(NullTracker, CallPolicy):
             self._batch(run_id, metrics=metrics, step=step)
 
     def log_epochs(self, run_id: str | None, epochs: Sequence[tuple[int, Mapping[str, float]]]) -> None:
-        """Many epochs' metrics in one round-trip: a reused run's whole history (39 calls cost ~1.3 s)."""
+        """Many epochs' metrics in one round-trip: a reused run's whole history (a call each: benchmarks/README.md)."""
         if not run_id or not epochs:
             return
         from mlflow.entities import Metric

@@ -74,9 +74,10 @@ def run_entry_point(main: Callable[[], int | None]) -> NoReturn:
 
     On the way out every live object is frozen for the garbage collector
     (``gc.freeze``): the interpreter's last collection over torch's and
-    mlflow's module graphs cost 0.4-0.8 s per stage, a tenth of a cached
-    ``dvc exp run``. Nothing depends on it: outputs are closed and renamed
-    before ``main`` returns, and atexit handlers still run.
+    mlflow's module graphs was a noticeable part of a cached ``dvc exp run``
+    (figures in benchmarks/README.md). Nothing depends on it: outputs are
+    closed and renamed before ``main`` returns, and atexit handlers still
+    run.
     """
     import gc
 

@@ -14,45 +14,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from cnnpipe.figures.grid_table import rank_runs
 from cnnpipe.util.files import atomic_write_text
 
 # grid.csv columns that are bookkeeping, not something a reader compares
 _GRID_SKIP = {"run_id", "mlflow_run_id", "images_per_s"}
 _PERCENT = ("top1", "top5", "accuracy", "precision", "recall", "f1")
-
-
-def rank_runs(grid: pd.DataFrame, select_by: str) -> pd.DataFrame:
-    """``grid.csv`` rows best first, in the train stage's selection order for ``select_by``.
-
-    Candidates come first, as ``select_best`` sees them (finished, or diverged
-    after a finite best epoch; not pruned by successive halving):
-    ``val_loss`` lowest / ``val_top1`` highest, ties to the other validation
-    metric, then to the earlier grid point, so the selected run is the first
-    row. The rest (failed, never-finite, pruned) follow in grid order.
-    """
-    table = grid.reset_index(drop=True)
-    if select_by not in table:
-        return table
-    other = "val_top1" if select_by == "val_loss" else "val_loss"
-    sign = 1.0 if select_by == "val_loss" else -1.0
-    value = pd.to_numeric(table[select_by], errors="coerce").to_numpy(dtype=float)
-    second = (pd.to_numeric(table[other], errors="coerce").to_numpy(dtype=float) if other in table
-              else np.zeros(len(table)))
-    usable = (table["status"].astype(str).isin(("finished", "diverged")).to_numpy() if "status" in table
-              else np.ones(len(table), bool))
-    if "pruned" in table:
-        usable = usable & ~table["pruned"].fillna(False).astype(bool).to_numpy()
-    candidate = usable & np.isfinite(value)
-    keys = pd.DataFrame({
-        "rest": ~candidate,
-        "value": np.where(candidate, sign * value, 0.0),
-        "second": np.where(candidate, np.nan_to_num(-sign * second, nan=np.inf), 0.0),
-        "index": np.arange(len(table)),
-    })
-    return table.loc[keys.sort_values(["rest", "value", "second", "index"], kind="stable").index]
 
 
 def _fmt(value: Any, column: str = "") -> str:
