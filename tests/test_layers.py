@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,61 @@ def test_no_package_init_imports_cnnpipe(init: Path) -> None:
     """An ``__init__`` that re-exports its modules makes every importer of one module run them all."""
     name = f"cnnpipe.{init.parent.name}"
     assert not ci.imported_names(ast.parse(init.read_bytes()), name, True)
+
+
+def module_level_imports(module: str) -> tuple[set[str], set[str]]:
+    """(third-party top-level names, cnnpipe modules) that importing ``module`` runs at once (not inside functions)."""
+    path = ci.module_file(module, PACKAGE)
+    assert path is not None, module
+    third: set[str] = set()
+    own: set[str] = set()
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, ast.If):
+                if not ci._is_type_checking(node.test):
+                    visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    (own if alias.name.startswith("cnnpipe") else third).add(alias.name)
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                base = node.module or ""
+                if base.startswith("cnnpipe"):
+                    own.update({base, *(f"{base}.{alias.name}" for alias in node.names)})
+                else:
+                    third.add(base)
+
+    visit(ast.parse(path.read_bytes()).body)
+    runs = {found for name in own for found in ci._with_parents(name) if ci.module_file(found, PACKAGE)}
+    return {name.split(".")[0] for name in third} - set(sys.stdlib_module_names) - {"__future__"}, runs - {module}
+
+
+def brings_a_library(module: str, seen: set[str] | None = None) -> bool:
+    """Whether importing ``module`` imports a third-party library (directly or through cnnpipe modules)."""
+    seen = set() if seen is None else seen
+    if module in seen:
+        return False
+    seen.add(module)
+    third, own = module_level_imports(module)
+    return bool(third) or any(brings_a_library(name, seen) for name in own)
+
+
+def test_an_import_inside_a_function_only_defers_a_library() -> None:
+    """Deferring an import keeps torch, mlflow, pandas ... off a fast path; a module that brings no third-party
+    library costs nothing to import at the top, so deferring it only hides the dependency (once: a cycle)."""
+    needless = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        for function in ast.walk(ast.parse(path.read_bytes())):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("cnnpipe"):
+                    targets = {f"{node.module}.{a.name}" if ci.module_file(f"{node.module}.{a.name}", PACKAGE)
+                               else node.module for a in node.names}
+                    needless += [f"{module}:{node.lineno} defers {t}" for t in sorted(targets) if not brings_a_library(t)]
+    assert not needless, "move these imports to the top of their module:\n" + "\n".join(sorted(set(needless)))

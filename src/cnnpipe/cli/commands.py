@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnpipe.util.errors import CnnpipeError
+from cnnpipe.models.checkpoint import load_checkpoint
+from cnnpipe.serving.classify import probabilities
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -106,9 +108,6 @@ def predict_files(model_dir: str, files: list[Path], top_k: int) -> list[dict[st
     """
     import numpy as np
     import torch
-
-    from cnnpipe.models.checkpoint import load_checkpoint
-    from cnnpipe.serving.classify import probabilities
 
     checkpoint = load_checkpoint(model_dir)
     sidecar = checkpoint.sidecar

@@ -11,13 +11,22 @@ import argparse
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+from cnnpipe.cli import commands
+from cnnpipe.data.registry import get_dataset
+from cnnpipe.models import torchvision_spec
+from cnnpipe.models.checkpoint import load_checkpoint
+from cnnpipe.models.spec import normalize_layers, summary_text
+from cnnpipe.models.torchvision_spec import spec_of
+from cnnpipe.serving.export import FORMATS, INPUT_NAME, export_checkpoint, sample_images
+from cnnpipe.store import inventory
+from cnnpipe.tracking.model_registry import describe_version, download_checkpoint
+from cnnpipe.util.errors import CnnpipeError, ParamsError, run_entry_point
 
 if TYPE_CHECKING:
     from cnnpipe.params.schema import Params
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from cnnpipe.util.errors import ParamsError
     from cnnpipe.params.load import load_params
     from cnnpipe.search.space import expand
 
@@ -42,10 +51,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _show_model(args: argparse.Namespace) -> int:
-    from cnnpipe.data.registry import get_dataset
-    from cnnpipe.util.errors import ParamsError
     from cnnpipe.models.presets import PRESETS
-    from cnnpipe.models.spec import normalize_layers, summary_text
     from cnnpipe.params.load import load_params
 
     params = load_params(args.params)
@@ -54,7 +60,6 @@ def _show_model(args: argparse.Namespace) -> int:
     dataset = get_dataset(args.dataset) if args.dataset else params.data.spec()
     if dataset.is_folder and not dataset.classes:  # your own images: classes are counted by prepare
         dataset = _folder_classes(dataset)
-    from cnnpipe.models import torchvision_spec
 
     if torchvision_spec.is_name(args.name) and args.name not in params.models:
         try:
@@ -96,8 +101,6 @@ def _folder_classes(dataset):  # type: ignore[no-untyped-def]
 
 def _show_registered(uri: str, params: "Params") -> int:
     """``show-model models:/NAME@ALIAS``: the registered version, its links, and its layers."""
-    from cnnpipe.models.spec import normalize_layers, summary_text
-    from cnnpipe.tracking.model_registry import describe_version
     from cnnpipe.tracking.connection import make_client as _make_client, resolve_store
 
     store = resolve_store(params.mlflow)
@@ -105,7 +108,6 @@ def _show_registered(uri: str, params: "Params") -> int:
     shape = tuple(int(d) for d in sidecar["in_shape"])
     title = f"{sidecar.get('model', '?')} on {sidecar.get('dataset', '?')} {'x'.join(map(str, shape))}"
     print(header)
-    from cnnpipe.models.torchvision_spec import spec_of
 
     spec = spec_of(sidecar["layers"])
     if spec is not None:
@@ -123,11 +125,7 @@ def _export(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from cnnpipe.models.checkpoint import load_checkpoint
-    from cnnpipe.util.errors import CnnpipeError
     from cnnpipe.params.load import load_params
-    from cnnpipe.serving.export import FORMATS, INPUT_NAME, export_checkpoint, sample_images
-
     if args.count < 1:
         raise CnnpipeError(f"-n must be at least 1, got {args.count}")
     if not (Path(args.prepared) / "stats.json").is_file():
@@ -137,7 +135,6 @@ def _export(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cnnpipe-export-") as tmp:
         folder = Path(args.model)
         if args.model.startswith("models:/"):
-            from cnnpipe.tracking.model_registry import download_checkpoint
             from cnnpipe.tracking.connection import make_client as _make_client, resolve_store
 
             store = resolve_store(load_params(args.params).mlflow)
@@ -178,20 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--count", type=int, default=256, help="test images to verify on (default: 256)")
     p.set_defaults(func=_export)
 
-    from cnnpipe.store import inventory
-
     inventory.register(sub)
     # predict, export-images, runs, ui: our own module, never guarded (a bug there must show, not hide them);
     # it imports its heavy dependencies inside each handler.
-    from cnnpipe.cli import commands
 
     commands.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from cnnpipe.util.errors import run_entry_point
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

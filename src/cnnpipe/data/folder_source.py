@@ -26,6 +26,7 @@ from cnnpipe.data.registry import FOLDER, RawFile, get_dataset, is_archive_name
 from cnnpipe.data.sources import REMOTE_SCHEMES, Source
 from cnnpipe.util.errors import DataError
 from cnnpipe.util.files import atomic_dir, atomic_write_json
+from cnnpipe.util.hashing import sha256_file
 
 MANIFEST = "source.json"
 IMAGES = "images"
@@ -91,7 +92,6 @@ def prepare_source(source: str, raw_dir: str | os.PathLike[str], *, sha256: str 
             archive, described = _fetch_archive(source, Path(tmp), sha256, timeout=timeout, retries=retries,
                                                 backoff=backoff, progress=progress)
             lines.append(described)
-            from cnnpipe.util.hashing import sha256_file
 
             manifest["archive_sha256"] = sha256_file(archive)
             extracted = safe_extract(archive, Path(tmp) / IMAGES)

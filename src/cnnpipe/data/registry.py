@@ -8,6 +8,7 @@ re-compressed the files (Debian's ``dataset-fashion-mnist`` did).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from cnnpipe.util.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,4 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        from cnnpipe.util.errors import DataError
-
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None

@@ -40,6 +40,7 @@ from cnnpipe.models import torchvision_spec as tvs
 from cnnpipe.models.torchvision_nets import TorchvisionNet
 from cnnpipe.params.run_config import RunConfig
 from cnnpipe.params.values import TrainingValues
+from cnnpipe.models.pinned_weights import read_manifest
 
 
 def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -134,8 +135,6 @@ def tracking_fields(cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int)
     if tvs.is_pretrained(spec) and spec.get("weights_sha256"):
         tags["pretrained.sha256"] = str(spec["weights_sha256"])
         if cfg.weights_dir is not None:
-            from cnnpipe.models.pinned_weights import read_manifest
-
             entry = read_manifest(cfg.weights_dir)["weights"].get(spec["torchvision"], {})
             tags["pretrained.source"] = str(entry.get("source", ""))
     return params, tags

@@ -26,6 +26,7 @@ import torch
 from cnnpipe.compute.device import is_cuda
 from cnnpipe.util.errors import CheckpointError
 from cnnpipe.util.files import atomic_path
+from cnnpipe.util.hashing import digest
 
 if TYPE_CHECKING:
     from torch import nn
@@ -48,8 +49,6 @@ def state_identity(cfg: "RunConfig") -> str:
     bit-for-bit when ``epochs`` is raised to 27. Cosine and one-cycle
     schedules are defined over ``epochs``: there it is part of the identity.
     """
-    from cnnpipe.util.hashing import digest
-
     values = cfg.values.model_dump(mode="json")
     if values.get("schedule") == "none":
         values.pop("epochs", None)

@@ -40,6 +40,10 @@ from cnnpipe.store.outputs import OutputCache
 from cnnpipe.util.errors import CheckpointError
 from cnnpipe.util.files import atomic_write_json
 from cnnpipe.util.tables import write_csv
+from cnnpipe.compute.device import resolve_device
+from cnnpipe.data.registry import DATASETS
+from cnnpipe.models.checkpoint import load_checkpoint, read_sidecar, WEIGHTS_FILE
+from cnnpipe.util.hashing import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -124,7 +128,6 @@ def resolve_tta(tta: str, dataset: str, trained_augment: str | None) -> str:
     """``auto`` -> ``flip`` for a model trained with flips on photos or clothes; else ``none``."""
     if tta != "auto":
         return tta
-    from cnnpipe.data.registry import DATASETS
 
     spec = DATASETS.get(dataset)
     flipped = trained_augment in ("flip", "crop_flip")
@@ -163,9 +166,6 @@ def evaluation_key(checkpoint_dir: str | os.PathLike[str], prepared_dir: str | o
     import platform
 
     from cnnpipe.data.prepared import load_stats
-    from cnnpipe.models.checkpoint import WEIGHTS_FILE, read_sidecar
-    from cnnpipe.util.hashing import sha256_file
-
     checkpoint_dir, prepared_dir = Path(checkpoint_dir), Path(prepared_dir)
     sidecar = read_sidecar(checkpoint_dir)
     stats = load_stats(prepared_dir)
@@ -191,8 +191,6 @@ def reuse_reports(key: str, checkpoint_dir: str | os.PathLike[str], reports_dir:
     ``metrics.json`` gets this checkpoint's run ids (a new MLflow parent each
     execution); every other byte is the stored one.
     """
-    from cnnpipe.models.checkpoint import read_sidecar
-
     cache = cache or report_store()
     entry = cache.get(key, REPORT_FILES)
     if entry is None:
@@ -236,10 +234,8 @@ def evaluate_checkpoint(
     """
     import torch
 
-    from cnnpipe.models.checkpoint import load_checkpoint
     from cnnpipe.data.prepared import load_split, load_stats
     from cnnpipe.data.resident_pages import ResidentCap
-    from cnnpipe.compute.device import resolve_device
     from cnnpipe.engine.inference import evaluate_logits
     from cnnpipe.engine.metrics import class_scores, confusion_matrix, mean_loss, most_confident_mistakes, topk_accuracy
 

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from cnnpipe.models import torchvision_spec
-from cnnpipe.models.spec import LayerInfo, normalize_layers
+from cnnpipe.models.spec import LayerInfo, model_summary as layers_summary, normalize_layers
 from cnnpipe.util.errors import ParamsError
+from cnnpipe.models.pinned_weights import load_pinned
 
 
 class BasicBlock(nn.Module):
@@ -115,8 +116,6 @@ def build_model(layers: Sequence[Any], in_shape: Sequence[int], num_classes: int
 
         state = None
         if weights_dir is not None and torchvision_spec.is_pretrained(spec):
-            from cnnpipe.models.pinned_weights import load_pinned
-
             state = load_pinned(spec, weights_dir)
         try:
             return build_torchvision(spec, shape, int(num_classes), body_state=state)
@@ -143,8 +142,6 @@ def model_summary(name: str, layers: Any, in_shape: Any, num_classes: int) -> st
     """The layer table of any resolved spec: ``spec.model_summary``, or a built torchvision net's children."""
     spec = torchvision_spec.spec_of(layers)
     if spec is None:
-        from cnnpipe.models.spec import model_summary as layers_summary
-
         return layers_summary(name, layers, in_shape, num_classes)
     from cnnpipe.models.torchvision_nets import model_summary as torchvision_summary
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from cnnpipe.models import torchvision_spec as tvs
 from cnnpipe.util.errors import CheckpointError, CnnpipeError, DataError
+from cnnpipe.models.weights_file import check_weights_file
 
 if TYPE_CHECKING:
     import torch
@@ -63,8 +64,6 @@ def pin_layers(layers: Sequence[Any], weights_dir: str | os.PathLike[str]) -> tu
 def load_pinned(spec: Mapping[str, Any], weights_dir: str | os.PathLike[str]) -> dict[str, "torch.Tensor"]:
     """The body state dict a pinned spec names, re-verified against the manifest (SHA-256 of both files)."""
     from safetensors.torch import load_file
-
-    from cnnpipe.models.weights_file import check_weights_file
 
     arch = spec["torchvision"]
     if not spec.get("weights_sha256"):

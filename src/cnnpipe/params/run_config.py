@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from cnnpipe.params.messages import _fmt
 from cnnpipe.params.values import TrainingValues, _Strict
+from cnnpipe.util.hashing import digest
 
 
 class RunConfig(_Strict):
@@ -24,8 +25,6 @@ class RunConfig(_Strict):
     @property
     def run_id(self) -> str:
         """Short stable id: hash of everything that changes what is trained."""
-        from cnnpipe.util.hashing import digest
-
         return digest({"values": self.values.model_dump(mode="json"), "layers": list(self.layers),
                        "dataset": self.dataset}, length=10)
 

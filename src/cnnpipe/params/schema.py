@@ -25,6 +25,8 @@ from cnnpipe.params.values import PLAIN_FIELDS, MonitorSetting, TRAINING_KEYS, T
 from cnnpipe.params.axes import Axis, Choice, Range, _candidates, _is_range
 from cnnpipe.params.pretrained_section import PretrainedParams
 from cnnpipe.params.sections import DataParams, EvalParams, GridParams, MlflowParams
+from cnnpipe.models import torchvision_spec, torchvision_spec as tvs
+from cnnpipe.models.spec import check_layers
 
 
 def _section_or_empty(raw: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +83,6 @@ class _ParamsRules(_Strict):
         """The layer spec of a model name; a ``torchvision:`` name gives its (unpinned) mapping."""
         if model_name in self.models:
             return self.models[model_name]
-        from cnnpipe.models import torchvision_spec
 
         if torchvision_spec.is_name(model_name):
             return torchvision_spec.layer_spec(torchvision_spec.arch_of(model_name), self.pretrained.weights,
@@ -134,10 +135,7 @@ class _ParamsRules(_Strict):
             if spec.classes and k > spec.num_classes:
                 raise _bad(f"eval.top_k has {k}, more than the {spec.num_classes} classes of {spec.name}; use k <= {spec.num_classes}")
 
-        from cnnpipe.models import torchvision_spec
         from cnnpipe.models.presets import PRESETS
-        from cnnpipe.models.spec import check_layers
-
         known = list(self.models) + [name for name in PRESETS if name not in self.models]
         names = _candidates(self.model)
         self._check_torchvision(names, spec)
@@ -161,8 +159,6 @@ class _ParamsRules(_Strict):
 
         torchvision is imported only when a ``torchvision:`` name is used.
         """
-        from cnnpipe.models import torchvision_spec as tvs
-
         torchvision_names = [name for name in names if tvs.is_name(name)]
         strategies = [s for s in _candidates(self.finetune) if s != "full"]
         others = [name for name in names if not tvs.is_name(name)]

@@ -46,6 +46,10 @@ from cnnpipe.models.pinned_weights import FORMAT, MANIFEST, WEIGHTS_DIR
 from cnnpipe.util.errors import CheckpointError, DataError
 from cnnpipe.util.files import atomic_dir, atomic_path
 from cnnpipe.util.hashing import sha256_file
+from cnnpipe.models.checkpoint import WEIGHTS_FILE, read_sidecar
+from cnnpipe.models.weights_file import check_weights_file, fit_problem
+from cnnpipe.tracking.model_registry import download_checkpoint
+from cnnpipe.util.transfer import Rejected as _Rejected, Transient as _Transient, fetch_http as _fetch_http
 
 if TYPE_CHECKING:
     import torch
@@ -103,7 +107,6 @@ def read_state_dict(path: Path, what: str) -> dict[str, "torch.Tensor"]:
             raise CheckpointError(f"{what}: {path} holds a {type(state).__name__}, not a state dict of tensors; "
                                   "save model.state_dict() instead")
         return {str(k): v for k, v in state.items()}
-    from cnnpipe.models.weights_file import check_weights_file
 
     try:
         check_weights_file(path, None)
@@ -129,10 +132,6 @@ def torchvision_cache_path(url: str) -> Path:
 def download(url: str, dest: Path, *, what: str, timeout: float, retries: int, progress: bool = True,
              hash_prefix: str | None = None) -> None:
     """``url`` -> ``dest`` (atomic), retrying network errors; ``hash_prefix`` checks torch.hub's file-name hash."""
-    from cnnpipe.util.transfer import Rejected as _Rejected
-    from cnnpipe.util.transfer import Transient as _Transient
-    from cnnpipe.util.transfer import fetch_http as _fetch_http
-
     problem = ""
     for attempt in range(retries + 1):
         try:
@@ -183,7 +182,6 @@ def _locate(arch: str, params: "Params", scratch: Path, progress: bool) -> tuple
             download(weights, path, what=what, timeout=timeout, retries=retries, progress=progress)
         return path, {"weights": tvs.CUSTOM, "source": weights}
     if kind == "registry":
-        from cnnpipe.tracking.model_registry import download_checkpoint
         from cnnpipe.tracking.connection import make_client, resolve_store
 
         store = resolve_store(params.mlflow)
@@ -200,8 +198,6 @@ def _checkpoint_state(folder: Path, arch: str) -> tuple[dict[str, "torch.Tensor"
     """A cnnpipe checkpoint's body weights (``body.*`` keys), its weights file and its sidecar."""
     from safetensors.torch import load_file
 
-    from cnnpipe.models.checkpoint import WEIGHTS_FILE, check_weights_file, read_sidecar
-
     sidecar = read_sidecar(folder)
     check_weights_file(folder / WEIGHTS_FILE, sidecar["weights_sha256"])
     spec = tvs.spec_of(sidecar["layers"])
@@ -216,7 +212,6 @@ def _checkpoint_state(folder: Path, arch: str) -> tuple[dict[str, "torch.Tensor"
 
 def fetch_one(arch: str, params: "Params", scratch: Path, progress: bool = True) -> tuple[dict[str, "torch.Tensor"], dict[str, Any]]:
     """(body state dict, manifest entry) of ``arch``'s pretrained weights, verified."""
-    from cnnpipe.models.weights_file import fit_problem
     from cnnpipe.models.torchvision_nets import bare_network
 
     located, entry = _locate(arch, params, scratch, progress)

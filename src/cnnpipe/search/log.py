@@ -37,6 +37,7 @@ from cnnpipe.search.payloads import child_params, child_tags, epoch_metrics, fin
 from cnnpipe.search.trial import RunOutcome, TrainContext
 from cnnpipe.tracking.runs import NullTracker
 from cnnpipe.util.errors import debug_enabled
+from cnnpipe.store.run_cache import cached_result, entry_record, HISTOGRAMS
 
 if TYPE_CHECKING:
     from cnnpipe.engine.data import TrainData
@@ -188,8 +189,6 @@ class SearchLog:
         self._end_child(rec, histograms)
         complete = rec.ok and rec.result.status in ("finished", "diverged") and not rec.pruned
         if self.cache is not None and complete and rec.result.model is not None and not rec.cached:
-            from cnnpipe.store.run_cache import HISTOGRAMS, entry_record
-
             try:
                 self.cache.store(rec.cfg, entry_record(rec, self.tracker), rec.result.model.state_dict(),
                                  fingerprint=self.data.fingerprint, device=self.ctx.device,
@@ -212,7 +211,6 @@ class SearchLog:
         hit = self.cache.lookup(cfg, fingerprint=self.data.fingerprint, device=self.ctx.device)
         if hit is None:
             return None
-        from cnnpipe.store.run_cache import cached_result
 
         result = cached_result(hit, cfg, self.data, self.ctx.device)
         if result is None:
@@ -230,8 +228,6 @@ class SearchLog:
         return rec
 
     def end_reused(self, rec: RunRecord, hit: "CachedRun") -> None:
-        from cnnpipe.store.run_cache import HISTOGRAMS
-
         histograms = hit.path / HISTOGRAMS
         self._end_child(rec, histograms.read_bytes() if histograms.is_file() else None)
         self.done.add(rec.index)
@@ -254,8 +250,6 @@ class SearchLog:
         with tempfile.TemporaryDirectory(prefix="cnnpipe-child-") as tmp:
             files = [self.samples] if self.samples is not None else []
             if histograms:
-                from cnnpipe.store.run_cache import HISTOGRAMS
-
                 path = Path(tmp) / HISTOGRAMS
                 path.write_bytes(histograms)
                 files.append(path)

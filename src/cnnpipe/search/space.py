@@ -28,6 +28,7 @@ from cnnpipe.params.messages import error_line
 from cnnpipe.params.run_config import RunConfig
 from cnnpipe.params.schema import Params
 from cnnpipe.params.values import TRAINING_KEYS, TrainingValues, resolve_augment
+from cnnpipe.models.pinned_weights import pin_layers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -91,8 +92,6 @@ def expand(params: Params, weights_dir: str | os.PathLike[str] | None = None) ->
             if values["model"] not in layers:
                 layers[values["model"]] = params.layers_for(values["model"])
                 if weights_dir is not None:
-                    from cnnpipe.models.pinned_weights import pin_layers
-
                     layers[values["model"]] = pin_layers(layers[values["model"]], weights_dir)
             runs.append(RunConfig(values=_checked(values, params), layers=layers[values["model"]],
                                   axes=params.axes, dataset=params.data.dataset,

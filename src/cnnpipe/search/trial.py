@@ -25,6 +25,7 @@ from cnnpipe.params.run_config import RunConfig
 from cnnpipe.search.selection import RunRecord
 from cnnpipe.util.text import one_line
 from cnnpipe.tracking.runs import NullTracker
+from cnnpipe.engine.records import RunResult
 
 if TYPE_CHECKING:
 
@@ -195,8 +196,6 @@ def run_one(ctx: TrainContext, index: int, cfg: RunConfig, budget: int | None = 
     except CnnpipeError as err:
         raise RunError(index, type(err).__name__, str(err), err.exit_code) from err
     except Exception as err:
-        from cnnpipe.engine.records import RunResult
-
         reason = one_line(f"{type(err).__name__}: {err}")
         result = RunResult.failed(cfg.run_id, reason, device=ctx.device, seconds=time.perf_counter() - start,
                                   traceback=traceback.format_exc())

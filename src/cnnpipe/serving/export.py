@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cnnpipe.util.errors import CnnpipeError
 from cnnpipe.util.files import atomic_path
+from cnnpipe.serving.classify import as_batch
 
 if TYPE_CHECKING:
     import numpy as np
@@ -121,8 +122,6 @@ def export_checkpoint(checkpoint: "Checkpoint", images: "np.ndarray", out_dir: s
     """Write and verify each format; a file that fails verification is not written (CnnpipeError)."""
     import numpy as np
     import torch
-
-    from cnnpipe.serving.classify import as_batch
 
     batch = np.ascontiguousarray(as_batch(images, tuple(checkpoint.sidecar["in_shape"])).astype(np.uint8))
     model = raw_pixel_model(checkpoint)

@@ -18,6 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from cnnpipe.reports.train_files import METRIC_KEYS, clean, grid_frame, write_reports
 from cnnpipe.util.files import atomic_dir
+from cnnpipe.models.checkpoint import save_checkpoint
+from cnnpipe.models.torchvision_spec import run_normalization
+from cnnpipe.serving.register import register_checkpoint
+from cnnpipe.tracking.model_registry import version_tags
 
 if TYPE_CHECKING:
     from cnnpipe.engine.data import TrainData
@@ -40,8 +44,6 @@ class Published:
 
 def checkpoint_sidecar(best: "RunRecord", data: "TrainData", tracker: "NullTracker") -> dict[str, Any]:
     """What ``models/best/model.json`` records beyond the weights: enough to rebuild and trace the model."""
-    from cnnpipe.models.torchvision_spec import run_normalization
-
     result = best.result
     mean, std = run_normalization(best.cfg.layers, data.mean, data.std)  # a pretrained net's own normalization
     return {
@@ -74,10 +76,7 @@ def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData"
     (``fsutil.atomic_dir``): a failure or a kill before the swap leaves the
     previous ``models/best`` exactly as it was, and at no instant is it missing.
     """
-    from cnnpipe.models.checkpoint import save_checkpoint
     from cnnpipe.models.build import model_summary
-    from cnnpipe.tracking.model_registry import version_tags
-
     best_dir = Path(best_dir)
     summary = model_summary(best.cfg.values.model, best.cfg.layers, data.image_shape, data.num_classes)
     # Order: the checkpoint lands first (swapped in whole), then the reports that
@@ -90,8 +89,6 @@ def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData"
                           mlflow_parent_run_id=tracker.parent_run_id, mlflow_experiment_id=tracker.experiment_id)
     version = None
     if tracker.enabled:
-        from cnnpipe.serving.register import register_checkpoint
-
         version = register_checkpoint(
             tracker, best.mlflow_run_id, best_dir,
             description=f"{best.cfg.name} (run {best.cfg.run_id}), best {select_by} at epoch {best.result.best_epoch}",

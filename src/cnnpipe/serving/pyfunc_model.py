@@ -13,6 +13,8 @@ every class (one column per class name), ``label`` (top-1) and ``top_k``
 import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
+from cnnpipe.models.checkpoint import load_checkpoint
+from cnnpipe.serving.classify import predictions_frame
 
 ARTIFACT = "checkpoint"  # the artifacts key: the checkpoint folder (model.safetensors + model.json)
 DEFAULT_TOP_K = 3
@@ -22,13 +24,11 @@ class CnnpipeClassifier(PythonModel):
     """A checkpoint folder behind MLflow's pyfunc interface (same maths as ``cnnpipe predict``)."""
 
     def load_context(self, context) -> None:  # noqa: ANN001
-        from cnnpipe.models.checkpoint import load_checkpoint
 
         self.checkpoint = load_checkpoint(context.artifacts[ARTIFACT])
 
     # np.ndarray: a hint MLflow derives no schema from (the signature is explicit); a missing hint warns.
     def predict(self, context, model_input: np.ndarray, params: dict | None = None):  # noqa: ANN001, ANN201
-        from cnnpipe.serving.classify import predictions_frame
 
         top_k = int((params or {}).get("top_k") or DEFAULT_TOP_K)
         return predictions_frame(self.checkpoint, model_input, top_k)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from cnnpipe.tracking.model_registry import WEIGHTS_TAG, find_version, is_main_line, link_tags, set_champion
 from cnnpipe.util.errors import TrackingError
 from cnnpipe.util.text import one_line
+from cnnpipe.models.checkpoint import read_sidecar
 
 if TYPE_CHECKING:
     from cnnpipe.tracking.runs import MlflowTracker
@@ -32,7 +33,6 @@ def register_checkpoint(tracker: "MlflowTracker", run_id: str | None, local_dir:
     """
     import tempfile
 
-    from cnnpipe.models.checkpoint import read_sidecar
     from cnnpipe.serving.mlflow_model import save_pyfunc
 
     if not run_id or tracker.lost is not None:

@@ -34,6 +34,8 @@ from cnnpipe.util.env import FEATURES, NO_CACHE, flag
 from cnnpipe.util.files import atomic_dir
 from cnnpipe.util.hashing import digest
 from cnnpipe.util.locks import held
+from cnnpipe.models.torchvision_spec import is_pretrained, spec_of
+from cnnpipe.store.location import default_cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -53,14 +55,11 @@ SPLITS = ("train", "val")
 
 def default_features_dir() -> Path:
     """Beside the run cache (``CNNPIPE_CACHE_DIR`` moves both)."""
-    from cnnpipe.store.location import default_cache_dir
-
     return default_cache_dir().parent / KIND
 
 
 def applies(cfg: "RunConfig") -> bool:
     """Whether ``cfg`` trains a head on a body that never changes and sees the same images every epoch."""
-    from cnnpipe.models.torchvision_spec import is_pretrained, spec_of
     from cnnpipe.params.values import resolve_augment
 
     v = cfg.values
@@ -71,8 +70,6 @@ def applies(cfg: "RunConfig") -> bool:
 def features_key(cfg: "RunConfig", data_fingerprint: str, device: str, code: str | None = None) -> str:
     """The entry's name: spec (weights' SHA-256 included), data, device kind, torch and code identity."""
     from importlib.metadata import version
-
-    from cnnpipe.models.torchvision_spec import spec_of
 
     return digest({"format": FORMAT, "spec": spec_of(cfg.layers), "data": data_fingerprint,
                    "device": device.split(":")[0], "torch": version("torch"),

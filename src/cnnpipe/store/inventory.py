@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnpipe.util.errors import CnnpipeError
+from cnnpipe.store.location import default_cache_dir
+from cnnpipe.store.outputs import OutputCache
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -42,8 +44,6 @@ def parse_age(text: str) -> float:
 
 
 def _run_entries() -> list[Entry]:
-    from cnnpipe.store.location import default_cache_dir
-
     out = []
     root = default_cache_dir()
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
@@ -65,8 +65,6 @@ OUTPUT_KINDS = {"eval": "stored evaluate reports", "figures": "stored figures", 
 
 def _output_entries(kind: str) -> list[Entry]:
     """Stored outputs: the folder's time is its last use (a reuse touches it)."""
-    from cnnpipe.store.outputs import OutputCache
-
     root = OutputCache(kind).root
     out = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:

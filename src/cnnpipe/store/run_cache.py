@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnpipe.store.outputs import RUNS_KIND, OutputCache
+from cnnpipe.engine.records import EpochRecord, RunResult
 
 if TYPE_CHECKING:
     import torch
@@ -162,7 +163,6 @@ def entry_record(rec: "RunRecord", tracker: "NullTracker") -> dict[str, Any]:
 
 def cached_result(hit: CachedRun, cfg: "RunConfig", data: "TrainData", device: str) -> "RunResult | None":
     """The cached run as a ``RunResult`` with its model rebuilt; None if the entry does not fit."""
-    from cnnpipe.engine.records import EpochRecord, RunResult
     from cnnpipe.models.build import rebuild_model
 
     try:

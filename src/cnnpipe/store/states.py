@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 from cnnpipe.util.files import atomic_write_json
 from cnnpipe.util.locks import try_hold
 from cnnpipe.util.hashing import digest
+from cnnpipe.store.location import default_cache_dir
+from cnnpipe.store.run_cache import code_version
 
 if TYPE_CHECKING:
     from filelock import FileLock
@@ -47,15 +49,11 @@ LOCKS_DIRNAME = ".locks"
 
 def default_state_dir() -> Path:
     """Beside the run cache's ``runs/`` folder (``CNNPIPE_CACHE_DIR`` moves both)."""
-    from cnnpipe.store.location import default_cache_dir
-
     return default_cache_dir().parent / STATE_DIRNAME
 
 
 def state_key(cfg: "RunConfig", data_fingerprint: str, device: str, code: str | None = None) -> str:
     from cnnpipe.engine.resume import state_identity
-    from cnnpipe.store.run_cache import code_version
-
     payload = {"identity": state_identity(cfg), "data": data_fingerprint, "code": code or code_version(),
                "device": device.split(":")[0]}
     return digest(payload)

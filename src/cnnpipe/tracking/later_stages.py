@@ -16,6 +16,7 @@ from cnnpipe.tracking.runs import MlflowTracker
 from cnnpipe.tracking.connection import client_for, preflight
 from cnnpipe.util.errors import TrackingError
 from cnnpipe.util.text import one_line
+from cnnpipe.tracking.model_registry import find_version, version_tags
 
 if TYPE_CHECKING:
     from cnnpipe.params.sections import MlflowParams
@@ -67,16 +68,12 @@ def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child
 
 
 def registry_metric_tags(metrics: Mapping[str, float]) -> dict[str, str]:
-    from cnnpipe.tracking.model_registry import version_tags
-
     return {key: value for key, value in version_tags({}, dict(metrics)).items() if key != "params"}
 
 
 def _tag_version(tracker: MlflowTracker, name: str, weights_sha256: str, tags: Mapping[str, str]) -> None:
     """Add ``tags`` to the version of ``name`` whose weights are ``weights_sha256`` (if registered here)."""
     from mlflow.exceptions import MlflowException
-
-    from cnnpipe.tracking.model_registry import find_version
 
     try:
         version = find_version(tracker.client, name, weights_sha256)

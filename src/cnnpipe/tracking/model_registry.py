@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from cnnpipe.util.errors import CnnpipeError
 
 
 if TYPE_CHECKING:
@@ -78,8 +79,6 @@ def link_tags(run_tags: dict[str, str]) -> dict[str, str]:
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, alias, version)."""
-    from cnnpipe.util.errors import CnnpipeError
-
     rest = uri[len("models:/"):].strip("/") if uri.startswith("models:/") else ""
     if "@" in rest:
         name, _, alias = rest.partition("@")
@@ -96,8 +95,6 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
 def get_version(client: "MlflowClient", uri: str, store: str) -> "ModelVersion":
     """The version a ``models:/`` URI names, or one CnnpipeError line saying what is missing."""
     from mlflow.exceptions import MlflowException
-
-    from cnnpipe.util.errors import CnnpipeError
 
     name, alias, version = parse_models_uri(uri)
     try:

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
+from cnnpipe.util.env import DEBUG, flag
 
 
 class CnnpipeError(Exception):
@@ -46,8 +47,6 @@ class TrackingError(CnnpipeError):
 
 def debug_enabled() -> bool:
     """``CNNPIPE_DEBUG`` is on: show tracebacks instead of one-line errors."""
-    from cnnpipe.util.env import DEBUG, flag
-
     return flag(DEBUG)
 
 
