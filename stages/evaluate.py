@@ -26,13 +26,14 @@ REPORTS = Path("reports")
 
 def main() -> int:
     check_code_deps(__file__)  # dvc.yaml must declare every package this stage runs
-    from cnnpipe.evaluation.score import (evaluate_checkpoint, evaluation_key, numeric_metrics, report_paths, reuse_reports,
+    from cnnpipe.evaluation.score import (check_top_k, evaluate_checkpoint, evaluation_key, numeric_metrics, report_paths, reuse_reports,
                                     store_reports, summary_line, write_reports)
     from cnnpipe.params.stage_sections import load_sections
 
     from cnnpipe.compute import turns
 
     params = load_sections("eval", "mlflow", "device")
+    check_top_k(params.eval.top_k, PREPARED)
     if params.mlflow.enabled:
         from cnnpipe.tracking import later_stages as tracking_stages
         from cnnpipe.tracking import connection as tracking_store

@@ -214,8 +214,8 @@ def test_params_lists_in_dvc_yaml_are_exact(repo: ExpRepo) -> None:
     finally:
         path.write_text(original)
     changed = {stage: set(entries[0]["changed deps"]["params.yaml"]) for stage, entries in status.items()}
-    assert changed == {"download": {"data.download"}, "prepare": {"data.val_fraction"},
-                       "train": {"select_by"}, "evaluate": {"eval"}}
+    assert changed == {"download": {"data.download"}, "prepare": {"data.val_fraction"}, "weights": {"data.download"},
+                       "train": {"select_by"}, "evaluate": {"eval"}, "plots": {"select_by"}}
     assert "Data and pipelines are up to date." in repo.dvc("status")
 
 

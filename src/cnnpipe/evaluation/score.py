@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnpipe.store.outputs import OutputCache
-from cnnpipe.util.errors import CheckpointError
+from cnnpipe.util.errors import CheckpointError, ParamsError
 from cnnpipe.util.files import atomic_write_json
 from cnnpipe.util.tables import write_csv
 from cnnpipe.compute.device import resolve_device
@@ -147,6 +147,21 @@ def train_subset(n: int, size: int = TRAIN_SUBSET, seed: int = SUBSET_SEED) -> "
 def report_store(root: str | os.PathLike[str] | None = None) -> OutputCache:
     """Evaluate's stored reports, ``.cnnpipe-cache/eval/<key>/`` (``root``: another folder for every store)."""
     return OutputCache(CACHE_KIND, root, code_entry=CODE_ENTRY, libraries=LIBRARIES)
+
+
+def check_top_k(top_k: Sequence[int], prepared_dir: str | os.PathLike[str]) -> None:
+    """``eval.top_k`` against the prepared data's classes: one ``ParamsError`` line before anything is scored.
+
+    The evaluate stage validates only the ``eval`` section (it never loads the
+    model tables), so this cross-check is made here, from ``stats.json``.
+    """
+    from cnnpipe.data.prepared import load_stats  # numpy: off the reports-reused path
+
+    stats = load_stats(prepared_dir)
+    k = max(top_k)
+    if k > stats.num_classes:
+        raise ParamsError(f"eval.top_k has {k}, more than the {stats.num_classes} classes of {stats.dataset}; "
+                          f"use k <= {stats.num_classes}")
 
 
 def evaluation_key(checkpoint_dir: str | os.PathLike[str], prepared_dir: str | os.PathLike[str], *,
