@@ -35,7 +35,7 @@ def prepare_folder_stage(params, out: Path) -> int:  # type: ignore[no-untyped-d
         root, out, image_size=data.image_size, channels=data.channels, val_fraction=data.val_fraction,
         test_fraction=data.test_fraction, split_seed=data.split_seed, strict=data.strict, max_pixels=data.max_pixels,
         dedupe=data.dedupe, samples_path=Path("reports/samples.png"), progress=sys.stderr.isatty(),
-        source_digest=digest, top_k=max(params.eval.top_k),
+        source_digest=digest,
     )
     for line in describe(result, data.source, data.dedupe):
         print(line)
@@ -50,7 +50,7 @@ def main() -> int:
     check_code_deps(__file__)  # dvc.yaml must declare every package this stage runs
     from cnnpipe.params.stage_sections import load_sections
 
-    params = load_sections("data", "eval")
+    params = load_sections("data")
     from cnnpipe.data.prepare import prepare_dataset
     from cnnpipe.data.registry import get_dataset
 

@@ -47,13 +47,19 @@ def main(args: argparse.Namespace) -> int:
     from cnnpipe.serving import publish
     from cnnpipe.store import run_cache as runs
     from cnnpipe.params.load import load_params
-    from cnnpipe.search import payloads, runner, space, strategies
+    from cnnpipe.search import ask_tell, payloads, runner, space, strategies
     from cnnpipe.store.states import RunStateStore
     from cnnpipe.search.selection import select_best
     from cnnpipe.search.trial import TrainContext
 
     params = load_params()
-    configs = space.expand(params, weights_dir=WEIGHTS)  # pins pretrained weights by SHA-256 (never downloads)
+    tpe = params.grid.strategy == "tpe"
+    if tpe:  # trials are suggested batch by batch; a range end that breaks its key's rule stops here
+        trial_space = space.TrialSpace(params, weights_dir=WEIGHTS)
+        planned, at_once = params.grid.samples, min(params.grid.batch, params.grid.samples)
+    else:
+        configs = space.expand(params, weights_dir=WEIGHTS)  # pins pretrained weights by SHA-256 (never downloads)
+        planned = at_once = len(configs)
     target = tracking_store.preflight(params.mlflow)  # one-line TrackingError before any training
 
     from cnnpipe.compute.device import describe, resolve_device
@@ -61,11 +67,11 @@ def main(args: argparse.Namespace) -> int:
     from cnnpipe.search.backend_choice import make_executor
 
     device = resolve_device(params.device)
-    executor = make_executor(params.grid, len(configs), device=device)  # ray missing: fail now
+    executor = make_executor(params.grid, at_once, device=device)  # ray missing: fail now
     executor.start()  # a Ray cluster that is unreachable or refuses us: one line, before any data or MLflow run
     data = TrainData.load(PREPARED, splits=("train", "val"))
     runner.check_dataset(data, params)
-    print(f"train: {len(configs)} run(s) on {describe(device)}, {data.dataset} "
+    print(f"train: {planned} run(s) on {describe(device)}, {data.dataset} "
           f"({len(data.train)} train / {len(data.val)} val images), select_by {params.select_by}", flush=True)
 
     cache = runs.open_grid_cache(params.grid, no_cache=args.no_cache)
@@ -82,8 +88,13 @@ def main(args: argparse.Namespace) -> int:
         ctx = TrainContext(data=data, tracker=tracker, device=device, layer_stats=layer_stats, progress=True,
                            prepared_dir=PREPARED.resolve(), state_root=states.root,
                            samples=SAMPLES if SAMPLES.is_file() else None)
-        records = runner.run_search(configs, ctx, strategy=strategy, executor=executor, select_by=params.select_by,
-                                    cache=cache, states=states, report=lambda line: print(line, flush=True))
+        say = lambda line: print(line, flush=True)  # noqa: E731
+        if tpe:
+            records = ask_tell.run_tpe(params, ctx, space=trial_space, executor=executor, cache=cache, states=states,
+                                       report=say)
+        else:
+            records = runner.run_search(configs, ctx, strategy=strategy, executor=executor,
+                                        select_by=params.select_by, cache=cache, states=states, report=say)
         best = select_best([rec for rec in records if not rec.pruned], params.select_by)
         published = publish.publish(records, best, data, tracker, select_by=params.select_by,
                                     best_dir=BEST_DIR, reports_dir=REPORTS, prepared_dir=PREPARED)

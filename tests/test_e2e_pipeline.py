@@ -113,7 +113,7 @@ def test_dvc_repro_end_to_end_then_offline_plots(tmp_path: Path, no_proxy: None)
     refused = run([str(BIN / "dvc"), "repro"], project)
     assert refused.returncode != 0
     [line] = [ln for ln in refused.stdout.splitlines() + refused.stderr.splitlines() if "does not depend on it" in ln]
-    assert "stage evaluate runs src/cnnpipe/reports/" in line and "python -m cnnpipe.codegraph.stage_deps --write" in line
+    assert "stage evaluate runs src/cnnpipe/figures/" in line and "python -m cnnpipe.codegraph.stage_deps --write" in line
     assert json.loads((reports / "metrics.json").read_text()) == negated
     fixed = run([str(BIN / "python"), "-m", "cnnpipe.codegraph.stage_deps", "--write"], project)
     assert fixed.returncode == 0 and "evaluate" in fixed.stdout, fixed.stdout + fixed.stderr

@@ -236,7 +236,7 @@ MALFORMED = [
      ["model.choice[1]: unknown model 'fashion_tutorail'", "did you mean fashion_tutorial?"]),
     ("halving-single-point", with_changes(lr=0.01, batch_size=100, grid__strategy="halving"),
      ["grid.strategy halving needs at least 2 points", "grid.strategy: exhaustive"]),
-    ("strategy-unknown", with_changes(grid__strategy="hyperband"), ["grid.strategy must be one of 'exhaustive' or 'halving'"]),
+    ("strategy-unknown", with_changes(grid__strategy="hyperband"), ["grid.strategy must be one of 'exhaustive', 'halving' or 'tpe'"]),
     ("search-seed-negative", with_changes(grid__search_seed=-1), ["grid.search_seed must be >= 0"]),
     ("points-over-max-runs", with_changes(lr=[0.1, 0.01, 0.001, 0.0001], weight_decay={"uniform": [0, 0.1]}, grid__samples=10),
      ["80 runs", "10 samples of weight_decay~uniform[0.0, 0.1]", "grid.max_runs=64", "lower grid.samples"]),
@@ -245,6 +245,21 @@ MALFORMED = [
     ("drawn-points-repeat", with_changes(lr=0.01, batch_size={"choice": [64, 128]}),
      ["are the same config", "grid.samples=8 draws repeat a point"]),
     ("auto-repeats-a-listed-value", with_changes(monitor=["auto", "val_loss"]), ["are the same config", "monitor = select_by"]),
+    # grid.strategy: tpe (issue 32)
+    ("tpe-nothing-to-search", with_changes(lr=0.01, batch_size=[100], grid__strategy="tpe"),
+     ["grid.strategy tpe has nothing to search", "a list of 2+ values or a range", "grid.strategy: exhaustive"]),
+    ("tpe-budget-over-max-runs", with_changes(grid={"strategy": "tpe", "samples": 65}),
+     ["grid.samples=65 (tpe's trial budget) is more than grid.max_runs=64"]),
+    ("tpe-range-end-breaks-key-rule", with_changes(momentum={"uniform": [0.5, 0.99999]}, grid__strategy="tpe"),
+     ["momentum must be < 1, got 1.0 (suggested from momentum", "narrow the range"]),
+    ("batch-zero", with_changes(grid={"strategy": "tpe", "batch": 0}), ["grid.batch must be > 0, got 0"]),
+    ("prune-unknown", with_changes(grid={"strategy": "tpe", "prune": "hyperband"}), ["grid.prune must be one of", "hyperband"]),
+    ("prune-without-tpe", with_changes(grid={"strategy": "exhaustive", "prune": "halving"}),
+     ["grid.prune: halving prunes inside the batches of grid.strategy: tpe", "grid.strategy: halving"]),
+    ("prune-batch-of-one", with_changes(grid={"strategy": "tpe", "prune": "halving", "batch": 1}),
+     ["grid.prune: halving ranks the trials of a batch", "grid.batch is 1"]),
+    ("prune-min-epochs-over-epochs", with_changes(grid={"strategy": "tpe", "prune": "halving", "min_epochs": 20}),
+     ["grid.min_epochs=20 is more than epochs=10"]),
 ]
 
 
@@ -336,6 +351,15 @@ def test_validate_names_the_strategy_and_the_sampled_axes(tmp_path, capsys):
     out = _validate_out(tmp_path, capsys, lr={"log_uniform": [1e-4, 0.1]}, batch_size={"choice": [64, 128]},
                         model=["small_bn", "fashion_tutorial"], grid={"samples": 5})
     assert "10 run(s) (model(2) x 5 samples of lr~log_uniform[0.0001, 0.1], batch_size~choice[64, 128])" in out
+
+
+def test_validate_names_a_tpe_search_and_its_space(tmp_path, capsys):
+    out = _validate_out(tmp_path, capsys, lr={"log_uniform": [1e-4, 0.1]}, grid={"strategy": "tpe", "samples": 16})
+    assert ("16 run(s) (tpe over lr~log_uniform[0.0001, 0.1], batch_size~choice[100, 1000]), "
+            "tpe (Optuna TPE, batches of 4, search_seed 0)") in out
+    out = _validate_out(tmp_path, capsys, epochs=9, grid={"strategy": "tpe", "prune": "halving", "batch": 8})
+    assert out.rstrip().endswith("tpe (Optuna TPE, batches of 8, search_seed 0), successive halving "
+                                 "(eta 3, rungs at 1, 3, 9 epochs) in each batch")
 
 
 def test_grid_size_counts_sampled_points():

@@ -28,22 +28,26 @@ if TYPE_CHECKING:
 
 def _validate(args: argparse.Namespace) -> int:
     from cnnpipe.params.load import load_params
-    from cnnpipe.search.space import expand
+    from cnnpipe.search.space import TrialSpace, expand
 
     params = load_params(args.params)
+    grid = params.grid
     try:
-        runs = expand(params)  # draws the sampled points: a drawn value can still break its key's rule
+        if grid.strategy == "tpe":  # checks every range's ends: the sampler may suggest any value of a range
+            space = TrialSpace(params)
+            count, epochs, monitors = grid.samples, space.longest, space.monitors
+        else:
+            runs = expand(params)  # draws the sampled points: a drawn value can still break its key's rule
+            count, epochs, monitors = len(runs), max(run.values.epochs for run in runs), {r.values.monitor for r in runs}
     except ParamsError as err:
         raise ParamsError(err.message, source=args.params) from None
-    grid = params.grid
-    if grid.strategy == "halving":
-        epochs = max(run.values.epochs for run in runs)
-        rungs = ", ".join(map(str, grid.rungs(epochs)))
-        strategy = f"successive halving (eta {grid.eta}, rungs at {rungs} epochs)"
-    else:
-        strategy = "exhaustive"
-    print(f"{args.params}: ok — dataset {params.data.dataset}, {len(runs)} run(s) ({params.describe_grid()}), {strategy}")
-    stops_on = sorted({run.values.monitor for run in runs} - {params.select_by})
+    halving = f"successive halving (eta {grid.eta}, rungs at {', '.join(map(str, grid.rungs(epochs)))} epochs)"
+    strategy = halving if grid.strategy == "halving" else "exhaustive"
+    if grid.strategy == "tpe":
+        strategy = f"tpe (Optuna TPE, batches of {grid.batch}, search_seed {grid.search_seed})"
+        strategy += f", {halving} in each batch" if grid.prune == "halving" else ""
+    print(f"{args.params}: ok — dataset {params.data.dataset}, {count} run(s) ({params.describe_grid()}), {strategy}")
+    stops_on = sorted(monitors - {params.select_by})
     if stops_on:
         print(f"note: monitor {', '.join(stops_on)} stops runs early on another metric than select_by "
               f"{params.select_by} ranks them by (monitor: auto follows select_by)")

@@ -156,7 +156,7 @@ class FolderPrepareResult:
     memory: int = 0  # memory available when it was written (``available_memory``)
 
 
-def _check_tree(tree: Tree, strict: bool, top_k: int) -> None:
+def _check_tree(tree: Tree, strict: bool) -> None:
     if len(tree.classes) < 2:
         found = f"1 class folder ({tree.classes[0]})" if tree.classes else "no class folders"
         raise DataError(f"{tree.root}: found {found}; a classifier needs at least 2: put each class's images in its own "
@@ -165,10 +165,6 @@ def _check_tree(tree: Tree, strict: bool, top_k: int) -> None:
     if empty:
         raise DataError(f"{tree.root}: class folder {empty[0]!r} has no images ({', '.join(sorted(IMAGE_HINT))}); "
                         "add some or remove the folder")
-    if top_k > len(tree.classes):
-        ks = sorted({1, len(tree.classes)})
-        raise DataError(f"eval.top_k asks for top-{top_k} but {tree.root} has {len(tree.classes)} classes; "
-                        f"set eval.top_k: {ks}")
     if strict and (tree.non_images or tree.loose):
         files = tree.non_images + tree.loose
         raise DataError(f"{tree.root}: {len(files)} non-image file(s) ({_shown(files)}); remove them, "
@@ -272,7 +268,6 @@ def prepare_folder(
     workers: int | None = None,
     progress: bool = False,
     source_digest: str = "",
-    top_k: int = 1,
 ) -> FolderPrepareResult:
     """Class-per-folder images at ``source`` -> ``out_dir`` (swapped in whole) and the sample grid.
 
@@ -282,7 +277,7 @@ def prepare_folder(
     height, width = (int(d) for d in image_size)
     shape = (int(channels), height, width)
     tree = scan_tree(source)
-    _check_tree(tree, strict, top_k)
+    _check_tree(tree, strict)
     entries = tree.entries()
     out = Path(out_dir)
     check_disk(len(entries), shape, out.parent, disk_free)

@@ -20,7 +20,7 @@ from pydantic import (
 
 from cnnpipe.data.registry import DatasetSpec
 from cnnpipe.util.errors import ParamsError
-from cnnpipe.params.messages import _bad, _shown, suggest
+from cnnpipe.params.messages import _bad, _fmt, _shown, suggest
 from cnnpipe.params.values import PLAIN_FIELDS, MonitorSetting, TRAINING_KEYS, TrainingValues, _Strict
 from cnnpipe.params.axes import Axis, Choice, Range, _candidates, _is_range
 from cnnpipe.params.pretrained_section import PretrainedParams
@@ -66,13 +66,21 @@ class _ParamsRules(_Strict):
 
     @property
     def grid_size(self) -> int:
-        """Points in the search: the product of the list lengths, times ``grid.samples`` when a key is a range."""
+        """Points in the search: the product of the list lengths, times ``grid.samples`` when a key is a range;
+        a tpe search: ``grid.samples`` trials."""
+        if self.grid.strategy == "tpe":
+            return self.grid.samples
         size = math.prod(len(values) for values in self.training.values())
         return size * (self.grid.samples if self.ranges else 1)
 
     def describe_grid(self) -> str:
-        """``lr(2) x batch_size(2)``, ``model(2) x 8 samples of lr~log_uniform[0.0001, 0.1]``, or ``no grid axes``."""
+        """``lr(2) x batch_size(2)``, ``model(2) x 8 samples of lr~log_uniform[0.0001, 0.1]``, or ``no grid axes``;
+        a tpe search: ``tpe over lr~log_uniform[0.0001, 0.1], batch_size~choice[32, 64]`` (a list is a choice)."""
         ranges = self.ranges
+        if self.grid.strategy == "tpe":
+            axes = [f"{key}~{ranges[key]}" if key in ranges else
+                    f"{key}~choice[{', '.join(_fmt(v) for v in getattr(self, key))}]" for key in self.axes]
+            return "tpe over " + (", ".join(axes) or "nothing")
         parts = [f"{key}({len(values)})" for key, values in self.training.items() if len(values) > 1]
         if ranges:
             drawn = ", ".join(f"{key}~{spec}" for key, spec in ranges.items())
@@ -189,6 +197,12 @@ class _ParamsRules(_Strict):
 
     def _check_search(self) -> None:
         grid = self.grid
+        if grid.prune != "none" and grid.strategy != "tpe":
+            raise _bad(f"grid.prune: {grid.prune} prunes inside the batches of grid.strategy: tpe; for a grid use "
+                       f"grid.strategy: halving, or set grid.prune: none")
+        if grid.strategy == "tpe":
+            self._check_tpe()
+            return
         if grid.strategy == "halving":
             shortest = min(_candidates(self.epochs))
             if grid.min_epochs > shortest:
@@ -206,6 +220,24 @@ class _ParamsRules(_Strict):
         if grid.strategy == "halving" and size < 2:
             raise _bad("grid.strategy halving needs at least 2 points to compare, the grid has 1; "
                        "give a key a list or a range (e.g. lr: [0.01, 0.001]) or use grid.strategy: exhaustive")
+
+    def _check_tpe(self) -> None:
+        """A tpe search needs something to search, a budget within ``max_runs``, and batches halving can rank."""
+        grid = self.grid
+        if not self.axes:
+            raise _bad("grid.strategy tpe has nothing to search: no key is a list of 2+ values or a range; give one "
+                       "(e.g. lr: {log_uniform: [1.0e-4, 1.0e-1]}) or use grid.strategy: exhaustive")
+        if grid.samples > grid.max_runs:
+            raise _bad(f"grid.samples={grid.samples} (tpe's trial budget) is more than grid.max_runs={grid.max_runs}; "
+                       "lower grid.samples or raise grid.max_runs")
+        if grid.prune == "halving":
+            if grid.batch < 2:
+                raise _bad("grid.prune: halving ranks the trials of a batch against each other, but grid.batch is 1; "
+                           "raise grid.batch (e.g. 4) or set grid.prune: none")
+            shortest = min(_candidates(self.epochs))
+            if grid.min_epochs > shortest:
+                raise _bad(f"grid.min_epochs={grid.min_epochs} is more than epochs={shortest}: halving's first rung "
+                           "cannot be longer than a whole run; lower grid.min_epochs or raise epochs")
 
 
 # ----------------------------------------------------------------- the fields, each declared once

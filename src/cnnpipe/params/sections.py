@@ -134,11 +134,16 @@ class GridParams(_Strict):
     ray_address: str | None = None
     max_runs: PositiveInt = 64
     cache: StrictBool = True
-    strategy: Literal["exhaustive", "halving"] = "exhaustive"  # exhaustive | halving (successive halving)
+    # exhaustive | halving (successive halving) | tpe (Optuna's TPE learns from finished trials: search.ask_tell)
+    strategy: Literal["exhaustive", "halving", "tpe"] = "exhaustive"
     eta: Annotated[StrictInt, Field(ge=2)] = 3  # halving: keep the best 1/eta of the trials at each rung
     min_epochs: PositiveInt = 1  # halving: epochs of the first rung; rungs at min_epochs*eta**k, capped by epochs
-    samples: PositiveInt = 8  # points drawn when a training key is a range (<= max_runs)
-    search_seed: NonNegInt = 0  # seeds the draws: same params -> same points
+    samples: PositiveInt = 8  # points drawn when a training key is a range; tpe: the trial budget (<= max_runs)
+    search_seed: NonNegInt = 0  # seeds the draws (and tpe's sampler): same params -> same points
+    # tpe: trials asked at once, then told together. A fixed size, not the worker count, so the same params
+    # give the same trials on any machine; the first batch is random (TPE has nothing to model yet).
+    batch: PositiveInt = 4
+    prune: Literal["none", "halving"] = "none"  # tpe: successive halving (eta, min_epochs) inside each batch
     spread_threads: StrictBool = False  # give idle workers' cores to a rung's fewer trials (not bitwise then)
 
     def rungs(self, epochs: int) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """The hyperparameter search of the train stage, one job a module.
 
-* ``space``: params -> the list of trial configs (list axes x sampled points).
+* ``space``: params -> the list of trial configs (list axes x sampled points); a tpe suggestion -> a config.
 * ``strategies``: which trials train how far: the exhaustive grid, or
   synchronous successive halving (rungs, promotion).
 * ``trial``: the worker side of one trial (any process, a pool worker, Ray):
@@ -11,5 +11,8 @@
 * ``log``: the parent side, the ONLY writer to MLflow and the run cache.
 * ``search_progress``: what the user sees: lines, tqdm bars, the grid ETA.
 * ``selection``: run records and how the best run is chosen.
-* ``runner``: ties them together for the train stage.
+* ``runner``: ties them together for the train stage: a search session runs batches of trials.
+* ``optuna_space``: lists and ranges as Optuna distributions (drawn points and tpe share them).
+* ``ask_tell``: ``grid.strategy: tpe``, a search that learns from finished trials
+  (Optuna's TPE, ask/tell in fixed batches, its history replayed from the run cache).
 """

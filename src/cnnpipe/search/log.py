@@ -60,14 +60,14 @@ class SearchLog:
 
     def __init__(self, ctx: TrainContext, tracker: NullTracker, configs: dict[int, RunConfig], *, select_by: str,
                  progress: SearchProgress, cache: "GridCache | None" = None, states: "RunStateStore | None" = None,
-                 samples: Path | None = None) -> None:
+                 samples: Path | None = None, total: int | None = None) -> None:
         if ctx.data is None:
             raise ValueError("SearchLog needs the parent's TrainData")
         self.ctx = ctx
         self.data: "TrainData" = ctx.data
         self.tracker = tracker
         self.cfgs = dict(configs)
-        self.total = len(configs)
+        self.total = len(configs) if total is None else total  # the N of "run i/N": trials planned in all
         self.select_by = select_by
         self.progress = progress
         self.cache = cache
@@ -79,6 +79,10 @@ class SearchLog:
         self.done: set[int] = set()  # trials whose child run has ended
         self.shared: set[str] = set()  # state keys another live search holds: trained here without state
         self._summaries: dict[str, str] = {}
+
+    def add(self, configs: dict[int, RunConfig]) -> None:
+        """More trials of the same search (a model-based search's next batch), under their global indices."""
+        self.cfgs.update(configs)
 
     # ---- events from run_one
 

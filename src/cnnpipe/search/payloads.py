@@ -61,10 +61,12 @@ def search_definition(params: "Params") -> dict[str, Any]:
     out.update({"dataset": params.data.dataset, "select_by": params.select_by, "device": params.device,
                 "grid_size": params.grid_size, "grid_axes": ",".join(params.axes) or "none",
                 "strategy": grid.strategy})
-    if grid.strategy == "halving":
+    if grid.strategy == "halving" or grid.prune == "halving":
         out.update({"eta": grid.eta, "min_epochs": grid.min_epochs})
-    if params.ranges:
+    if params.ranges or grid.strategy == "tpe":
         out.update({"samples": grid.samples, "search_seed": grid.search_seed})
+    if grid.strategy == "tpe":
+        out.update({"batch": grid.batch, "prune": grid.prune})
     return out
 
 
