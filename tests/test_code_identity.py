@@ -147,3 +147,19 @@ def test_each_store_key_uses_its_entry_identity(monkeypatch: pytest.MonkeyPatch)
         outputs.code_version.cache_clear()
     assert all(after[entry] != before[entry] for entry in stores)
     assert set(stores) <= set(seen) and "cnnpipe.figures.curve_figures" in seen
+
+
+def test_the_imports_kept_on_disk_give_the_same_closure_and_an_edit_is_read_again(package_copy: Path, tmp_path: Path) -> None:
+    root = tmp_path / "cnnpipe"
+    shutil.copytree(package_copy, root)
+    entry = ENTRIES["evaluation/score.py"]
+    parsed = ci.closure([entry], root)
+    kept = root / "__pycache__" / "cnnpipe-imports.json"
+    assert kept.is_file()  # beside Python's bytecode: ignored by git and DVC
+    ci._KEPT.root = None  # as a fresh process: read back from the file
+    assert ci.closure([entry], root) == parsed
+    (root / "evaluation" / "extra.py").write_text("X = 1\n")
+    score = root / "evaluation" / "score.py"
+    score.write_text(score.read_text() + "\nfrom cnnpipe.evaluation import extra  # noqa\n")
+    ci._KEPT.root = None
+    assert "cnnpipe.evaluation.extra" in ci.closure([entry], root)

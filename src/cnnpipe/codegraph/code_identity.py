@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
+import os
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 PACKAGE = "cnnpipe"
 DATA_SUFFIXES = (".yaml", ".yml", ".json")
@@ -102,10 +105,72 @@ def _imports_at(path: Path, module: str, stamp: tuple[int, int]) -> frozenset[st
     return frozenset(imported_names(tree, module, path.name == "__init__.py"))
 
 
-def _imports_of(path: Path, module: str) -> frozenset[str]:
-    """``imported_names`` of a module file, read once per process while the file is unchanged."""
+class _ImportsFile:
+    """Each module's imports kept across processes in ``<package>/__pycache__/`` beside Python's bytecode.
+
+    Every stage process computes closures (its start check, its stores'
+    keys); parsing ~90 files is most of that cost. An entry is valid while
+    the file's (mtime_ns, size) stamp is unchanged. The file sits where
+    Python keeps bytecode: git and DVC ignore it, and an unwritable package
+    (a read-only install) only means parsing every time.
+    """
+
+    def __init__(self) -> None:
+        self.root: Path | None = None
+        self.entries: dict[str, list[Any]] = {}
+        self.dirty = False
+
+    def path(self, root: Path) -> Path:
+        return root / "__pycache__" / "cnnpipe-imports.json"
+
+    def load(self, root: Path) -> None:
+        if self.root == root:
+            return
+        self.root, self.dirty = root, False
+        try:
+            loaded = json.loads(self.path(root).read_text(encoding="utf-8"))
+            self.entries = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def get(self, key: str, stamp: list[int]) -> frozenset[str] | None:
+        entry = self.entries.get(key)
+        return frozenset(entry[1]) if isinstance(entry, list) and len(entry) == 2 and entry[0] == stamp else None
+
+    def put(self, key: str, stamp: list[int], names: frozenset[str]) -> None:
+        self.entries[key] = [stamp, sorted(names)]
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty or self.root is None:
+            return
+        target = self.path(self.root)
+        try:
+            target.parent.mkdir(exist_ok=True)
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.entries, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, target)  # whole or not at all: a concurrent reader sees the old or the new file
+            self.dirty = False
+        except OSError:
+            pass
+
+
+_KEPT = _ImportsFile()
+
+
+def _imports_of(path: Path, module: str, root: Path | None = None) -> frozenset[str]:
+    """``imported_names`` of a module file, parsed once while the file is unchanged (in this process and on disk)."""
     stat = path.stat()
-    return _imports_at(path, module, (stat.st_mtime_ns, stat.st_size))
+    stamp = [stat.st_mtime_ns, stat.st_size]
+    if root is None:
+        return _imports_at(path, module, (stat.st_mtime_ns, stat.st_size))
+    _KEPT.load(root)
+    key = f"{module}:{path.relative_to(root).as_posix()}"
+    names = _KEPT.get(key, stamp)
+    if names is None:
+        names = _imports_at(path, module, (stat.st_mtime_ns, stat.st_size))
+        _KEPT.put(key, stamp, names)
+    return names
 
 
 def closure(entries: Iterable[str], root: Path | None = None, *, scripts: Iterable[Path] = ()) -> dict[str, Path]:
@@ -124,7 +189,8 @@ def closure(entries: Iterable[str], root: Path | None = None, *, scripts: Iterab
             if path is None:
                 continue
             found[name] = path
-            todo.extend(_imports_of(path, name))
+            todo.extend(_imports_of(path, name, root))
+    _KEPT.save()
     return dict(sorted(found.items()))
 
 
