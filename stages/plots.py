@@ -3,10 +3,15 @@
 Reads the train outputs (``train.json``, ``grid.csv``, ``history.csv``), the
 evaluate outputs (``metrics.json``, ``per_class.csv``, ``confusion.csv``,
 ``mistakes.csv``) and the prepared test images (for the mistakes grid);
-writes ``reports/figures/*.png`` (the folder is replaced whole) and
-``reports/README.md``, and logs both to the MLflow parent run. A figure
-whose inputs did not change since it was last drawn is copied back from
-``.cnnpipe-cache/figures`` instead (``cnnpipe.figures.figure_cache.draw``).
+writes ``reports/figures/*.png`` (the folder is replaced whole),
+``reports/search_history.csv`` (each trial's objective and the best so far,
+for ``dvc plots``) and ``reports/README.md``, and logs them to the MLflow
+parent run. The search's history, hyperparameter importance and slices
+(``cnnpipe.figures.search_study``, ``study_figures``) are drawn for every
+strategy; the last two need 2 varying axes and 4 finished trials, and say so
+otherwise. A figure whose inputs did not change since it was last drawn is
+copied back from ``.cnnpipe-cache/figures`` instead
+(``cnnpipe.figures.figure_cache.draw``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ PREPARED = Path("data/prepared")
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"
 README = REPORTS / "README.md"
+SEARCH_HISTORY = REPORTS / "search_history.csv"
 INPUTS = ("train.json", "grid.csv", "history.csv", "metrics.json", "per_class.csv", "confusion.csv", "mistakes.csv")
 
 
@@ -45,8 +51,11 @@ def main() -> int:
     from cnnpipe.figures.figure_cache import draw as draw_cached
     from cnnpipe.figures.figure_cache import figure_store
     from cnnpipe.figures.search_figures import grid_comparison, halving_rungs
+    from cnnpipe.figures import search_study, study_figures
     from cnnpipe.data.prepared import load_images_numpy, load_stats
     from cnnpipe.util.files import atomic_dir
+    from cnnpipe.util.tables import write_csv
+    from cnnpipe.util.text import one_line
     from cnnpipe.params.stage_sections import load_sections
     from cnnpipe.params.values import TRAINING_KEYS
     from cnnpipe.figures.report_readme import write_readme
@@ -67,18 +76,35 @@ def main() -> int:
     stop_reason = str(stop_reason) if isinstance(stop_reason, str) else None  # NaN when blank
     mistakes = data["mistakes.csv"]
     confusion = data["confusion.csv"]
+    select_by = train.get("select_by") or params.select_by
+    trials = search_study.trial_table(grid, select_by, TRAINING_KEYS)
+    compared, basis = search_study.comparable_trials(trials, history, select_by)  # halving: at the first rung
+    skipped = search_study.insight_skip(compared)
+    importances = None
+    if skipped is None:
+        try:
+            importances = search_study.param_importances(compared, select_by, basis)
+        except (ValueError, RuntimeError, ArithmeticError) as err:  # a degenerate study: the history still draws
+            skipped = f"Optuna's importance evaluator failed: {one_line(str(err))}"
+    notes = [f"no hyperparameter importance or slice figures: {skipped}"] if skipped else []
 
     names = {
         "Learning curves (selected run)": "learning_curves.png",
         "All grid runs": "grid_curves.png",
         "Grid comparison": "grid_comparison.png",
-        "Per-class accuracy": "per_class_accuracy.png",
-        "Confusion matrix": "confusion_matrix.png",
-        "Most confident mistakes": "mistakes.png",
     }
     halving = "pruned" in grid and bool(grid["pruned"].astype(bool).any())
     if halving:
         names["Successive halving rungs"] = "halving_rungs.png"
+    names["Search history"] = "search_history.png"
+    if importances is not None:
+        names["Hyperparameter importance"] = "param_importance.png"
+        names["Objective against the two most important hyperparameters"] = "param_slices.png"
+    names.update({
+        "Per-class accuracy": "per_class_accuracy.png",
+        "Confusion matrix": "confusion_matrix.png",
+        "Most confident mistakes": "mistakes.png",
+    })
     cache = figure_store()  # an unchanged figure is copied back, not drawn again
     draw = functools.partial(draw_cached, cache=cache)
     with atomic_dir(FIGURES) as tmp:
@@ -90,6 +116,14 @@ def main() -> int:
         if halving:
             draw(halving_rungs, history, grid, tmp / names["Successive halving rungs"], selected_run_id=selected,
                  select_by=params.select_by)
+        draw(study_figures.search_history, trials, tmp / names["Search history"], select_by=select_by,
+             selected_run_id=selected)
+        if importances is not None:
+            draw(study_figures.param_importance, importances, tmp / names["Hyperparameter importance"],
+                 select_by=select_by)
+            draw(study_figures.param_slices, compared, importances,
+                 tmp / names["Objective against the two most important hyperparameters"], select_by=select_by,
+                 selected_run_id=selected)
         draw(per_class_bars, data["per_class.csv"], tmp / names["Per-class accuracy"],
              title="Per-class accuracy: train vs test")
         counts = confusion_from_pairs(confusion["actual"].astype(str), confusion["predicted"].astype(str), classes)
@@ -98,10 +132,13 @@ def main() -> int:
         draw(mistakes_grid, load_images_numpy(PREPARED, "test")[index], mistakes["actual"].astype(str).tolist(),
              mistakes["predicted"].astype(str).tolist(), mistakes["confidence"].tolist(), tmp / names["Most confident mistakes"])
     figures = {caption: FIGURES / name for caption, name in names.items()}
+    write_csv(SEARCH_HISTORY, search_study.history_table(trials))
     write_readme(README, train=train, grid=grid, metrics=data["metrics.json"], per_class=data["per_class.csv"],
-                 figures=figures, training_keys=TRAINING_KEYS)
+                 figures=figures, training_keys=TRAINING_KEYS, notes=notes)
     reused = f" ({cache.hits} unchanged since last drawn: copied from {cache.root})" if cache.hits else ""
-    print(f"plots: wrote {len(figures)} figures in {FIGURES}/{reused} and {README}", flush=True)
+    print(f"plots: wrote {len(figures)} figures in {FIGURES}/{reused}, {SEARCH_HISTORY} and {README}", flush=True)
+    for note in notes:
+        print(f"plots: {note}", flush=True)
 
     if params.mlflow.enabled and train.get("mlflow_parent_run_id"):
         from cnnpipe.tracking import later_stages as tracking_stages
@@ -110,7 +147,7 @@ def main() -> int:
         parent = train["mlflow_parent_run_id"]
         # same layout as on disk, so the README's relative figure links work in the MLflow UI too
         if tracking_stages.log_evaluation(params.mlflow, parent_run_id=parent, files=list(figures.values()),
-                                   artifact_path="report/figures", artifacts={"report": [README]}):
+                                   artifact_path="report/figures", artifacts={"report": [README, SEARCH_HISTORY]}):
             print(f"mlflow: figures and README logged to parent run {parent} (artifacts: report/)")
     return 0
 

@@ -19,7 +19,7 @@ from fixtures_raw import make_idx_raw, no_proxy, serve  # noqa: F401 - no_proxy 
 from project_builder import BIN, assert_reads_declared, pipeline_project, run
 
 FIGURES = ["confusion_matrix.png", "grid_comparison.png", "grid_curves.png", "learning_curves.png", "mistakes.png",
-           "per_class_accuracy.png"]
+           "per_class_accuracy.png", "search_history.png"]  # 2 trials, 1 axis: no importance or slices
 SCRIPT_SRC = re.compile(r"<script\b[^>]*?\bsrc\s*=\s*[\"']?([^\"'\s>]+)", re.IGNORECASE)
 
 pytestmark = pytest.mark.long(60)
@@ -75,7 +75,7 @@ def test_dvc_repro_end_to_end_then_offline_plots(tmp_path: Path, no_proxy: None)
     assert plots.returncode == 0, plots.stderr
     page = (project / "dvc_plots" / "index.html").read_text()
     assert "{plot_divs}" not in page
-    assert page.count("vegaEmbed(") == 4  # loss, accuracy, confusion, per_class
+    assert page.count("vegaEmbed(") == 5  # loss, accuracy, confusion, per_class, search_history
     assert SCRIPT_SRC.findall(page) == []  # every script is inline: no <script src=...> at all
     assert "cdn.jsdelivr.net" not in page
     for library in ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js"):

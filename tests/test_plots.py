@@ -270,18 +270,18 @@ def test_readme_orders_grid_by_selection_metric(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the stage script
 
 
-@pytest.mark.slow
-def test_plots_stage_writes_figures_and_readme(tmp_path: Path) -> None:
+def run_plots_stage(tmp_path: Path, history: pd.DataFrame, grid: pd.DataFrame,
+                    **train: object) -> subprocess.CompletedProcess[str]:
+    """``stages/plots.py`` in ``tmp_path`` on these train reports and synthetic evaluate reports (MLflow off)."""
     from synthetic import make_prepared
 
     make_prepared(tmp_path / "data" / "prepared", n_train=40, n_val=20, n_test=30)
     reports = tmp_path / "reports"
     reports.mkdir()
     classes = [f"class{i}" for i in range(10)]
-    history, grid = make_history(), make_grid()
     history.to_csv(reports / "history.csv", index=False)
     grid.to_csv(reports / "grid.csv", index=False)
-    (reports / "train.json").write_text(json.dumps({**TRAIN_JSON, "mlflow_parent_run_id": None}))
+    (reports / "train.json").write_text(json.dumps({**TRAIN_JSON, "mlflow_parent_run_id": None, **train}))
     (reports / "metrics.json").write_text(json.dumps(METRICS_JSON))
     per_class = make_per_class().assign(**{"class": classes})
     per_class.to_csv(reports / "per_class.csv", index=False)
@@ -300,12 +300,21 @@ def test_plots_stage_writes_figures_and_readme(tmp_path: Path) -> None:
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     env["PYTHONPATH"] = str(ROOT / "src")
-    done = subprocess.run([sys.executable, str(ROOT / "stages" / "plots.py")], cwd=tmp_path, env=env,
+    return subprocess.run([sys.executable, str(ROOT / "stages" / "plots.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+FIGURES = ["confusion_matrix.png", "grid_comparison.png", "grid_curves.png", "learning_curves.png", "mistakes.png",
+           "per_class_accuracy.png", "search_history.png"]
+
+
+@pytest.mark.slow
+def test_plots_stage_writes_figures_and_readme(tmp_path: Path) -> None:
+    done = run_plots_stage(tmp_path, make_history(), make_grid())
     assert done.returncode == 0, done.stderr
+    reports = tmp_path / "reports"
     names = sorted(p.name for p in (reports / "figures").iterdir())
-    assert names == ["confusion_matrix.png", "grid_comparison.png", "grid_curves.png", "learning_curves.png",
-                     "mistakes.png", "per_class_accuracy.png"]  # the stale file is gone (folder replaced whole)
+    assert names == FIGURES  # the stale file is gone (folder replaced whole)
     for name in names:
         with Image.open(reports / "figures" / name) as image:
             assert image.size[0] > 300 and image.size[1] > 200
@@ -313,6 +322,37 @@ def test_plots_stage_writes_figures_and_readme(tmp_path: Path) -> None:
     for name in names:
         assert f"](figures/{name})" in readme
     assert not (tmp_path / "mlflow.db").exists()
+    # 3 finished trials: the history only, and one line saying why
+    note = "no hyperparameter importance or slice figures: 3 finished trial(s); they need 4"
+    assert f"plots: {note}" in done.stdout.splitlines() and f"Note: {note}" in readme
+    history = pd.read_csv(reports / "search_history.csv")
+    assert history["objective"].tolist()[:3] == pytest.approx([0.3, 0.32, 0.34])
+    assert history["best_so_far"].tolist() == pytest.approx([0.3] * 4)
+
+
+@pytest.mark.slow
+def test_plots_stage_draws_what_a_search_learned(tmp_path: Path) -> None:
+    """A 12-trial search over lr x batch_size: history, importance and slices, in the report."""
+    rng = np.random.default_rng(3)
+    lrs, sizes = 10 ** rng.uniform(-4, -1, 12), rng.choice([32, 64, 128, 256], 12)
+    grid = pd.DataFrame([{"run_id": f"t{i}", "run_name": f"lr={lr:.4g},batch_size={bs}", "model": "small_bn",
+                          "lr": float(f"{lr:.4g}"), "batch_size": int(bs), "status": "finished", "stop_reason": "max_epochs",
+                          "best_epoch": 2, "epochs_run": 2, "val_loss": 0.3 + 0.1 * abs(math.log10(lr) + 2.5),
+                          "val_top1": 0.9 - 0.05 * abs(math.log10(lr) + 2.5), "val_top5": 0.99}
+                         for i, (lr, bs) in enumerate(zip(lrs, sizes))])
+    history = pd.DataFrame([{"run_id": row.run_id, "run_name": row.run_name, "epoch": e, "train_loss": row.val_loss,
+                             "train_top1": row.val_top1, "val_loss": row.val_loss, "val_top1": row.val_top1,
+                             "val_top5": 0.99, "lr": row.lr, "epoch_seconds": 1.0, "images_per_s": 100.0}
+                            for row in grid.itertuples() for e in (1, 2)])
+    best = grid.loc[grid["val_loss"].idxmin()]
+    done = run_plots_stage(tmp_path, history, grid, run_id=best["run_id"], run_name=best["run_name"], best_epoch=2)
+    assert done.returncode == 0, done.stderr
+    figures = tmp_path / "reports" / "figures"
+    for name in ("search_history.png", "param_importance.png", "param_slices.png"):
+        assert (figures / name).stat().st_size > 1000
+        assert f"](figures/{name})" in (tmp_path / "reports" / "README.md").read_text()
+    assert "no hyperparameter importance" not in done.stdout
+    assert len(pd.read_csv(tmp_path / "reports" / "search_history.csv")) == 12
 
 
 @pytest.mark.slow

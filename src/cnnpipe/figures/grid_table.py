@@ -28,11 +28,7 @@ def rank_runs(grid: pd.DataFrame, select_by: str) -> pd.DataFrame:
     value = pd.to_numeric(table[select_by], errors="coerce").to_numpy(dtype=float)
     second = (pd.to_numeric(table[other], errors="coerce").to_numpy(dtype=float) if other in table
               else np.zeros(len(table)))
-    usable = (table["status"].astype(str).isin(("finished", "diverged")).to_numpy() if "status" in table
-              else np.ones(len(table), bool))
-    if "pruned" in table:
-        usable = usable & ~table["pruned"].fillna(False).astype(bool).to_numpy()
-    candidate = usable & np.isfinite(value)
+    candidate = candidates(table, select_by)
     keys = pd.DataFrame({
         "rest": ~candidate,
         "value": np.where(candidate, sign * value, 0.0),
@@ -42,9 +38,25 @@ def rank_runs(grid: pd.DataFrame, select_by: str) -> pd.DataFrame:
     return table.loc[keys.sort_values(["rest", "value", "second", "index"], kind="stable").index]
 
 
+def candidates(grid: pd.DataFrame, select_by: str) -> np.ndarray:
+    """Per row: could selection pick it? Finished or diverged with a finite ``select_by``, not pruned."""
+    value = (pd.to_numeric(grid[select_by], errors="coerce").to_numpy(dtype=float) if select_by in grid
+             else np.full(len(grid), np.nan))
+    usable = (grid["status"].astype(str).isin(("finished", "diverged")).to_numpy() if "status" in grid
+              else np.ones(len(grid), bool))
+    return usable & ~pruned_flags(grid) & np.isfinite(value)
+
+
+def pruned_flags(grid: pd.DataFrame) -> np.ndarray:
+    """Per row: did successive halving stop the trial early (``pruned``: bools, or text read back from CSV)?"""
+    if "pruned" not in grid:
+        return np.zeros(len(grid), bool)
+    return grid["pruned"].astype(str).str.lower().isin(("true", "1", "1.0")).to_numpy()
+
+
 def pruned_at(grid: pd.DataFrame) -> dict[str, int]:
     """Run id -> the epoch successive halving stopped it at (only pruned trials)."""
     if "pruned" not in grid or "epochs_run" not in grid:
         return {}
-    flags = grid["pruned"].astype(str).str.lower().isin(("true", "1", "1.0"))  # bools, or text read back from CSV
+    flags = pruned_flags(grid)
     return {r: int(e) for r, e, f in zip(grid["run_id"], grid["epochs_run"], flags) if f and pd.notna(e)}

@@ -61,8 +61,10 @@ def render_readme(
     figures: Mapping[str, str | os.PathLike[str]],
     readme_dir: str | os.PathLike[str],
     training_keys: Sequence[str] = (),
+    notes: Sequence[str] = (),
 ) -> str:
-    """The README text. ``figures`` maps a caption to a PNG path (linked relative to ``readme_dir``)."""
+    """The README text. ``figures`` maps a caption to a PNG path (linked relative to ``readme_dir``); ``notes``
+    (one line each) say why a figure is missing, under the figures."""
     selected_id = train.get("run_id")
     grid_rows = _records(grid)
     selected = next((row for row in grid_rows if row.get("run_id") == selected_id), None)
@@ -122,6 +124,8 @@ def render_readme(
         for caption, figure in figures.items():
             link = Path(os.path.relpath(Path(figure), base)).as_posix()
             lines += [f"### {caption}", "", f"![{caption}]({link})", ""]
+        for note in notes:
+            lines += [f"Note: {note}", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
