@@ -81,13 +81,25 @@ class Counting:
 
 
 HELD_BACK = "CNNPIPE_TEST_HELD_BACK"  # a run id; pool workers inherit the environment
+WAIT_FOR = "CNNPIPE_TEST_WAIT_FOR"  # the run id the held-back trial waits for
+ORDER = "CNNPIPE_TEST_ORDER"  # a file: run ids in the order their trials ended
 
 
 def held_back(cfg, data, **kwargs):
-    """Module level (pool workers unpickle it): the trial named in ``$CNNPIPE_TEST_HELD_BACK`` ends 1 s late."""
+    """Module level (pool workers unpickle it): trials finish out of order by construction, whatever the load.
+
+    The trial named in ``$CNNPIPE_TEST_HELD_BACK`` does not return before the one in ``$CNNPIPE_TEST_WAIT_FOR``
+    (asked after it, trained on the other worker) has trained; each trial appends its run id to
+    ``$CNNPIPE_TEST_ORDER`` as it ends, so the test reads the order they really finished in.
+    """
     result = engine_train_run(cfg, data, **kwargs)
+    order = Path(os.environ[ORDER])
     if cfg.run_id == os.environ.get(HELD_BACK):
-        time.sleep(1.0)
+        deadline = time.monotonic() + 600  # a safety net only: the other worker ends its trial in seconds
+        while os.environ[WAIT_FOR] not in (order.read_text() if order.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    with open(order, "a", encoding="utf-8") as out:
+        out.write(cfg.run_id + "\n")
     return result
 
 
@@ -178,27 +190,29 @@ def parallel(sequential, data, tiny_prepared, tmp_path_factory):
     the other worker) is held back, so trials finish out of the order they were asked in."""
     tmp = tmp_path_factory.mktemp("tpe-parallel")
     lines: list[str] = []
-    os.environ[HELD_BACK] = sequential[2][4].cfg.run_id
+    asked = [rec.cfg.run_id for rec in sequential[2]]
+    os.environ.update({HELD_BACK: asked[4], WAIT_FOR: asked[5], ORDER: str(tmp / "order")})
     try:
         records = search(tpe_params(), data, tmp, executor=ProcessExecutor(2, 1), train_run=held_back, lines=lines,
                          prepared=tiny_prepared)
     finally:
-        del os.environ[HELD_BACK]
-    return records, lines
+        for name in (HELD_BACK, WAIT_FOR, ORDER):
+            del os.environ[name]
+    ended = [asked.index(run_id) + 1 for run_id in (tmp / "order").read_text().split()]
+    return records, lines, ended
 
 
 @pytest.mark.slow
 def test_one_worker_and_two_ask_the_same_trials_and_train_the_same_bits(sequential, parallel):
     _, _, one, one_lines = sequential
-    two, two_lines = parallel
+    two, _, ended = parallel
     assert len(one) == 8 and [rec.index for rec in one] == list(range(1, 9))
     assert ids(one) == ids(two)
     for a, b in zip(one, two):
         assert history(a) == history(b) and same_weights(a, b)
     assert select_best(one, "val_loss").index == select_best(two, "val_loss").index
-    # the pool finished trials in another order than they were asked (a "run i/8" line is said at a trial's end)
-    finished = [int(m.group(1)) for line in two_lines if (m := re.match(r"run (\d+)/8 ", line))]
-    assert sorted(finished) == list(range(1, 9)) and finished.index(6) < finished.index(5)
+    # the pool trained them in another order than they were asked: trial 6 ended before trial 5
+    assert sorted(ended) == list(range(1, 9)) and ended.index(6) < ended.index(5)
     assert [int(m.group(1)) for line in one_lines if (m := re.match(r"run (\d+)/8 ", line))] == list(range(1, 9))
     assert one_lines[0] == "search: 8 trial(s), tpe in 2 batch(es) of 4; search_seed 0, val_loss minimized"
     assert "batch 2/2: trials 5-8; 0 reused from the cache, 0 resumed" in one_lines
