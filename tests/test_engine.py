@@ -146,6 +146,101 @@ def test_layer_stats_named_by_module_path(data: TrainData) -> None:
     assert train_run(make_cfg(epochs=1), data, **QUIET).history[0].layer_stats == {}
 
 
+class _ReferenceLayerStats:
+    """``LayerStats`` as it was before its memo: a zero tensor per gradient-less parameter, every norm every epoch."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from cnnpipe.engine.layer_stats import _stat_modules
+
+        self.modules = _stat_modules(model)
+        self.params = [p for _, ps in self.modules for p in ps]
+        self.owner = torch.tensor([i for i, (_, ps) in enumerate(self.modules) for _ in ps], dtype=torch.long)
+        self.grad_sum = torch.zeros(len(self.modules))
+        self.steps = 0
+
+    def _module_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
+        return torch.zeros(len(self.modules)).index_add_(0, self.owner, norms.square()).sqrt()
+
+    def after_backward(self) -> None:
+        self.grad_sum += self._module_norms([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
+        self.steps += 1
+
+    def collect(self) -> dict[str, float]:
+        with torch.no_grad():
+            weights = self._module_norms([p.detach() for p in self.params]).tolist()
+        grads = (self.grad_sum / max(1, self.steps)).tolist()
+        self.grad_sum.zero_()
+        self.steps = 0
+        return {k: v for (name, _), w, g in zip(self.modules, weights, grads)
+                for k, v in ((f"weight_norm/{name}", float(w)), (f"grad_norm/{name}", float(g)))}
+
+
+def test_layer_stats_skip_frozen_gradients_and_unchanged_weights_and_log_the_same_values(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frozen parameters (no gradient) and unchanged weights cost nothing, and every logged value keeps its bits."""
+    from cnnpipe.engine.layer_stats import LayerStats
+
+    layers = (TINY[0], "batchnorm", "relu", {"residual": 8, "stride": 2}, {"maxpool": 2}, "flatten", "linear")
+    torch.manual_seed(0)
+    model = build_model(list(layers), (1, 28, 28), 10)
+    new, old = LayerStats(model, "cpu"), _ReferenceLayerStats(model)
+    frozen = [p for name, p in model.named_parameters() if name.startswith(("0.", "3.conv1"))]
+    for p in frozen:  # frozen after the stats were made, as engine.finetune.set_phase does at each epoch
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)  # as the engine
+    zeros_like = torch.zeros_like
+    made: list[torch.Size] = []
+    monkeypatch.setattr(torch, "zeros_like", lambda t, *a, **k: made.append(t.shape) or zeros_like(t, *a, **k))
+    norms_of: list[int] = []
+    foreach_norm = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a, **k: norms_of.append(len(ts)) or foreach_norm(ts, *a, **k))
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    for epoch in range(3):
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            made.clear()
+            new.after_backward()
+            assert made == []  # no zero tensors for the frozen ones...
+            old.after_backward()
+            assert len(made) == len(frozen)  # ... where the reference builds one each
+            optimizer.step()
+        norms_of.clear()
+        got = new.collect()
+        weight_norms_computed = norms_of[0]
+        expected = old.collect()
+        assert {k: repr(v) for k, v in got.items()} == {k: repr(v) for k, v in expected.items()}  # bit for bit
+        assert got["grad_norm/0"] == 0.0 and got["grad_norm/3.conv1"] == 0.0 and got["grad_norm/6"] > 0
+        trained = len(new.params) - len(frozen)
+        assert weight_norms_computed == (len(new.params) if epoch == 0 else trained)  # unchanged: not again
+
+
+def test_early_stopping_with_fixed_keys_copies_and_restores_only_the_others() -> None:
+    from cnnpipe.engine.early_stopping import load_partial
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    fixed = frozenset({"0.weight", "0.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"})
+    stopper = EarlyStopping("val_loss", patience=2, fixed=fixed)
+    assert stopper.update(1.0, 1, model)
+    assert set(stopper.best_state) == set(model.state_dict()) - fixed
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model[1:].parameters():
+            p.add_(1.0)
+    stopper.restore(model)
+    assert same_weights(model.state_dict(), best)
+    saved = stopper.state_dict()
+    again = EarlyStopping("val_loss", patience=2, fixed=fixed)
+    again.load_state_dict(saved, "cpu")
+    assert set(again.best_state) == set(stopper.best_state)
+    with pytest.raises(ValueError, match="missing 2.weight"):
+        load_partial(model, {k: v for k, v in stopper.best_state.items() if k != "2.weight"}, fixed, "weights")
+    with pytest.raises(ValueError, match="unexpected extra"):
+        load_partial(model, {**stopper.best_state, "extra": torch.zeros(1)}, fixed, "weights")
+
+
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_shuffle_flag(data: TrainData, shuffle: bool) -> None:
     a = train_run(make_cfg(epochs=1, shuffle=shuffle), data, **QUIET)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from fixtures_raw import Evil, no_proxy, serve  # noqa: F401 - no_proxy is a fix
 from cnnpipe.engine.data import TrainData
 from cnnpipe.engine.loop import train_run
 from cnnpipe.engine.finetune import body_and_head, frozen_at, param_groups, parameter_counts, set_phase, tracking_fields
+from cnnpipe.engine.resume import load_resume_state, state_path
 from cnnpipe.pretrained import fetch as pw
 from cnnpipe.models import torchvision_spec as tvs
 from cnnpipe.models.build import build_model
@@ -361,10 +363,147 @@ def test_gradual_trains_the_head_then_everything_reproducibly_and_resumes_across
 
     first = train_run(cfg, data, resume_dir=tmp_path / "b", stop_after=1, **QUIET)  # killed after the head phase
     assert first.status == "paused"
+    saved = load_resume_state(tmp_path / "b")  # the body trains later: even a head-phase state holds all of it
+    assert saved is not None and set(saved["model"]) == set(saved["early"]["best_state"]) == set(whole.model.state_dict())
     rest = train_run(cfg, data, resume_dir=tmp_path / "b", **QUIET)
     assert [r.val_loss for r in rest.history] == [r.val_loss for r in whole.history]
     a, b = whole.model.state_dict(), rest.model.state_dict()
     assert all(torch.equal(a[key], b[key]) for key in a)  # bitwise: same params + seed, resumed or not
+
+
+def _bits(state: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    """Each tensor's bytes: equal only when bitwise equal (``torch.equal`` takes -0.0 for 0.0)."""
+    return {key: value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            for key, value in state.items()}
+
+
+class _Kill(KeyboardInterrupt):
+    pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("through", ["features", "body", "body+ema"])
+def test_a_frozen_body_run_state_holds_only_the_head_and_resumes_bitwise(
+        through: str, fetched: Path, tiny_prepared: Path, tmp_path: Path) -> None:
+    """finetune: head + bn_frozen: each epoch's state leaves the body out (it is the pinned weights) and a run
+    killed after epoch 2 ends bitwise like one never stopped (through cached features, or through the body)."""
+    from cnnpipe.store.features import FeatureCache
+
+    data = TrainData.load(tiny_prepared)
+    cfg = expand(params_for(finetune="head", bn_frozen=True, epochs=3, batch_size=100, schedule="onecycle",
+                            optimizer="adam", ema=0.9 if through == "body+ema" else 0.0), weights_dir=fetched)[0]
+    extra: dict[str, Any] = {"features": FeatureCache(tmp_path / "features")} if through == "features" else {}
+    straight = train_run(cfg, data, **QUIET, **extra)  # no state at all
+    pretrained = build_model(cfg.layers, data.image_shape, data.num_classes, weights_dir=fetched).state_dict()
+    body = {key for key in pretrained if key.startswith("body.")}
+
+    sizes: list[int] = []
+
+    def kill_after_second(record, model) -> None:  # type: ignore[no-untyped-def]
+        sizes.append(state_path(tmp_path / "state").stat().st_size)
+        if record.epoch == 2:
+            saved = load_resume_state(tmp_path / "state")
+            assert saved is not None and set(saved["model"]) == {"head.weight", "head.bias"}
+            best = set(saved["early"]["best_state"])
+            if through == "body+ema":  # the averaged copy is kept whole (and early stopping copies it whole)
+                assert best == set(pretrained) and set(saved["ema"]) >= {f"module.{k}" for k in pretrained}
+            else:
+                assert best == {"head.weight", "head.bias"} and saved["ema"] is None
+            raise _Kill
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, data, resume_dir=tmp_path / "state", on_epoch=kill_after_second, **QUIET, **extra)
+    if through != "body+ema":  # the body's 1.5M parameters (6 MB a copy) are not in it
+        assert max(sizes) < 200_000, sizes
+    resumed = train_run(cfg, data, resume_dir=tmp_path / "state", **QUIET, **extra)
+    assert resumed.epochs_run == 3 and [r.epoch for r in resumed.history] == [1, 2, 3]
+    def metrics(history):  # type: ignore[no-untyped-def]
+        return [(r.train_loss, r.train_top1, r.val_loss, r.val_top1, r.val_top5, r.lr) for r in history]
+
+    assert metrics(resumed.history) == metrics(straight.history)
+    assert resumed.best_epoch == straight.best_epoch and resumed.stop_reason == straight.stop_reason
+    assert _bits(resumed.model.state_dict()) == _bits(straight.model.state_dict())
+    kept = _bits({key: resumed.model.state_dict()[key] for key in body})
+    if through != "body+ema":  # without EMA the returned body is the pinned one, bit for bit
+        assert kept == _bits({key: pretrained[key] for key in body})
+
+
+@pytest.mark.slow
+def test_layer_histograms_of_a_head_run_reuse_the_frozen_bodys_and_equal_fresh_ones(
+        fetched: Path, tiny_prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cnnpipe.reports import layer_histograms as lh
+
+    data = TrainData.load(tiny_prepared)
+    cfg = expand(params_for(finetune="head", bn_frozen=True, epochs=3, batch_size=100), weights_dir=fetched)[0]
+    computed: list[int] = []
+    histogram = lh._histogram
+    monkeypatch.setattr(lh, "_histogram", lambda t, bins: computed.append(t.numel()) or histogram(t, bins))
+    last = lh.LastSnapshot()
+    per_epoch: list[int] = []
+
+    def compare(record, model) -> None:  # type: ignore[no-untyped-def]
+        computed.clear()
+        last.update(model, record.epoch)
+        per_epoch.append(len(computed))
+        fresh = lh.snapshot(model)
+        assert [layer.name for layer in last.layers] == [layer.name for layer in fresh]
+        for kept, new in zip(last.layers, fresh):
+            for a, b in ((kept.weight, new.weight), (kept.grad, new.grad)):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert a.edges.tobytes() == b.edges.tobytes() and a.counts.tobytes() == b.counts.tobytes()
+                    assert repr(a.norm) == repr(b.norm) and a.nonfinite == b.nonfinite
+
+    train_run(cfg, data, on_epoch=compare, **QUIET)
+    shown = len(last.layers)
+    assert shown == lh.MAX_LAYERS and last.layers[-1].name == "head.weight" and last.layers[-1].grad is not None
+    # epoch 1: every weight; then only the head's weight and gradient (the body's never change, have no gradient)
+    assert per_epoch == [shown + 1, 2, 2]
+
+
+@pytest.mark.parametrize("finetune", ["full", "head", "gradual"])
+def test_parameter_counts_for_mlflow_are_built_on_the_meta_device_once_per_architecture(
+        finetune: str, fetched: Path) -> None:
+    from cnnpipe.engine import finetune as ft
+
+    runs = expand(params_for(finetune=finetune, lr=[0.1, 0.01], weight_decay=[0.0, 0.1]), weights_dir=fetched)
+    ft._counts.cache_clear()
+    fields = [tracking_fields(cfg, (1, 28, 28), 10)[0] for cfg in runs]
+    assert ft._counts.cache_info().misses == 1 and ft._counts.cache_info().hits == len(runs) - 1
+    torch.manual_seed(0)
+    built = build_model(runs[0].layers, (1, 28, 28), 10, weights_dir=fetched)  # real weights, as before
+    expected = {"pretrained_weights": "IMAGENET1K_V1", **parameter_counts(built, runs[0].values)}
+    assert all(f == expected for f in fields)
+    assert expected["params_total"] == sum(p.numel() for p in built.parameters())
+
+
+def test_the_weights_file_is_hashed_once_per_process_until_it_changes(
+        fetched: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from cnnpipe.models import pinned_weights
+
+    folder = tmp_path / "weights"
+    shutil.copytree(fetched, folder)
+    runs = expand(params_for(), weights_dir=folder)
+    file = folder / json.loads((folder / "manifest.json").read_text())["weights"][ARCH]["file"]
+    hashed: list[Path] = []
+    check = pinned_weights.check_weights_file
+    monkeypatch.setattr(pinned_weights, "check_weights_file", lambda path, sha: hashed.append(path) or check(path, sha))
+    build_model(runs[0].layers, (1, 28, 28), 10, weights_dir=folder)
+    build_model(runs[0].layers, (1, 28, 28), 10, weights_dir=folder)
+    assert len(hashed) == 2  # just written (copied): checked every time, a file time may not have ticked yet
+    old = time.time() - 3600
+    os.utime(file, (old, old))
+    monkeypatch.setattr(pinned_weights, "_SETTLED_NS", 0)  # ctime (set by utime itself) is "now": let it count
+    build_model(runs[0].layers, (1, 28, 28), 10, weights_dir=folder)
+    build_model(runs[0].layers, (1, 28, 28), 10, weights_dir=folder)
+    assert len(hashed) == 3  # settled: checked once
+    stat = file.stat()
+    file.write_bytes(file.read_bytes()[:-8] + b"\0" * 8)  # same size, and the old times put back
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DataError, match="does not match"):
+        build_model(runs[0].layers, (1, 28, 28), 10, weights_dir=folder)  # ctime moved: checked again
 
 
 @pytest.mark.slow

@@ -5,6 +5,11 @@ stops after the 3rd epoch in a row that did not beat the best by more than
 ``min_delta`` (patience 0: at the first such epoch). The best epoch's
 weights are copied (on the training device) whenever the metric improves,
 and restored at the end, so the returned model is the best one seen.
+
+``fixed``: state-dict keys the run never changes (``engine.finetune.fixed_keys``:
+a body frozen for the whole run). They are neither copied nor restored: the
+model holds the same values at the end as at every improvement, so the copy
+is the head alone, not the whole network.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 
 
 class EarlyStopping:
-    def __init__(self, monitor: str, patience: int, min_delta: float = 0.0) -> None:
+    def __init__(self, monitor: str, patience: int, min_delta: float = 0.0,
+                 fixed: frozenset[str] = frozenset()) -> None:
         if monitor not in ("val_loss", "val_top1"):
             raise ValueError(f"monitor must be val_loss or val_top1, got {monitor!r}")
         self.monitor = monitor
@@ -27,6 +33,7 @@ class EarlyStopping:
         self.best_epoch: int | None = None
         self.bad_epochs = 0
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.fixed = frozenset(fixed)
 
     def improved(self, value: float) -> bool:
         if math.isnan(value):
@@ -41,7 +48,7 @@ class EarlyStopping:
             self.best_value = float(value)
             self.best_epoch = epoch
             self.bad_epochs = 0
-            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in self.fixed}
             return True
         self.bad_epochs += 1
         return False
@@ -52,7 +59,7 @@ class EarlyStopping:
 
     def restore(self, model: torch.nn.Module) -> None:
         if self.best_state is not None:
-            model.load_state_dict(self.best_state)
+            load_partial(model, self.best_state, self.fixed, "the best weights")
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -63,8 +70,26 @@ class EarlyStopping:
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | str) -> None:
+        """A saved ``state_dict``; its best weights hold the keys this run's ``fixed`` leaves out, or all of them."""
         self.best_value = float(state["best_value"])
         self.best_epoch = state["best_epoch"]
         self.bad_epochs = int(state["bad_epochs"])
         best = state.get("best_state") or {}
         self.best_state = {k: v.to(device) for k, v in best.items()} or None
+
+
+def load_partial(model: torch.nn.Module, state: dict[str, torch.Tensor], fixed: frozenset[str], what: str) -> None:
+    """Load ``state`` into ``model``: every key of the model but (some of) ``fixed``, and no other key.
+
+    The keys left out keep the model's values (the run never changes them).
+    A state missing any other key, or holding a key the model lacks, is
+    refused (``ValueError``, naming the first keys) before anything is loaded.
+    """
+    own = model.state_dict()
+    missing = [key for key in own if key not in state and key not in fixed]
+    unexpected = [key for key in state if key not in own]
+    if missing or unexpected:
+        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + (
+            [f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
+        raise ValueError(f"{what} do not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=len(state) == len(own))

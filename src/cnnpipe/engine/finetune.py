@@ -92,29 +92,58 @@ def set_phase(model: nn.Module, values: TrainingValues, epoch: int) -> bool:
     return frozen
 
 
+def fixed_keys(model: nn.Module, values: TrainingValues) -> frozenset[str]:
+    """State-dict keys of ``model`` that no epoch of the run can change: what a run state need not store.
+
+    Only ``finetune: head`` freezes the body in every epoch, whatever
+    ``epochs`` is (``gradual`` trains it once ``freeze_epochs`` are over): its
+    parameters never get a gradient, so no optimizer touches them, and with
+    ``bn_frozen`` the body runs in eval mode, so its buffers (BatchNorm
+    statistics) stay too. Those tensors stay what the model was built with:
+    the pinned pretrained weights (whose SHA-256 the run's identity holds),
+    or the seeded initialisation. Empty for every other run (and for cnnpipe
+    layer lists): everything can change.
+    """
+    if not isinstance(model, TorchvisionNet) or values.finetune != "head":
+        return frozenset()
+    keys = {f"body.{name}" for name, _ in model.body.named_parameters()}
+    if values.bn_frozen:
+        keys |= {f"body.{name}" for name in model.body.state_dict() if f"body.{name}" not in keys}
+    return frozenset(keys & set(model.state_dict()))
+
+
 def parameter_counts(model: nn.Module, values: TrainingValues) -> dict[str, int]:
     """Total parameters and those trained in each phase (for MLflow): ``params_total``, ``params_trainable[_frozen]``."""
+    return _phase_counts(model, values.finetune)
+
+
+def _phase_counts(model: nn.Module, finetune: str) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     if not isinstance(model, TorchvisionNet):
         return {"params_total": total, "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     head = sum(p.numel() for p in model.head.parameters())
     out = {"params_total": total}
-    if values.finetune in ("head", "gradual"):
+    if finetune in ("head", "gradual"):
         out["params_trainable_frozen"] = head
-    if values.finetune in ("full", "gradual"):
+    if finetune in ("full", "gradual"):
         out["params_trainable"] = total
     return out
 
 
-@lru_cache(maxsize=16)
-def _counts(spec_json: str, in_shape: tuple[int, ...], num_classes: int, values_json: str) -> dict[str, int]:
+@lru_cache(maxsize=64)
+def _counts(spec_json: str, in_shape: tuple[int, ...], num_classes: int, finetune: str) -> dict[str, int]:
+    """``parameter_counts`` of the spec's network, built on the meta device (shapes only: no values, no RNG draws).
+
+    Keyed by what the counts depend on (not ``lr``, the seed, ...), so a grid
+    over anything but the architecture or ``finetune`` builds it once.
+    """
     import torch
 
     from cnnpipe.models.build import build_model
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = build_model([json.loads(spec_json)], in_shape, num_classes)
-    return parameter_counts(model, TrainingValues.model_validate_json(values_json))
+    return _phase_counts(model, finetune)
 
 
 def tracking_fields(cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int) -> tuple[dict[str, Any], dict[str, str]]:
@@ -130,7 +159,7 @@ def tracking_fields(cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int)
         return {}, {}
     params: dict[str, Any] = {"pretrained_weights": spec["weights"]}
     params.update(_counts(json.dumps(spec, sort_keys=True), tuple(int(d) for d in in_shape), int(num_classes),
-                          cfg.values.model_dump_json()))
+                          cfg.values.finetune))
     tags: dict[str, str] = {}
     if tvs.is_pretrained(spec) and spec.get("weights_sha256"):
         tags["pretrained.sha256"] = str(spec["weights_sha256"])

@@ -46,9 +46,9 @@ from cnnpipe.compute.device import configure_backend, is_cuda, resolve_device, t
 from cnnpipe.data.resident_pages import ResidentCap
 from cnnpipe.engine.augment import augment, norm_constants, normalize
 from cnnpipe.engine.data import TrainData, gather, on_device
-from cnnpipe.engine.early_stopping import EarlyStopping
+from cnnpipe.engine.early_stopping import EarlyStopping, load_partial
 from cnnpipe.engine.ema import make_ema
-from cnnpipe.engine.finetune import param_groups, set_phase
+from cnnpipe.engine.finetune import fixed_keys, param_groups, set_phase
 from cnnpipe.engine.inference import evaluate_logits, has_conv
 from cnnpipe.engine.layer_stats import LayerStats
 from cnnpipe.engine.metrics import topk_accuracy
@@ -56,14 +56,15 @@ from cnnpipe.engine.optim import build_optimizer, build_scheduler, current_lr
 from cnnpipe.engine.precision import autocast
 from cnnpipe.engine.progress import progress_every, progress_line
 from cnnpipe.engine.records import EpochRecord, RunResult
-from cnnpipe.engine.resume import load_resume_state, match_layouts, run_state, save_run_state, state_identity
+from cnnpipe.engine.resume import (FixedTensors, load_resume_state, match_layouts, run_state, save_run_state,
+                                  state_identity)
 from cnnpipe.models.build import build_model
 from cnnpipe.models.pinned_weights import WEIGHTS_DIR
 from cnnpipe.models.torchvision_spec import run_normalization
 from cnnpipe.params.run_config import RunConfig
 from cnnpipe.params.values import resolve_augment
 from cnnpipe.util.env import progress_bars
-from cnnpipe.util.errors import CnnpipeError
+from cnnpipe.util.errors import CheckpointError, CnnpipeError
 
 OnEpoch = Callable[[EpochRecord, nn.Module], None]
 
@@ -313,10 +314,13 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
     optimizer = build_optimizer(model, v, param_groups(model, v))
     scheduler = build_scheduler(optimizer, v, v.epochs * len(plan))
     generator = torch.Generator().manual_seed(v.seed)
-    stopper = EarlyStopping(v.monitor, v.patience, v.min_delta)
     stats = LayerStats(model, dev) if want_stats else None
     ema = make_ema(model, optimizer, v.ema)  # validate, early-stop and keep the averaged weights when on
     scored = ema.module if ema is not None else model
+    # A body frozen for the whole run stays as built: states and best-weight copies leave it out (engine.resume).
+    # The EMA copy's body is averaged in place (not provably the built one): its best weights are copied whole.
+    frozen = fixed_keys(model, v)
+    stopper = EarlyStopping(v.monitor, v.patience, v.min_delta, fixed=frozen if ema is None else frozenset())
     history: list[EpochRecord] = []
     prior_seconds = 0.0
     train_images = 0
@@ -327,7 +331,10 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
     state = load_resume_state(resume_dir, state_identity(cfg), data.fingerprint) if resume_dir is not None else None
     if state is not None:
         if state["model"] is not None:
-            model.load_state_dict(state["model"])
+            try:  # a frozen body's tensors are not in it: they stay as built (the pinned weights)
+                load_partial(model, state["model"], frozen, "the run state's weights")
+            except ValueError as err:
+                raise CheckpointError(f"{resume_dir}: {err}; delete that folder to start the run afresh") from None
             optimizer.load_state_dict(state["optimizer"])
             match_layouts(optimizer)
         if scheduler is not None and state["scheduler"] is not None:
@@ -337,6 +344,11 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         if is_cuda(dev) and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device=torch.device(dev))
         stopper.load_state_dict(state["early"], dev)
+        if stopper.best_state is not None:
+            missing = [k for k in model.state_dict() if k not in stopper.best_state and k not in stopper.fixed]
+            if missing:
+                raise CheckpointError(f"{resume_dir}: the run state's best weights lack {', '.join(missing[:3])}; "
+                                      "delete that folder to start the run afresh")
         history = [EpochRecord.from_dict(r) for r in state["history"]]
         prior_seconds = float(state["seconds"])
         train_images = int(state["train_images"])
@@ -348,6 +360,16 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
             status = "diverged"
         elif stop_reason is None and stopper.should_stop and len(history) < v.epochs:
             stop_reason = "early_stopping"  # saved at the old last epoch; a longer run would have stopped there
+
+    fixed = FixedTensors(model, frozen)  # from here on, none of them may change (checked at every save)
+    resumed_at = len(history)
+
+    def save(epoch: int, diverged_model: bool = False) -> None:
+        if resume_dir is not None:
+            save_run_state(resume_dir, run_state(cfg, data, epoch, model, optimizer, scheduler, generator, dev, stopper,
+                                                 history, prior_seconds + time.perf_counter() - started, train_images,
+                                                 train_seconds, stop_reason, status, ema, diverged_model=diverged_model,
+                                                 fixed=fixed))
 
     show = progress_bars(progress)
     every = progress_every()
@@ -369,10 +391,7 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         train_seconds += ep.seconds
         if ep.diverged:
             status, stop_reason = "diverged", ep.diverged
-            save_run_state(resume_dir, run_state(cfg, data, epoch - 1, model, optimizer, scheduler, generator, dev,
-                                                 stopper, history, prior_seconds + time.perf_counter() - started,
-                                                 train_images, train_seconds, stop_reason, status, ema,
-                                                 diverged_model=True))
+            save(epoch - 1, diverged_model=True)
             break
         eval_start = time.perf_counter()
         if on_features:
@@ -383,10 +402,7 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         if not math.isfinite(val_loss):
             status = "diverged"
             stop_reason = f"diverged: validation loss is {'nan' if math.isnan(val_loss) else 'inf'} at epoch {epoch}"
-            save_run_state(resume_dir, run_state(cfg, data, epoch - 1, model, optimizer, scheduler, generator, dev,
-                                                 stopper, history, prior_seconds + time.perf_counter() - started,
-                                                 train_images, train_seconds, stop_reason, status, ema,
-                                                 diverged_model=True))
+            save(epoch - 1, diverged_model=True)
             break
         record = EpochRecord(
             epoch=epoch, train_loss=ep.loss, train_top1=ep.top1, val_loss=val_loss, val_top1=val_top1,
@@ -398,9 +414,7 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
         stopper.update(val_loss if v.monitor == "val_loss" else val_top1, epoch, scored)
         if stopper.should_stop and epoch < v.epochs:
             stop_reason = "early_stopping"
-        save_run_state(resume_dir, run_state(cfg, data, epoch, model, optimizer, scheduler, generator, dev, stopper,
-                                             history, prior_seconds + time.perf_counter() - started, train_images,
-                                             train_seconds, stop_reason, status, ema))
+        save(epoch)
         if on_epoch is not None:
             on_epoch(record, model)
 
@@ -409,6 +423,8 @@ def _train(cfg: RunConfig, data: TrainData, dev: str, on_epoch: OnEpoch | None,
             status, stop_reason = "paused", f"paused after epoch {len(history)} of {v.epochs}"
         else:
             stop_reason = "max_epochs"
+    if status != "diverged":  # the best weights leave the frozen body out: it must be the one they were taken with
+        fixed.check(model, trained=len(history) > resumed_at)
     stopper.restore(model)
     best = next((r for r in history if r.epoch == stopper.best_epoch), None)
     return RunResult(

@@ -3,7 +3,13 @@
 One file, ``<state_dir>/state.safetensors``, rewritten atomically after every
 epoch: model, optimizer and scheduler states, the shuffling/augmentation
 generator and torch's global RNG (dropout), the history so far and the
-early-stopping state with its best weights. ``run_state`` assembles it from
+early-stopping state with its best weights. A run whose body is frozen for
+the whole run (``engine.finetune.fixed_keys``: ``finetune: head``) leaves
+the body's tensors out of the model and of the best weights: they are what
+the model is built with (the pinned pretrained weights, whose SHA-256 the
+state identity holds, re-verified by the build), so a resumed run gets them
+from its build and the file holds only what can change (the head, its
+optimizer state). ``run_state`` assembles it from
 the loop's live objects, ``save_run_state`` writes it, and ``match_layouts``
 makes a loaded optimizer state continue exactly like the uninterrupted run.
 Tensors are stored as safetensors; everything else (nesting, numbers,
@@ -37,7 +43,7 @@ if TYPE_CHECKING:
     from cnnpipe.params.run_config import RunConfig
 
 STATE_FILE = "state.safetensors"
-STATE_FORMAT = "cnnpipe-runstate/2"
+STATE_FORMAT = "cnnpipe-runstate/3"  # 3: a frozen body's tensors left out (``FixedTensors``)
 _META_KEY = "cnnpipe"
 
 
@@ -145,18 +151,70 @@ def load_resume_state(state_dir: str | os.PathLike[str], identity: str | None = 
     return state
 
 
+class FixedTensors:
+    """The state-dict keys of a model that its run never changes, and a check that they did not.
+
+    ``keys`` (``engine.finetune.fixed_keys``) are left out of every run state
+    and early-stopping copy. ``check`` (at every save, and before the best
+    weights are put back) refuses to go on when one could have changed: a
+    parameter that trains or holds a gradient (what an optimizer step
+    writes), a buffer whose module runs in training mode (BatchNorm
+    statistics), or a tensor whose ``_version`` moved (``copy_``,
+    ``load_state_dict``, BatchNorm's batch counter). A resumed run would then
+    differ from an uninterrupted one: a loud error, not a silently different
+    model.
+    """
+
+    def __init__(self, model: nn.Module, keys: frozenset[str]) -> None:
+        self.keys = frozenset(keys)
+        self._versions = self._now(model)
+        self._params = [(name, p) for name, p in model.named_parameters() if name in self.keys]
+        self._owners = [(name, module) for name, module in model.named_modules()
+                        if any(f"{name}.{b}" in self.keys for b, _ in module.named_buffers(recurse=False))]
+
+    def _now(self, model: nn.Module) -> dict[str, int]:
+        if not self.keys:
+            return {}
+        return {key: t._version for key, t in model.state_dict(keep_vars=True).items() if key in self.keys}
+
+    def check(self, model: nn.Module, *, trained: bool = True) -> None:
+        """Raise ``RuntimeError`` if a fixed tensor could have changed (``trained``: an epoch just ran in
+        this process, so the parameters and modules are in its phase; else only ``_version`` is compared)."""
+        if not self.keys:
+            return
+        changed = sorted(key for key, version in self._now(model).items() if version != self._versions.get(key))
+        if trained:
+            changed += [f"{name} (trains)" for name, p in self._params if p.requires_grad or p.grad is not None]
+            changed += [f"{name} (training mode)" for name, module in self._owners if module.training]
+        if changed:
+            raise RuntimeError(f"{', '.join(changed[:3])}: {len(changed)} tensor(s) of a body frozen for the whole run "
+                               "could change; a run state without them would not resume exactly")
+
+
+NO_FIXED: frozenset[str] = frozenset()
+
+
 def run_state(cfg: RunConfig, data: TrainData, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
               scheduler: Any, generator: torch.Generator, dev: str, stopper: EarlyStopping,
               history: list[EpochRecord], seconds: float, train_images: int, train_seconds: float,
-              stop_reason: str | None, status: str, ema: Any = None, diverged_model: bool = False) -> dict[str, Any]:
+              stop_reason: str | None, status: str, ema: Any = None, diverged_model: bool = False,
+              fixed: FixedTensors | None = None) -> dict[str, Any]:
     """Everything the training loop needs to continue after ``epoch``, as ``save_resume_state`` stores it.
 
     A diverged run's live weights are NaN and never trained further: only
     its history and best weights matter, so its model/optimizer are not kept.
+    ``fixed``: the model's tensors the run never changes (checked, then left
+    out; the early-stopping copy leaves them out itself). The EMA copy is
+    kept whole: averaging a constant rewrites it in place (``-0.0`` may come
+    back as ``0.0``), so its body is not provably the built one.
     """
+    skip = NO_FIXED
+    if fixed is not None and not diverged_model:
+        fixed.check(model)
+        skip = fixed.keys
     return {
         "identity": state_identity(cfg), "data_fingerprint": data.fingerprint, "epoch": epoch, "status": status,
-        "model": None if diverged_model else {k: t.detach() for k, t in model.state_dict().items()},
+        "model": None if diverged_model else {k: t.detach() for k, t in model.state_dict().items() if k not in skip},
         "optimizer": None if diverged_model else optimizer.state_dict(),
         "scheduler": None if diverged_model or scheduler is None else scheduler.state_dict(),
         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),

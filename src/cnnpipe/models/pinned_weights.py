@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 WEIGHTS_DIR = Path("data/weights")
 MANIFEST = "manifest.json"
 FORMAT = "cnnpipe-weights/1"
+# A file modified less than this long ago is checked every time: file times tick coarsely (a kernel tick, or
+# seconds on some filesystems), so a file rewritten within one tick of its check could keep size and times.
+_SETTLED_NS = 2_000_000_000
+_verified: set[tuple[Any, ...]] = set()  # files checked in this process: (path, file SHA-256, stat fields)
 
 
 def read_manifest(weights_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -74,8 +79,30 @@ def load_pinned(spec: Mapping[str, Any], weights_dir: str | os.PathLike[str]) ->
         raise DataError(f"{Path(weights_dir)} holds other weights for torchvision:{arch} (SHA-256 {entry['sha256'][:12]}...) "
                         f"than the run was pinned to ({spec['weights_sha256'][:12]}...); run dvc repro")
     path = Path(weights_dir) / entry["file"]
-    try:
-        check_weights_file(path, entry["file_sha256"])
-    except CheckpointError as err:
-        raise DataError(f"{err}".replace("re-run the train stage", "run dvc repro weights")) from None
+    seen = _file_key(path, entry["file_sha256"])
+    if seen is None or seen not in _verified:
+        try:
+            check_weights_file(path, entry["file_sha256"])
+        except CheckpointError as err:
+            raise DataError(f"{err}".replace("re-run the train stage", "run dvc repro weights")) from None
+        if seen is not None and seen == _file_key(path, entry["file_sha256"]):  # not changed while it was read
+            _verified.add(seen)
     return load_file(str(path))
+
+
+def _file_key(path: Path, sha256: str) -> tuple[Any, ...] | None:
+    """What must stay the same for a file checked once in this process to need no second SHA-256 pass.
+
+    The path, the SHA-256 it was checked against, and its size, mtime_ns,
+    ctime_ns, inode and device (a file replaced by a rename has another
+    inode; one written in place, another size or times). None for a file
+    modified in the last two seconds (see ``_SETTLED_NS``): that one is
+    always checked again.
+    """
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _SETTLED_NS:
+        return None
+    return (str(path.resolve()), sha256, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
