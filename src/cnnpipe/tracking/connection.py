@@ -224,6 +224,9 @@ def client_for(uri: str) -> "MlflowClient":
         return _CLIENTS[uri]
 
 
+_WARMING: list[threading.Thread] = []  # warm-up threads still to be waited for
+
+
 def warm_up(settings: "MlflowParams", *, root: Path | None = None) -> threading.Thread | None:
     """Import mlflow and open the store in a background thread while the stage computes.
 
@@ -240,8 +243,21 @@ def warm_up(settings: "MlflowParams", *, root: Path | None = None) -> threading.
             client_for(preflight(settings, root=root).uri)  # type: ignore[union-attr]
 
     thread = threading.Thread(target=work, name="mlflow-warm-up", daemon=True)
+    _WARMING.append(thread)
     thread.start()
     return thread
+
+
+def settle_warm_up() -> None:
+    """Wait for ``warm_up``'s thread before this thread touches mlflow itself.
+
+    Two threads importing mlflow at once can meet a half-initialised protobuf
+    module (Python hands one over to avoid an import deadlock), and mlflow then
+    fails with "Couldn't build proto file into descriptor pool". The warm-up
+    has done its job by the time a stage logs; waiting costs what is left of it.
+    """
+    while _WARMING:
+        _WARMING.pop().join()
 
 
 def ensure_experiment(client: "MlflowClient", name: str, artifact_location: str | None) -> str:

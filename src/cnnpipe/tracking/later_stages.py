@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cnnpipe.tracking.runs import MlflowTracker
-from cnnpipe.tracking.connection import client_for, preflight
+from cnnpipe.tracking.connection import client_for, preflight, settle_warm_up
 from cnnpipe.util.errors import TrackingError
 from cnnpipe.util.text import one_line
 from cnnpipe.tracking.model_registry import find_version, version_tags
@@ -40,6 +40,7 @@ def log_evaluation(settings: "MlflowParams", *, parent_run_id: str | None, child
     """
     if not settings.enabled or not parent_run_id:
         return False
+    settle_warm_up()  # the warm-up thread's mlflow import, finished before this thread imports mlflow
     target = preflight(settings, root=root)
     assert target is not None
     from mlflow.exceptions import MlflowException
