@@ -343,6 +343,18 @@ def report(runs: dict, args: argparse.Namespace, budgets: list[int], before: dic
     print(f"wrote {args.out}")
 
 
+def isolated_subset(scratch: Path, train: int, val: int) -> tuple[Path, Any]:
+    """The Fashion-MNIST subset prepared under ``scratch`` and loaded; the run cache off (in ``scratch``), no bars."""
+    os.environ.update({"CNNPIPE_CACHE_DIR": str(scratch / "cache" / "runs"), "CNNPIPE_NO_CACHE": "1",
+                       "CNNPIPE_TAKE_TURNS": "0", "CNNPIPE_PROGRESS": "0", "CNNPIPE_PROGRESS_EVERY": "0"})
+    from bench_features import prepared_subset
+
+    from cnnpipe.engine.data import TrainData
+
+    prepared = prepared_subset(scratch / "prepared", train, val)
+    return prepared, TrainData.load(prepared, splits=("train", "val"))
+
+
 def main() -> None:
     args = parse_args()
     budgets = sorted(args.budgets)
@@ -351,15 +363,7 @@ def main() -> None:
         print(f"note: budgets {budgets} are not all multiples of --batch {args.batch}: tpe/gp prefixes still nest, "
               "tpe_halving's do not", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-search-data-") as scratch:
-        scratch = Path(scratch)
-        os.environ.update({"CNNPIPE_CACHE_DIR": str(scratch / "cache" / "runs"), "CNNPIPE_NO_CACHE": "1",
-                           "CNNPIPE_TAKE_TURNS": "0", "CNNPIPE_PROGRESS": "0", "CNNPIPE_PROGRESS_EVERY": "0"})
-        from bench_features import prepared_subset
-
-        from cnnpipe.engine.data import TrainData
-
-        prepared = prepared_subset(scratch / "prepared", args.train, args.val)
-        data = TrainData.load(prepared, splits=("train", "val"))
+        prepared, data = isolated_subset(Path(scratch), args.train, args.val)
         before = machine()
         print(f"machine: {before['cpu']}, {before['cores']} cores, torch {before['torch']}, optuna {before['optuna']}, "
               f"load {before['loadavg_1_5_15']}")

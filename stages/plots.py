@@ -9,7 +9,8 @@ for ``dvc plots``) and ``reports/README.md``, and logs them to the MLflow
 parent run. The search's history, hyperparameter importance and slices
 (``cnnpipe.figures.search_study``, ``study_figures``) are drawn for every
 strategy; the last two need 2 varying axes and 4 finished trials, and say so
-otherwise. A figure whose inputs did not change since it was last drawn is
+otherwise. A search that selected on a Pareto front (``select_by: [METRIC,
+COST]``) also gets ``pareto_front.png`` (``cnnpipe.figures.pareto_figure``). A figure whose inputs did not change since it was last drawn is
 copied back from ``.cnnpipe-cache/figures`` instead
 (``cnnpipe.figures.figure_cache.draw``).
 """
@@ -52,12 +53,13 @@ def main() -> int:
     from cnnpipe.figures.figure_cache import figure_store
     from cnnpipe.figures.search_figures import grid_comparison, halving_rungs
     from cnnpipe.figures import search_study, study_figures
+    from cnnpipe.figures.pareto_figure import pareto_front
     from cnnpipe.data.prepared import load_images_numpy, load_stats
     from cnnpipe.util.files import atomic_dir
     from cnnpipe.util.tables import write_csv
     from cnnpipe.util.text import one_line
     from cnnpipe.params.stage_sections import load_sections
-    from cnnpipe.params.values import TRAINING_KEYS
+    from cnnpipe.params.values import TRAINING_KEYS, objectives
     from cnnpipe.figures.report_readme import write_readme
 
     params = load_sections("mlflow", "select_by")
@@ -76,7 +78,9 @@ def main() -> int:
     stop_reason = str(stop_reason) if isinstance(stop_reason, str) else None  # NaN when blank
     mistakes = data["mistakes.csv"]
     confusion = data["confusion.csv"]
-    select_by = train.get("select_by") or params.select_by
+    select_by = train.get("select_by") or objectives(params.select_by)[0]
+    cost = train.get("select_cost")  # select_by [METRIC, COST]: the Pareto front the train stage selected on
+    front = bool(cost) and cost in grid and "pareto_front" in grid and bool(grid["pareto_front"].astype(bool).any())
     trials = search_study.trial_table(grid, select_by, TRAINING_KEYS)
     compared, basis = search_study.comparable_trials(trials, history, select_by)  # halving: at the first rung
     skipped = search_study.insight_skip(compared)
@@ -97,6 +101,8 @@ def main() -> int:
     if halving:
         names["Successive halving rungs"] = "halving_rungs.png"
     names["Search history"] = "search_history.png"
+    if front:
+        names[f"Pareto front: {select_by} against {cost}"] = "pareto_front.png"
     if importances is not None:
         names["Hyperparameter importance"] = "param_importance.png"
         names["Objective against the two most important hyperparameters"] = "param_slices.png"
@@ -115,9 +121,12 @@ def main() -> int:
              selected_run_id=selected)
         if halving:
             draw(halving_rungs, history, grid, tmp / names["Successive halving rungs"], selected_run_id=selected,
-                 select_by=params.select_by)
+                 select_by=select_by)
         draw(study_figures.search_history, trials, tmp / names["Search history"], select_by=select_by,
              selected_run_id=selected)
+        if front:
+            draw(pareto_front, grid, tmp / "pareto_front.png", select_by=select_by, cost=cost,
+                 max_cost=train.get("max_cost"), selected_run_id=selected)
         if importances is not None:
             draw(study_figures.param_importance, importances, tmp / names["Hyperparameter importance"],
                  select_by=select_by)

@@ -1,8 +1,9 @@
 """DVC stage ``train``: train the hyperparameter grid, keep the best run.
 
 Reads ``params.yaml``, ``data/prepared/`` and ``data/weights/`` (pretrained torchvision weights); writes ``models/best/`` (the
-selected run's checkpoint) and ``reports/{grid,history,curves}.csv``,
-``reports/grid.json``, ``reports/train.json``. Every run is tracked in MLflow
+selected run's checkpoint) and ``reports/{grid,history,curves,pareto_front}.csv``,
+``reports/grid.json``, ``reports/train.json``. With ``select_by: [METRIC, COST]``
+the selection is on the Pareto front of the two (``cnnpipe.search.pareto``). Every run is tracked in MLflow
 (one parent run, one child per grid point) unless ``mlflow.enabled: false``.
 Runs execute in parallel worker processes or on Ray per ``grid:``, and a
 run whose config, data and code are unchanged is reused from the run cache
@@ -49,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     from cnnpipe.params.load import load_params
     from cnnpipe.search import ask_tell, payloads, runner, space, strategies
     from cnnpipe.store.states import RunStateStore
-    from cnnpipe.search.selection import select_best
+    from cnnpipe.search.pareto import choose
     from cnnpipe.search.trial import TrainContext
 
     params = load_params()
@@ -72,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     data = TrainData.load(PREPARED, splits=("train", "val"))
     runner.check_dataset(data, params)
     print(f"train: {planned} run(s) on {describe(device)}, {data.dataset} "
-          f"({len(data.train)} train / {len(data.val)} val images), select_by {params.select_by}", flush=True)
+          f"({len(data.train)} train / {len(data.val)} val images), select_by {params.describe_selection()}", flush=True)
 
     cache = runs.open_grid_cache(params.grid, no_cache=args.no_cache)
     from cnnpipe.data.registry import get_dataset
@@ -94,12 +95,14 @@ def main(args: argparse.Namespace) -> int:
                                        report=say)
         else:
             records = runner.run_search(configs, ctx, strategy=strategy, executor=executor,
-                                        select_by=params.select_by, cache=cache, states=states, report=say)
-        best = select_best([rec for rec in records if not rec.pruned], params.select_by)
-        published = publish.publish(records, best, data, tracker, select_by=params.select_by,
-                                    best_dir=BEST_DIR, reports_dir=REPORTS, prepared_dir=PREPARED)
+                                        select_by=params.select_metric, cache=cache, states=states, report=say)
+        metric, cost, max_cost = params.select_metric, params.select_cost, params.max_cost
+        best = choose([rec for rec in records if not rec.pruned], metric, cost, max_cost,
+                      in_shape=data.image_shape, num_classes=data.num_classes)
+        published = publish.publish(records, best, data, tracker, select_by=metric, select_cost=cost,
+                                    max_cost=max_cost, best_dir=BEST_DIR, reports_dir=REPORTS, prepared_dir=PREPARED)
 
-    print(train_files.summary_table(records, best, params.select_by))
+    print(train_files.summary_table(records, best, metric, cost, max_cost))
     print(published.describe(), flush=True)
     if tracker.lost:  # outputs are written, but MLflow's record is partial: fail so DVC does not lock it as done
         from cnnpipe.util.errors import TrackingError

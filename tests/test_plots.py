@@ -332,7 +332,7 @@ def test_plots_stage_writes_figures_and_readme(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_plots_stage_draws_what_a_search_learned(tmp_path: Path) -> None:
-    """A 12-trial search over lr x batch_size: history, importance and slices, in the report."""
+    """A 12-trial search over lr x batch_size: history, importance, slices and its Pareto front, in the report."""
     rng = np.random.default_rng(3)
     lrs, sizes = 10 ** rng.uniform(-4, -1, 12), rng.choice([32, 64, 128, 256], 12)
     grid = pd.DataFrame([{"run_id": f"t{i}", "run_name": f"lr={lr:.4g},batch_size={bs}", "model": "small_bn",
@@ -344,11 +344,19 @@ def test_plots_stage_draws_what_a_search_learned(tmp_path: Path) -> None:
                              "train_top1": row.val_top1, "val_loss": row.val_loss, "val_top1": row.val_top1,
                              "val_top5": 0.99, "lr": row.lr, "epoch_seconds": 1.0, "images_per_s": 100.0}
                             for row in grid.itertuples() for e in (1, 2)])
+    # select_by [val_loss, macs]: each batch size a network of another size, the cheapest third on the front
+    grid["macs"] = grid["batch_size"] * 10_000
+    grid["params"] = grid["batch_size"] * 100
+    cheapest = grid.groupby("macs")["val_loss"].transform("min") == grid["val_loss"]
+    grid["pareto_front"] = cheapest & (grid["val_loss"] <= grid.sort_values("macs")["val_loss"].cummin()
+                                       .reindex(grid.index))
+    grid["latency_ms"] = np.where(grid["pareto_front"], 0.5, np.nan)
     best = grid.loc[grid["val_loss"].idxmin()]
-    done = run_plots_stage(tmp_path, history, grid, run_id=best["run_id"], run_name=best["run_name"], best_epoch=2)
+    done = run_plots_stage(tmp_path, history, grid, run_id=best["run_id"], run_name=best["run_name"], best_epoch=2,
+                           select_cost="macs", max_cost=2e6)
     assert done.returncode == 0, done.stderr
     figures = tmp_path / "reports" / "figures"
-    for name in ("search_history.png", "param_importance.png", "param_slices.png"):
+    for name in ("search_history.png", "param_importance.png", "param_slices.png", "pareto_front.png"):
         assert (figures / name).stat().st_size > 1000
         assert f"](figures/{name})" in (tmp_path / "reports" / "README.md").read_text()
     assert "no hyperparameter importance" not in done.stdout

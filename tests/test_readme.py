@@ -257,7 +257,7 @@ def placed_weights(home: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.long(270)  # eleven pipeline runs, one after another
+@pytest.mark.long(330)  # fifteen pipeline runs, one after another
 def test_readme_command_blocks_run_as_written(tmp_path: Path, no_proxy: None) -> None:
     blocks = readme_blocks(README.read_text())
     fixture = make_idx_raw(tmp_path / "www", n_train=200, n_test=60)

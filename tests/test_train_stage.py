@@ -111,8 +111,8 @@ def test_dvc_yaml_deps_cover_every_module_the_stage_imports(project):
     assert all((ROOT / dep).exists() for dep in deps if dep.startswith(("src/", "stages/")))
     from cnnpipe.params.values import TRAINING_KEYS
 
-    assert stage["params"] == [*TRAINING_KEYS, "pretrained", "models", "select_by", "device", "grid", "mlflow", "data.dataset",
-                               "data.source"]  # the MLflow dataset input names a folder dataset by its source
+    assert stage["params"] == [*TRAINING_KEYS, "pretrained", "models", "select_by", "max_cost", "device", "grid", "mlflow",
+                               "data.dataset", "data.source"]  # the MLflow dataset input names a folder dataset by its source
 
 
 def test_all_runs_diverging_fails_and_keeps_models_best(project):

@@ -47,10 +47,12 @@ def _validate(args: argparse.Namespace) -> int:
         strategy = f"tpe (Optuna TPE, batches of {grid.batch}, search_seed {grid.search_seed})"
         strategy += f", {halving} in each batch" if grid.prune == "halving" else ""
     print(f"{args.params}: ok — dataset {params.data.dataset}, {count} run(s) ({params.describe_grid()}), {strategy}")
-    stops_on = sorted(monitors - {params.select_by})
+    if params.select_cost:
+        print(f"select_by {params.describe_selection()}")
+    stops_on = sorted(monitors - {params.select_metric})
     if stops_on:
         print(f"note: monitor {', '.join(stops_on)} stops runs early on another metric than select_by "
-              f"{params.select_by} ranks them by (monitor: auto follows select_by)")
+              f"{params.select_metric} ranks them by (monitor: auto follows select_by)")
     return 0
 
 

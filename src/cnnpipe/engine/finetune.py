@@ -37,6 +37,7 @@ from torch import nn
 
 from cnnpipe.engine.optim import param_groups as plain_groups
 from cnnpipe.models import torchvision_spec as tvs
+from cnnpipe.models.cost import build_on_meta
 from cnnpipe.models.torchvision_nets import TorchvisionNet
 from cnnpipe.params.run_config import RunConfig
 from cnnpipe.params.values import TrainingValues
@@ -137,13 +138,7 @@ def _counts(spec_json: str, in_shape: tuple[int, ...], num_classes: int, finetun
     Keyed by what the counts depend on (not ``lr``, the seed, ...), so a grid
     over anything but the architecture or ``finetune`` builds it once.
     """
-    import torch
-
-    from cnnpipe.models.build import build_model
-
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        model = build_model([json.loads(spec_json)], in_shape, num_classes)
-    return _phase_counts(model, finetune)
+    return _phase_counts(build_on_meta([json.loads(spec_json)], in_shape, num_classes), finetune)
 
 
 def tracking_fields(cfg: RunConfig, in_shape: tuple[int, ...], num_classes: int) -> tuple[dict[str, Any], dict[str, str]]:

@@ -21,7 +21,7 @@ from pydantic import (
 from cnnpipe.data.registry import DatasetSpec
 from cnnpipe.util.errors import ParamsError
 from cnnpipe.params.messages import _bad, _fmt, _shown, suggest
-from cnnpipe.params.values import PLAIN_FIELDS, MonitorSetting, TRAINING_KEYS, TrainingValues, _Strict
+from cnnpipe.params.values import PLAIN_FIELDS, MonitorSetting, TRAINING_KEYS, TrainingValues, _Strict, objectives
 from cnnpipe.params.axes import Axis, Choice, Range, _candidates, _is_range
 from cnnpipe.params.pretrained_section import PretrainedParams
 from cnnpipe.params.sections import DataParams, EvalParams, GridParams, MlflowParams
@@ -72,6 +72,23 @@ class _ParamsRules(_Strict):
             return self.grid.samples
         size = math.prod(len(values) for values in self.training.values())
         return size * (self.grid.samples if self.ranges else 1)
+
+    @property
+    def select_metric(self) -> str:
+        """The validation metric ``select_by`` names (the one early stopping's ``monitor: auto`` follows)."""
+        return objectives(self.select_by)[0]
+
+    @property
+    def select_cost(self) -> str | None:
+        """The counted cost ``select_by`` trades the metric against (``params`` | ``macs``), or None."""
+        return objectives(self.select_by)[1]
+
+    def describe_selection(self) -> str:
+        """``val_loss``, or ``[val_top1, macs] (Pareto front: the most accurate within max_cost 2e+06)``."""
+        if self.select_cost is None:
+            return self.select_metric
+        budget = f"within max_cost {self.max_cost:g}" if self.max_cost is not None else "of all"
+        return f"[{self.select_metric}, {self.select_cost}] (Pareto front: the most accurate {budget})"
 
     def describe_grid(self) -> str:
         """``lr(2) x batch_size(2)``, ``model(2) x 8 samples of lr~log_uniform[0.0001, 0.1]``, or ``no grid axes``;
@@ -197,6 +214,7 @@ class _ParamsRules(_Strict):
 
     def _check_search(self) -> None:
         grid = self.grid
+        self._check_objectives()
         if grid.prune != "none" and grid.strategy != "tpe":
             raise _bad(f"grid.prune: {grid.prune} prunes inside the batches of grid.strategy: tpe; for a grid use "
                        f"grid.strategy: halving, or set grid.prune: none")
@@ -220,6 +238,19 @@ class _ParamsRules(_Strict):
         if grid.strategy == "halving" and size < 2:
             raise _bad("grid.strategy halving needs at least 2 points to compare, the grid has 1; "
                        "give a key a list or a range (e.g. lr: [0.01, 0.001]) or use grid.strategy: exhaustive")
+
+    def _check_objectives(self) -> None:
+        """A cost in ``select_by`` needs a search that ranks by both (no rungs), and ``max_cost`` needs a cost."""
+        metric, cost = objectives(self.select_by)
+        if cost is None:
+            if self.max_cost is not None:
+                raise _bad(f"max_cost={self.max_cost:g} is a budget for a cost, but select_by names none; "
+                           f"set select_by: [{metric}, macs] (or params), or max_cost: null")
+            return
+        if self.grid.strategy == "halving" or self.grid.prune == "halving":
+            where = "grid.strategy: halving" if self.grid.strategy == "halving" else "grid.prune: halving"
+            raise _bad(f"select_by [{metric}, {cost}] has two objectives, but {where} ranks trials by one metric; "
+                       "use grid.strategy: tpe (or exhaustive) with grid.prune: none")
 
     def _check_tpe(self) -> None:
         """A tpe search needs something to search, a budget within ``max_runs``, and batches halving can rank."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -15,7 +15,7 @@ from pydantic import (
 
 from cnnpipe.data.registry import get_dataset
 from cnnpipe.params import reads
-from cnnpipe.params.messages import _bad, _fmt
+from cnnpipe.params.messages import _bad, _fmt, _shown, suggest
 
 
 def _no_bool(value: Any) -> Any:
@@ -33,6 +33,11 @@ NonNegInt = Annotated[StrictInt, Field(ge=0)]
 ModelName = Annotated[str, Field(min_length=1)]
 
 Metric = Literal["val_loss", "val_top1"]
+# What a network costs, counted from its architecture (``models.cost``): a search may trade a metric against one.
+Cost = Literal["params", "macs"]
+METRICS: tuple[str, ...] = ("val_loss", "val_top1")
+COSTS: tuple[str, ...] = ("params", "macs")
+MEASURED_COSTS: tuple[str, ...] = ("latency_ms",)  # measured, so noisy: reported beside the front, never selected by
 MonitorSetting = Literal["auto", "val_loss", "val_top1"]  # auto: the same metric as select_by
 Optimizer = Literal["adam", "adamw", "sgd"]
 Schedule = Literal["none", "cosine", "onecycle"]
@@ -114,6 +119,37 @@ def resolve_augment(augment: str, dataset: str) -> str:
     return "none" if get_dataset(dataset).digits else "crop_flip"
 
 
+def _select_by(value: Any) -> Any:
+    """``val_loss`` / ``val_top1``, or ``[METRIC, COST]``: a metric traded against a counted cost."""
+    usage = f"must be one of {' or '.join(map(repr, METRICS))}, or [METRIC, COST] with COST {' or '.join(COSTS)} " \
+            "(e.g. [val_top1, macs])"
+    if isinstance(value, str):
+        if value in METRICS:
+            return value
+        raise _bad(f"{usage}, got {_shown(value)}{suggest(value, METRICS)}")
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or value[0] not in METRICS:
+        raise _bad(f"{usage}, got {_shown(value)}")
+    cost = value[1]
+    if cost in MEASURED_COSTS:
+        raise _bad(f": {cost} is measured, so it changes from run to run: it is reported beside the Pareto front but "
+                   f"never selected by; use [{value[0]}, macs] or [{value[0]}, params]")
+    if cost not in COSTS:
+        close = suggest(str(cost), COSTS + MEASURED_COSTS).removeprefix(", ").rstrip("?")
+        raise _bad(f": unknown cost {_shown(cost)}{f' ({close}?)' if close else ''}; use {' or '.join(COSTS)}")
+    return (value[0], cost)
+
+
+SelectBy = Annotated[Union[Metric, tuple[Metric, Cost]], BeforeValidator(_select_by)]
+
+
+def objectives(select_by: str | tuple[str, str]) -> tuple[str, str | None]:
+    """(the metric, the cost or None) that ``select_by`` names."""
+    return (select_by, None) if isinstance(select_by, str) else (select_by[0], select_by[1])
+
+
+MaxCost = Annotated[Union[float, None], Field(gt=0, allow_inf_nan=False), BeforeValidator(_no_bool)]
+
 # Top-level keys that are plain values, not axes: declared once here for ``Params`` and for the stages that
 # validate only what they read (``params.stage_sections``).
-PLAIN_FIELDS: dict[str, tuple[Any, Any]] = {"select_by": (Metric, "val_loss"), "device": (Device, "auto")}
+PLAIN_FIELDS: dict[str, tuple[Any, Any]] = {"select_by": (SelectBy, "val_loss"), "max_cost": (MaxCost, None),
+                                            "device": (Device, "auto")}

@@ -1,4 +1,4 @@
-"""The train stage's report files (grid.csv, grid.json, history.csv, curves.csv, train.json) and its table.
+"""The train stage's report files (grid.csv, grid.json, history.csv, curves.csv, pareto_front.csv, train.json).
 
 Built from the grid's records with pandas.
 
@@ -27,16 +27,21 @@ if TYPE_CHECKING:
 
 METRIC_KEYS = ("val_loss", "val_top1", "val_top5")
 EPOCH_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds", "images_per_s")
+COST_COLUMNS = ("params", "macs", "latency_ms")  # counted (models.cost), and measured for front trials only
 HISTORY_COLUMNS = ("run_id", "run_name", *EPOCH_COLUMNS)
 GRID_COLUMNS = (
     "run_id", "run_name", *TRAINING_KEYS, "status", "stop_reason", "best_epoch", "epochs_run",
     *METRIC_KEYS, "seconds", "images_per_s", "mlflow_run_id", "cached", "resumed_at", "rung", "pruned",
+    *COST_COLUMNS, "pareto_front",
 )
+# The Pareto front of select_by [METRIC, COST], cheapest first (a header only when select_by names no cost).
+PARETO_COLUMNS = ("run_id", "run_name", *METRIC_KEYS, *COST_COLUMNS, "selected", "mlflow_run_id")
 TRAIN_JSON_KEYS = (
     "select_by", "run_id", "run_name", "best_epoch", *METRIC_KEYS, "epochs_run", "seconds",
     "runs_total", "runs_failed", "mlflow_parent_run_id", "mlflow_run_id", "mlflow_experiment_id",
+    "select_cost", "max_cost", *COST_COLUMNS,
 )
-REPORT_FILES = ("grid.csv", "grid.json", "history.csv", "curves.csv", "train.json")
+REPORT_FILES = ("grid.csv", "grid.json", "history.csv", "curves.csv", "pareto_front.csv", "train.json")
 
 
 def clean(value: Any) -> Any:
@@ -79,18 +84,41 @@ def grid_row(rec: "RunRecord") -> dict[str, Any]:
         "resumed_at": rec.resumed_at,  # continued from its saved run state after this epoch
         "rung": rec.rung,  # successive halving: the last rung it trained in (0: exhaustive grid)
         "pruned": bool(rec.pruned),  # successive halving: stopped at epochs_run, not a candidate
+        **cost_fields(rec),
+        "pareto_front": bool(rec.on_front),  # select_by [METRIC, COST]: on the Pareto front
     }
+
+
+def cost_fields(rec: "RunRecord") -> dict[str, Any]:
+    """params and macs (counted when select_by names a cost) and latency_ms (measured for front trials)."""
+    cost = rec.cost
+    return {"params": cost.params if cost else None, "macs": cost.macs if cost else None,
+            "latency_ms": round(rec.latency_ms, 4) if rec.latency_ms is not None else None}
+
+
+def pareto_frame(records: Sequence["RunRecord"], best: "RunRecord", cost: str | None) -> "pd.DataFrame":
+    """The front trials, cheapest by ``cost`` first, the selected one marked (no rows when ``cost`` is None)."""
+    import pandas as pd
+
+    front = sorted((rec for rec in records if rec.on_front and rec.cost and cost),
+                   key=lambda rec: (rec.cost.get(cost), rec.index))  # type: ignore[union-attr,arg-type]
+    rows = [{"run_id": rec.cfg.run_id, "run_name": rec.cfg.name,
+             **{key: getattr(rec.result.best, key) for key in METRIC_KEYS}, **cost_fields(rec),
+             "selected": rec is best, "mlflow_run_id": rec.mlflow_run_id} for rec in front]
+    return pd.DataFrame(rows, columns=list(PARETO_COLUMNS))
 
 
 def grid_frame(records: Sequence["RunRecord"]) -> "pd.DataFrame":
     import pandas as pd
 
     frame = pd.DataFrame([grid_row(rec) for rec in records], columns=list(GRID_COLUMNS))
-    return frame.astype({"best_epoch": "Int64", "epochs_run": "Int64", "resumed_at": "Int64"})
+    return frame.astype({"best_epoch": "Int64", "epochs_run": "Int64", "resumed_at": "Int64", "params": "Int64",
+                         "macs": "Int64"})
 
 
 def train_summary(best: "RunRecord", records: Sequence["RunRecord"], *, select_by: str,
-                  mlflow_parent_run_id: str | None, mlflow_experiment_id: str | None) -> dict[str, Any]:
+                  mlflow_parent_run_id: str | None, mlflow_experiment_id: str | None, select_cost: str | None = None,
+                  max_cost: float | None = None) -> dict[str, Any]:
     """``reports/train.json``: the selected run's validation metrics and every id to find it again."""
     result = best.result
     summary = {
@@ -106,6 +134,9 @@ def train_summary(best: "RunRecord", records: Sequence["RunRecord"], *, select_b
         "mlflow_parent_run_id": mlflow_parent_run_id,
         "mlflow_run_id": best.mlflow_run_id,
         "mlflow_experiment_id": mlflow_experiment_id,
+        "select_cost": select_cost,
+        "max_cost": max_cost,
+        **cost_fields(best),
     }
     return {key: clean(summary[key]) for key in TRAIN_JSON_KEYS}
 
@@ -122,8 +153,9 @@ def frame_records(frame: "pd.DataFrame") -> list[dict[str, Any]]:
 
 def write_reports(reports_dir: str | os.PathLike[str], records: Sequence["RunRecord"], best: "RunRecord", *,
                   select_by: str, mlflow_parent_run_id: str | None = None,
-                  mlflow_experiment_id: str | None = None) -> dict[str, Path]:
-    """Write grid.csv, grid.json, history.csv, curves.csv and train.json; return their paths."""
+                  mlflow_experiment_id: str | None = None, select_cost: str | None = None,
+                  max_cost: float | None = None) -> dict[str, Path]:
+    """Write grid.csv, grid.json, history.csv, curves.csv, pareto_front.csv and train.json; return their paths."""
     out = Path(reports_dir)
     grid = grid_frame(records)
     history = history_frame(records)
@@ -133,8 +165,9 @@ def write_reports(reports_dir: str | os.PathLike[str], records: Sequence["RunRec
     atomic_write_json(paths["grid.json"], frame_records(grid))
     write_csv(paths["history.csv"], history)
     write_csv(paths["curves.csv"], curves)
+    write_csv(paths["pareto_front.csv"], pareto_frame(records, best, select_cost))
     summary = train_summary(best, records, select_by=select_by, mlflow_parent_run_id=mlflow_parent_run_id,
-                            mlflow_experiment_id=mlflow_experiment_id)
+                            mlflow_experiment_id=mlflow_experiment_id, select_cost=select_cost, max_cost=max_cost)
     atomic_write_json(paths["train.json"], summary)
     return paths
 
@@ -144,7 +177,8 @@ def history_csv_text(rec: "RunRecord") -> str:
     return history_frame([rec]).to_csv(index=False)
 
 
-def summary_table(records: Sequence["RunRecord"], best: "RunRecord", select_by: str) -> str:
+def summary_table(records: Sequence["RunRecord"], best: "RunRecord", select_by: str, select_cost: str | None = None,
+                  max_cost: float | None = None) -> str:
     """The fixed-width table the stage prints at the end (selected run marked ``*``).
 
     One column per search axis holds that run's value, never cut: a truncated
@@ -157,7 +191,9 @@ def summary_table(records: Sequence["RunRecord"], best: "RunRecord", select_by: 
     cells = [[_fmt(getattr(rec.cfg.values, axis)) for axis in axes] for rec in records]
     widths = [max([len(axis), *(len(row[i]) for row in cells)]) for i, axis in enumerate(axes)]
     head = " ".join(f"{axis:<{width}}" for axis, width in zip(axes, widths))
-    lines = [f"{'':1} {head} {'status':<9} {'epoch':>5} {'val_loss':>9} {'val_top1':>9} {'seconds':>8}"]
+    costs = any(rec.cost is not None for rec in records)  # select_by [METRIC, COST]: the costs, the front marked
+    extra = f" {'params':>10} {'MACs':>13} front" if costs else ""
+    lines = [f"{'':1} {head} {'status':<9} {'epoch':>5} {'val_loss':>9} {'val_top1':>9} {'seconds':>8}{extra}"]
     for rec, row in zip(records, cells):
         r = rec.result
         mark = "*" if rec is best else ""
@@ -165,6 +201,10 @@ def summary_table(records: Sequence["RunRecord"], best: "RunRecord", select_by: 
         loss = f"{r.best.val_loss:.4f}" if r.best else "-"
         top1 = f"{r.best.val_top1:.4f}" if r.best else "-"
         epoch = str(r.best_epoch) if r.best_epoch else "-"
-        lines.append(f"{mark:1} {values} {rec.status:<9} {epoch:>5} {loss:>9} {top1:>9} {r.seconds:>8.1f}")
-    lines.append(f"* selected by {select_by}: {best.cfg.name} (run {best.cfg.run_id})")
+        cost = f" {rec.cost.params:>10,} {rec.cost.macs:>13,} {'yes' if rec.on_front else ''}" if rec.cost else ""
+        lines.append(f"{mark:1} {values} {rec.status:<9} {epoch:>5} {loss:>9} {top1:>9} {r.seconds:>8.1f}{cost}")
+    rule = select_by
+    if select_cost:
+        rule = f"{select_by} on its Pareto front with {select_cost}" + (f" within {max_cost:g}" if max_cost else "")
+    lines.append(f"* selected by {rule}: {best.cfg.name} (run {best.cfg.run_id})")
     return "\n".join(lines)

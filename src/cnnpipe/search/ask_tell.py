@@ -24,7 +24,11 @@ optuna version is another study: from its first changed ask on, trials miss
 the cache and train.
 
 What the sampler is told: a trial's ``select_by`` value at its best epoch
-(``search.selection``), COMPLETE; a trial with no finite value, FAIL; with
+(``search.selection``), COMPLETE; with ``select_by: [METRIC, COST]`` the
+pair (the value, the counted cost: ``models.cost``), so the same TPESampler
+models both objectives (Optuna's multi-objective TPE) and the batches learn
+the trade-off that ``search.pareto`` then selects on; a trial with no finite
+value, FAIL; with
 ``grid.prune: halving`` (successive halving inside each batch), a pruned
 trial's per-epoch values up to the epoch it was pruned at, reported as
 intermediate values, then PRUNED. A repeated point (the config of an earlier
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cnnpipe.models.cost import network_cost
 from cnnpipe.params.run_config import RunConfig
 from cnnpipe.params.schema import Params
 from cnnpipe.search.backend import Executor
@@ -68,12 +73,12 @@ class Told:
     """What the sampler is told about one trial: its state, value, and (pruned) per-epoch values."""
 
     state: str  # complete | pruned | fail
-    value: float | None = None
+    value: float | tuple[float, float] | None = None  # (metric, cost) when select_by names a cost
     steps: tuple[tuple[int, float], ...] = ()
 
 
-def told_for(rec: RunRecord, select_by: str, pruned_at: int) -> Told:
-    """A finished, pruned (at epoch ``pruned_at``) or failed trial, as the sampler hears of it."""
+def told_for(rec: RunRecord, select_by: str, pruned_at: int, cost: float | None = None) -> Told:
+    """A finished, pruned (at epoch ``pruned_at``) or failed trial, as the sampler hears of it (``cost``: as 2nd value)."""
     if rec.pruned:
         steps = tuple((r.epoch, float(getattr(r, select_by))) for r in rec.result.history
                       if r.epoch <= pruned_at and math.isfinite(getattr(r, select_by)))
@@ -81,18 +86,18 @@ def told_for(rec: RunRecord, select_by: str, pruned_at: int) -> Told:
     value = rec.metric(select_by)
     if not rec.ok or not math.isfinite(value):
         return Told("fail")
-    return Told("complete", value)
+    return Told("complete", value if cost is None else (value, float(cost)))
 
 
-def make_study(grid: "GridParams", select_by: str) -> "Study":
-    """A fresh in-memory study: seeded multivariate TPE, constant liar, the first batch random."""
+def make_study(grid: "GridParams", select_by: str, cost: str | None = None) -> "Study":
+    """A fresh in-memory study: seeded multivariate TPE, constant liar, the first batch random; a cost: 2 objectives."""
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=grid.search_seed, multivariate=True, constant_liar=True,
                                              n_startup_trials=grid.batch)
-    return new_study(sampler, DIRECTIONS[select_by])
+    return new_study(sampler, DIRECTIONS[select_by], *(["minimize"] if cost else []))
 
 
 def tell(study: "Study", trial: "Trial", told: Told) -> None:
@@ -127,7 +132,7 @@ def run_tpe(
     train stage builds it first, so a bad range end stops it before any data
     is loaded. Records carry global trial indices; repeated points have none.
     """
-    grid, select_by = params.grid, params.select_by
+    grid, select_by, cost = params.grid, params.select_metric, params.select_cost
     space = space or TrialSpace(params)
     strategy: Exhaustive | SuccessiveHalving = SuccessiveHalving(grid) if grid.prune == "halving" else Exhaustive()
     total, size = grid.samples, grid.batch
@@ -136,7 +141,7 @@ def run_tpe(
     def planned(epochs: list[int]) -> int:
         return strategy.planned_epochs(epochs) if epochs else 0
 
-    study = make_study(grid, select_by)
+    study = make_study(grid, select_by, cost)
     distributions = space.distributions()
     records: dict[int, RunRecord] = {}
     told: dict[str, Told] = {}  # run id -> what the sampler was told (a repeated point is told it again)
@@ -146,7 +151,8 @@ def run_tpe(
                      cache=cache, states=states, samples=samples) as session:
         pruning = f", successive halving in each (eta {grid.eta})" if grid.prune == "halving" else ""
         session.say(f"search: {total} trial(s), tpe in {len(sizes)} batch(es) of {size}{pruning}; "
-                    f"search_seed {grid.search_seed}, {select_by} {DIRECTIONS[select_by]}d")
+                    f"search_seed {grid.search_seed}, {select_by} {DIRECTIONS[select_by]}d"
+                    + (f" and {cost} minimized (Pareto front)" if cost else ""))
         for number, count in enumerate(sizes, start=1):
             trials = [study.ask(distributions) for _ in range(count)]
             fresh: dict[int, RunConfig] = {}
@@ -165,7 +171,9 @@ def run_tpe(
                 session.say(header(SearchPlan({}, {})))
             rungs = strategy.rungs(max((cfg.values.epochs for cfg in fresh.values()), default=1))
             for rec in done.values():
-                told[rec.cfg.run_id] = told_for(rec, select_by, rungs[max(rec.rung, 1) - 1])
+                price = network_cost(rec.cfg.layers, ctx.data.image_shape, ctx.data.num_classes).get(cost) \
+                    if cost and ctx.data is not None else None
+                told[rec.cfg.run_id] = told_for(rec, select_by, rungs[max(rec.rung, 1) - 1], price)
             for trial in trials:
                 index = trial.number + 1
                 cfg = fresh.get(index) or repeats[index]

@@ -63,11 +63,11 @@ def as_value(setting: Any, suggested: Any) -> Any:
     return suggested
 
 
-def new_study(sampler: "BaseSampler", direction: str = "minimize") -> "Study":
-    """A fresh in-memory study, without Optuna's INFO line per study and per told trial."""
+def new_study(sampler: "BaseSampler", *directions: str) -> "Study":
+    """A fresh in-memory study (one objective per direction, default: minimize one), without Optuna's INFO lines."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.create_study(direction=direction, sampler=sampler)
+        return optuna.create_study(directions=list(directions or ["minimize"]), sampler=sampler)

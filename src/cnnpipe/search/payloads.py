@@ -58,9 +58,11 @@ def search_definition(params: "Params") -> dict[str, Any]:
         out[key] = list(values) if len(values) > 1 else values[0]
     out.update({key: str(spec) for key, spec in params.ranges.items()})
     grid = params.grid
-    out.update({"dataset": params.data.dataset, "select_by": params.select_by, "device": params.device,
+    out.update({"dataset": params.data.dataset, "select_by": params.select_metric, "device": params.device,
                 "grid_size": params.grid_size, "grid_axes": ",".join(params.axes) or "none",
                 "strategy": grid.strategy})
+    if params.select_cost:
+        out.update({"select_cost": params.select_cost, "max_cost": params.max_cost})
     if grid.strategy == "halving" or grid.prune == "halving":
         out.update({"eta": grid.eta, "min_epochs": grid.min_epochs})
     if params.ranges or grid.strategy == "tpe":
@@ -75,7 +77,8 @@ def parent_tags(params: "Params", data: "TrainData", device: str) -> dict[str, s
         "dataset": params.data.dataset,
         "data_fingerprint": data.fingerprint,
         "device": device,
-        "select_by": params.select_by,
+        "select_by": params.select_metric,
+        **({"select_cost": params.select_cost} if params.select_cost else {}),
         "grid_axes": ",".join(params.axes) or "none",
         "cnnpipe.strategy": params.grid.strategy,
     }

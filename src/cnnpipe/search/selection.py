@@ -19,6 +19,7 @@ from cnnpipe.util.text import one_line
 if TYPE_CHECKING:
     from cnnpipe.engine.records import RunResult
     from cnnpipe.engine.records import EpochRecord
+    from cnnpipe.models.cost import NetworkCost
 
 SELECT_BY = ("val_loss", "val_top1")
 
@@ -40,6 +41,10 @@ class RunRecord:
     resumed_at: int | None = None  # continued from its saved run state after this epoch
     rung: int = 0  # the last successive-halving rung it reached (0: exhaustive grid)
     pruned: bool = False  # stopped by successive halving at ``result.epochs_run``
+    # select_by [METRIC, COST] (``search.pareto``): the counted costs, the measured latency of a front trial
+    cost: "NetworkCost | None" = None
+    latency_ms: float | None = None
+    on_front: bool = False  # on the Pareto front of the metric and the cost
 
     @property
     def ok(self) -> bool:
@@ -65,7 +70,7 @@ def failure_reason(result: "RunResult") -> str:
     return reason if reason.startswith(result.status) else f"{result.status}: {reason}"
 
 
-def _key(select_by: str, loss: float, top1: float, index: int) -> tuple[float, float, int]:
+def selection_key(select_by: str, loss: float, top1: float, index: int) -> tuple[float, float, int]:
     loss = loss if math.isfinite(loss) else math.inf
     top1 = top1 if math.isfinite(top1) else -math.inf
     if select_by == "val_loss":
@@ -73,12 +78,8 @@ def _key(select_by: str, loss: float, top1: float, index: int) -> tuple[float, f
     return (-top1, loss, index)
 
 
-def select_best(records: Sequence[RunRecord], select_by: str) -> RunRecord:
-    """The usable run with the best ``select_by`` (val_loss lowest, val_top1 highest).
-
-    Ties go to the other validation metric, then to the earlier grid point, so
-    the choice is deterministic. Raises ``GridFailed`` when no run is usable.
-    """
+def candidates_for(records: Sequence[RunRecord], select_by: str) -> list[RunRecord]:
+    """The runs a selection may pick: usable, with a finite ``select_by``; ``GridFailed`` when there are none."""
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be val_loss or val_top1, got {select_by!r}")
     candidates = [rec for rec in records if rec.ok and math.isfinite(rec.metric(select_by))]
@@ -88,7 +89,21 @@ def select_best(records: Sequence[RunRecord], select_by: str) -> RunRecord:
         raise GridFailed(
             f"all {len(records)} grid runs failed{detail}; lower lr, check the data, or see the runs in MLflow"
         )
-    return min(candidates, key=lambda rec: _key(select_by, rec.metric("val_loss"), rec.metric("val_top1"), rec.index))
+    return candidates
+
+
+def select_best(records: Sequence[RunRecord], select_by: str) -> RunRecord:
+    """The usable run with the best ``select_by`` (val_loss lowest, val_top1 highest).
+
+    Ties go to the other validation metric, then to the earlier grid point, so
+    the choice is deterministic. Raises ``GridFailed`` when no run is usable.
+    """
+    return min(candidates_for(records, select_by), key=lambda rec: ranking(rec, select_by))
+
+
+def ranking(rec: RunRecord, select_by: str) -> tuple[float, float, int]:
+    """A finished trial's sort key by ``select_by`` at its best epoch: lower is better."""
+    return selection_key(select_by, rec.metric("val_loss"), rec.metric("val_top1"), rec.index)
 
 
 def best_epoch_until(history: Sequence["EpochRecord"], epoch: int, monitor: str, min_delta: float) -> "EpochRecord | None":
@@ -113,4 +128,4 @@ def rung_score(rec: RunRecord, epoch: int, select_by: str) -> tuple[float, float
     best = best_epoch_until(rec.result.history, epoch, v.monitor, v.min_delta) if rec.result.status != "failed" else None
     if best is None:
         return (math.inf, math.inf, rec.index)
-    return _key(select_by, best.val_loss, best.val_top1, rec.index)
+    return selection_key(select_by, best.val_loss, best.val_top1, rec.index)

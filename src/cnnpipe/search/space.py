@@ -90,7 +90,7 @@ def point_config(params: Params, point: dict[str, Any], layers: dict[str, tuple[
     values = {key: point[key] for key in TRAINING_KEYS}
     values["augment"] = resolve_augment(values["augment"], params.data.dataset)
     if values["monitor"] == "auto":
-        values["monitor"] = params.select_by
+        values["monitor"] = params.select_metric
     if values["model"] not in layers:
         layers[values["model"]] = params.layers_for(values["model"])
         if weights_dir is not None:
@@ -156,7 +156,7 @@ class TrialSpace:
     @property
     def monitors(self) -> set[str]:
         """The early-stopping metrics trials may use (``auto`` is ``select_by``)."""
-        return {self.params.select_by if m == "auto" else m for m in _candidates(self.params.monitor)}
+        return {self.params.select_metric if m == "auto" else m for m in _candidates(self.params.monitor)}
 
     def distributions(self) -> dict[str, "BaseDistribution"]:
         """Each searched key's Optuna distribution (a list is a categorical choice)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnpipe.reports.train_files import METRIC_KEYS, clean, grid_frame, write_reports
+from cnnpipe.reports.train_files import METRIC_KEYS, clean, cost_fields, grid_frame, write_reports
 from cnnpipe.util.files import atomic_dir
 from cnnpipe.models.checkpoint import save_checkpoint
 from cnnpipe.models.torchvision_spec import run_normalization
@@ -69,7 +69,8 @@ def checkpoint_sidecar(best: "RunRecord", data: "TrainData", tracker: "NullTrack
 
 def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData", tracker: "NullTracker", *,
             select_by: str, best_dir: str | os.PathLike[str], reports_dir: str | os.PathLike[str],
-            prepared_dir: str | os.PathLike[str] | None = None) -> Published:
+            prepared_dir: str | os.PathLike[str] | None = None, select_cost: str | None = None,
+            max_cost: float | None = None) -> Published:
     """Write the selected checkpoint and the reports, and close the loop in MLflow.
 
     ``models/best`` is assembled in a temp folder and swapped in whole
@@ -86,7 +87,8 @@ def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData"
         save_checkpoint(staging, best.result.model, checkpoint_sidecar(best, data, tracker))
         (staging / SUMMARY_FILE).write_text(summary + "\n", encoding="utf-8")
     paths = write_reports(reports_dir, records, best, select_by=select_by,
-                          mlflow_parent_run_id=tracker.parent_run_id, mlflow_experiment_id=tracker.experiment_id)
+                          mlflow_parent_run_id=tracker.parent_run_id, mlflow_experiment_id=tracker.experiment_id,
+                          select_cost=select_cost, max_cost=max_cost)
     version = None
     if tracker.enabled:
         version = register_checkpoint(
@@ -97,13 +99,18 @@ def publish(records: Sequence["RunRecord"], best: "RunRecord", data: "TrainData"
             prepared_dir=Path(prepared_dir) if prepared_dir else None,
         )
     if tracker.enabled:
-        log_parent_summary(tracker, records, best, version, paths)
+        log_parent_summary(tracker, records, best, version, paths, front=select_cost is not None)
     return Published(best_dir, paths, version)
 
 
 def log_parent_summary(tracker: "NullTracker", records: Sequence["RunRecord"], best: "RunRecord",
-                       version: str | None, paths: dict[str, Path]) -> None:
-    """Best child's params and metrics on the parent (``best_`` prefix), its ids, and the grid table."""
+                       version: str | None, paths: dict[str, Path], *, front: bool = False) -> None:
+    """Best child's params and metrics on the parent (``best_`` prefix), its ids, and the grid table.
+
+    With a Pareto front (``front``) every child gets its counted costs and a
+    ``cnnpipe.pareto_front`` tag (front trials also their measured latency),
+    and the parent the front's CSV and size.
+    """
     result = best.result
     metrics = {f"best_{key}": getattr(result.best, key) for key in METRIC_KEYS}
     metrics.update({"best_epoch": float(result.best_epoch or 0), "runs_total": float(len(records)),
@@ -111,10 +118,19 @@ def log_parent_summary(tracker: "NullTracker", records: Sequence["RunRecord"], b
     tags = {"best_run_id": best.cfg.run_id, "best_run_name": best.cfg.name, "best_mlflow_run_id": best.mlflow_run_id or ""}
     if version:
         tags["registered_model_version"] = version
+    files = [paths["grid.csv"], paths["train.json"]]
+    if front:
+        metrics.update({f"best_{key}": value for key, value in cost_fields(best).items() if value is not None})
+        metrics["pareto_front_size"] = float(sum(1 for rec in records if rec.on_front))
+        files.append(paths["pareto_front.csv"])
+        tracker.log_to_runs({rec.mlflow_run_id: ({key: value for key, value in cost_fields(rec).items()
+                                                  if value is not None},
+                                                 {"cnnpipe.pareto_front": str(rec.on_front).lower()})
+                             for rec in records if rec.mlflow_run_id})
     tracker.log_parent(
         params={f"best_{key}": value for key, value in best.cfg.flat().items()},
         metrics=metrics,
         tags=tags,
-        files=[paths["grid.csv"], paths["train.json"]],
+        files=files,
         table=grid_frame(records),
     )

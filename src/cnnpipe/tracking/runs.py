@@ -127,6 +127,9 @@ class NullTracker:
                    table: "pd.DataFrame | None" = None) -> None:
         return None
 
+    def log_to_runs(self, updates: Mapping[str, tuple[Mapping[str, float], Mapping[str, str]]]) -> None:
+        return None
+
     def end_parent(self, status: str = "FINISHED", reason: str = "") -> None:
         return None
 
@@ -268,6 +271,11 @@ class MlflowTracker(NullTracker, CallPolicy):
                 self.call("log_artifact", self.client.log_artifact, self.parent_run_id, str(path))
         if table is not None:
             self.call("log_table", self.client.log_table, self.parent_run_id, table, "grid_table.json")
+
+    def log_to_runs(self, updates: Mapping[str, tuple[Mapping[str, float], Mapping[str, str]]]) -> None:
+        """Metrics and tags added to finished runs (run id -> (metrics, tags)): what is known once the search ends."""
+        for run_id, (metrics, tags) in updates.items():
+            self._batch(run_id, metrics=metrics, tags=tags)
 
     def end_parent(self, status: str = "FINISHED", reason: str = "") -> None:
         if not self._parent_open:
