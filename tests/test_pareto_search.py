@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from cnnpipe.engine.records import EpochRecord, RunResult
 from cnnpipe.models.build import build_model
@@ -218,8 +219,19 @@ def test_a_two_objective_tpe_stage_selects_on_its_front_and_tags_it_in_mlflow(tm
     assert parent.data.metrics["pareto_front_size"] == len(front)
     assert "pareto_front.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
-    rerun = run_stage(work, root)  # the study replays from the run cache: the same trials, the same choice
+    # a later run with a raised budget continues the same study: its first 6 trials come from the run cache
+    # (told to the sampler, not trained), then 3 new ones are asked and trained
+    raised = yaml.safe_load((work / "params.yaml").read_text())
+    raised["grid"]["samples"] = 9
+    (work / "params.yaml").write_text(yaml.safe_dump(raised, sort_keys=False))
+    rerun = run_stage(work, root)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "batch 2/2: trials 4-6; 3 reused from the cache" in rerun.stdout
-    assert json.loads((work / "reports" / "train.json").read_text())["run_id"] == train["run_id"]
-    assert pd.read_csv(work / "reports" / "pareto_front.csv")["run_id"].tolist() == front["run_id"].tolist()
+    out = rerun.stdout
+    assert "batch 1/3: trials 1-3; 3 reused from the cache" in out and "batch 2/3: trials 4-6; 3 reused from the cache" in out
+    assert "batch 3/3: trials 7-9; 0 reused from the cache" in out
+    extended = pd.read_csv(work / "reports" / "grid.csv")
+    assert extended["run_id"].tolist()[:6] == grid["run_id"].tolist() and len(extended) == 9
+    points = list(zip(extended["val_top1"], extended["params"]))
+    assert set(extended.loc[extended["pareto_front"], "run_id"]) == {
+        run for run, acc, size in zip(extended["run_id"], extended["val_top1"], extended["params"])
+        if not dominated((acc, size), points)}
