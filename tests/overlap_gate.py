@@ -4,6 +4,9 @@ For ``test_faults_concurrency``: that test copies this file into its temp
 project and makes the train command ``python overlap_gate.py stages/train.py``,
 so the overlap of two queued experiments' writes to the one store happens by
 construction, however busy the machine is, instead of by luck.
+``test_faults_tracking`` uses it the same way to kill an MLflow server while
+a trial is held after its first logged epoch (the kill lands mid-grid by
+construction).
 
 Without ``OVERLAP_GATE_DIR`` in the environment it only runs the script (the
 baseline ``dvc repro``, a later queue). With it, the script's stdout goes

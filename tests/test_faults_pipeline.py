@@ -1,7 +1,10 @@
 """Interruption and determinism of the whole pipeline, with the real ``dvc`` CLI.
 
 One temp project (this repository's pipeline, raw IDX files on a loopback
-server) is reproduced once for the module: that is the "last good" state.
+server) is reproduced once for the module, up to ``evaluate``: that is the
+"last good" state. (No test here reads the plots stage's figures, and a
+stage process costs seconds: each reproduction that is meant to finish names
+the last stage its assertions read.)
 
 * SIGKILL: ``dvc repro`` with a new lr; once the train stage's MLflow child
   run has logged its first epoch, the stage process (its pid is the
@@ -9,7 +12,9 @@ server) is reproduced once for the module: that is the "last good" state.
   the reports must stay byte-identical; the next ``dvc repro`` marks the dead
   parent KILLED, resumes the run from its last saved epoch in the same child
   run, trains only the lost epochs and replaces ``models/best/`` with weights
-  byte-identical to an uninterrupted training of the same config.
+  byte-identical to an uninterrupted training of the same config. (That
+  repro is ``dvc repro train``: every promise is about train and its lock
+  entry.)
 * SIGINT (Ctrl-C) to the stage process: one line, exit 130, DVC fails the
   stage, the runs are KILLED at once, ``models/best/`` untouched.
 * Determinism: a second fresh project with the same params gives the same
@@ -42,7 +47,7 @@ import yaml
 from fixtures_raw import IdxFixture, make_idx_raw, serve
 from project_builder import DVC, clean_env, pipeline_project, run_ok
 
-pytestmark = [pytest.mark.slow, pytest.mark.long(100)]
+pytestmark = [pytest.mark.slow, pytest.mark.long(80)]
 
 SAFETY_S = 600  # safety nets only; nothing here asserts a duration
 # Fields of reports/metrics.json that legitimately differ between two identical executions:
@@ -140,7 +145,7 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Baseline]:
     raw = make_idx_raw(base / "www", n_train=1000, n_test=100)
     with contextlib.contextmanager(serve)(raw.folder) as server:
         project = pipeline_project(base / "a", server.url, raw.checksums, params=PARAMS)
-        run_ok([DVC, "repro"], project, timeout=SAFETY_S)
+        run_ok([DVC, "repro", "evaluate"], project, timeout=SAFETY_S)  # plots: read by no test here
         metrics = json.loads((project / "reports" / "metrics.json").read_text())
         best = {p.name: p.read_bytes() for p in (project / "models" / "best").iterdir()}
         yield Baseline(project, raw, server.url, metrics, lock_md5(project, "models/best"), best,
@@ -168,7 +173,7 @@ def test_sigkill_mid_epoch_keeps_models_best_then_repro_completes(baseline: Base
     assert client.get_run(child).info.status == "RUNNING"  # nobody was left to close it ...
     assert client.get_run(parent).info.status == "RUNNING"
 
-    again = run_ok([DVC, "repro"], project, timeout=SAFETY_S)
+    again = run_ok([DVC, "repro", "train"], project, timeout=SAFETY_S)
     assert "mlflow: marked 2 stale RUNNING run(s) of dead processes as KILLED" in again.stdout
     assert re.search(r"search: 1 trial\(s\), exhaustive; .*, 1 resumed", again.stdout), again.stdout[:2000]
     resumed_at = re.search(r"resumed model=fashion_tutorial at epoch (\d+)/4", again.stdout)
@@ -187,7 +192,7 @@ def test_sigkill_mid_epoch_keeps_models_best_then_repro_completes(baseline: Base
     sidecar = json.loads((project / "models" / "best" / "model.json").read_text())
     assert sidecar["params"]["lr"] == 0.003
     assert lock_md5(project, "models/best") != baseline.best_md5
-    assert "Data and pipelines are up to date." in run_ok([DVC, "status"], project).stdout
+    assert "Data and pipelines are up to date." in run_ok([DVC, "status", "train"], project).stdout
     # The resumed run ends bit-for-bit like an uninterrupted one: retrain it from scratch and compare.
     resumed_weights = (project / "models" / "best" / "model.safetensors").read_bytes()
     resumed_grid = pd.read_csv(project / "reports" / "grid.csv")
@@ -222,7 +227,7 @@ def test_sigint_stops_cleanly_marks_runs_killed_and_keeps_models_best(baseline: 
 def test_two_fresh_projects_with_the_same_params_give_the_same_results(baseline: Baseline, tmp_path: Path) -> None:
     with contextlib.contextmanager(serve)(baseline.raw.folder) as server:
         other = pipeline_project(tmp_path / "b", server.url, baseline.raw.checksums, params=PARAMS)
-        run_ok([DVC, "repro"], other, timeout=SAFETY_S)
+        run_ok([DVC, "repro", "evaluate"], other, timeout=SAFETY_S)  # what is compared: prepare, train, evaluate
     assert lock_md5(other, "data/prepared", stage="prepare") == baseline.prepared_md5
     metrics = json.loads((other / "reports" / "metrics.json").read_text())
     assert set(metrics) == set(baseline.metrics)

@@ -3,7 +3,13 @@
 A real ``mlflow server`` (sqlite backend in a temp folder, loopback port, its
 own process group) tracks a real ``stages/train.py``. Once the first run's
 first epoch is in the server's database, the whole server group is killed
-with SIGKILL. Promised behaviour: training goes on and finishes,
+with SIGKILL. The stage waits for that by construction, not by luck of the
+machine's load: it runs through ``overlap_gate.py`` (a test helper), whose
+stdout holds the first per-epoch line -- printed right after that epoch was
+logged -- until a second marker is in the gate folder, and the test writes
+that marker only once the server is dead. So the kill always lands inside
+the first run, with its later epochs and the whole second run still to go.
+Promised behaviour: training goes on and finishes,
 ``models/best/`` and ``reports/`` are written, the loss of the store is
 reported in one ``error:`` line, and the stage exits non-zero so DVC does not
 lock a half-logged execution as done. The unreachable-at-start case lives in
@@ -27,12 +33,12 @@ import pandas as pd
 import pytest
 
 from project_builder import BIN, stage_project
-from synthetic import make_prepared
 from test_mlflow_server import free_port, serving, wait_healthy
 
-pytestmark = [pytest.mark.slow, pytest.mark.long(50)]
+pytestmark = [pytest.mark.slow, pytest.mark.long(40)]
 
 SAFETY_S = 300  # a safety net only; nothing here asserts a duration
+GATE = Path(__file__).resolve().parent / "overlap_gate.py"  # holds the stage at its first epoch line
 
 
 def first_epoch_logged(db: Path) -> bool:
@@ -48,13 +54,13 @@ def first_epoch_logged(db: Path) -> bool:
 
 
 def test_server_killed_mid_grid_training_finishes_outputs_written_exit_nonzero(tmp_path: Path) -> None:
-    # 4 epochs x 2 runs on 1500 images: plenty of MLflow calls left after the first epoch is logged
+    # 4 epochs x 2 runs (stage_project's 300 synthetic train images): the gate holds the stage after the
+    # first epoch of the first run is logged, so the kill lands with the rest of the grid still to go
     work, root = stage_project(tmp_path / "proj", lr=[0.05, 0.01], epochs=4, batch_size=50,
                                mlflow={"enabled": True, "tracking_uri": None, "experiment": "cnnpipe",
                                        "registered_model": None, "log_layer_stats": False},
                                grid={"workers": 1, "backend": "local", "ray_address": None, "max_runs": 64,
                                      "cache": False})
-    make_prepared(work / "data" / "prepared", n_train=1500, n_val=200, n_test=20)
     server_dir = tmp_path / "server"
     server_dir.mkdir()
     db = server_dir / "mlflow.db"
@@ -69,18 +75,22 @@ def test_server_killed_mid_grid_training_finishes_outputs_written_exit_nonzero(t
     # must keep a dead server from stalling training.
     env.update({"DVC_ROOT": str(root), "DVC_STAGE": "train", "MLFLOW_DISABLE_TELEMETRY": "true",
                 "MLFLOW_TRACKING_URI": base, "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"})
+    # The stage's marker appears when its first epoch line is held; the test's own marker releases it.
+    gate = tmp_path / "gate"
+    env.update({"OVERLAP_GATE_DIR": str(gate), "OVERLAP_GATE_PARTIES": "2"})
     with serving(command, server_dir, log) as server:
         wait_healthy(base, server, log)
-        stage = subprocess.Popen([sys.executable, "stages/train.py"], cwd=work, env=env,
+        stage = subprocess.Popen([sys.executable, str(GATE), "stages/train.py"], cwd=work, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + SAFETY_S
-            while not first_epoch_logged(db):
+            while not (first_epoch_logged(db) and gate.is_dir() and any(gate.iterdir())):
                 assert stage.poll() is None, f"stage ended before its first epoch was logged: {stage.communicate()}"
                 assert time.monotonic() < deadline, "no epoch reached the server"
                 time.sleep(0.05)
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
+            (gate / "test").write_text("the server is dead")  # the stage's first epoch line returns: training goes on
             out, err = stage.communicate(timeout=SAFETY_S)
         finally:
             if stage.poll() is None:
