@@ -1,10 +1,13 @@
 """The MLflow store a real train stage wrote, served over HTTP: ``mlflow server`` and ``cnnpipe ui``.
 
 One tiny train (2-run lr grid, 2 epochs, MLflow on, named like a DVC
-experiment) writes ``root/mlflow.db``. Each test starts a server on a free
-loopback port in its own process group, waits for ``/health``, checks the runs
-over the REST API a browser or a remote client would use, and always stops
-the whole group.
+experiment) writes ``root/mlflow.db``. A server is started on a free
+loopback port in its own process group, waited for (``/health``), checked
+over the REST API a browser or a remote client would use, and its whole group
+is always stopped. One ``cnnpipe ui`` (``project_ui``: seconds of imports and
+start-up on 2 cores) serves two tests in file order: the first reads what it
+serves, the second stops it with ``kill PID``; a test that finds it gone
+(another order, a test run alone) starts a fresh one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ import pytest
 
 from project_builder import BIN, clean_env, run_stage, stage_project
 
-pytestmark = [pytest.mark.slow, pytest.mark.long(50)]
+pytestmark = [pytest.mark.slow, pytest.mark.long(35)]
 
 EXP_NAME = "exp-served"
 HEALTH_DEADLINE_S = 180  # ~25 s on an idle laptop; generous for a loaded CI box
@@ -146,25 +150,56 @@ def test_mlflow_server_lists_parent_children_and_metric_history(store: tuple[Pat
     assert proc.poll() is not None  # the whole group is gone
 
 
-def test_cnnpipe_ui_serves_the_project_store(store: tuple[Path, Path], tmp_path: Path) -> None:
+@dataclass
+class Ui:
+    proc: subprocess.Popen[bytes]
+    base: str
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def project_ui(store: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], Ui]]:
+    """``cnnpipe ui`` in the project root (the folder holding the store), shared by the module's ``cnnpipe ui`` tests.
+
+    Call it for the running one; it starts one (and waits for ``/health``)
+    when none is running yet or the last one was stopped. Every one started
+    is stopped with its whole group at the end, and must then be gone.
+    """
+    work, root = store
+    shutil.copy(work / "params.yaml", root / "params.yaml")  # run from the folder holding the store
+    (root / "dvc.yaml").write_text("stages: {}\n")  # project_root() finds the repo by its dvc.yaml
+    folder = tmp_path_factory.mktemp("ui")
+    started: list[Ui] = []
+    with contextlib.ExitStack() as stack:
+        def running_ui() -> Ui:
+            if started and started[-1].proc.poll() is None:
+                return started[-1]
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            log = folder / f"ui-{len(started)}.log"
+            proc = stack.enter_context(serving([str(BIN / "cnnpipe"), "ui", "--port", str(port)], root, log))
+            wait_healthy(base, proc, log)
+            started.append(Ui(proc, base, log))
+            return started[-1]
+
+        yield running_ui
+    assert all(ui.proc.poll() is not None for ui in started)  # stopped with its group
+
+
+def test_cnnpipe_ui_serves_the_project_store(store: tuple[Path, Path], project_ui: Callable[[], Ui]) -> None:
     """``cnnpipe ui`` in the project root: prints the URL, serves the root's mlflow.db, stops with its group."""
     work, root = store
     train = json.loads((work / "reports" / "train.json").read_text())
-    shutil.copy(work / "params.yaml", root / "params.yaml")  # run from the folder holding the store
-    (root / "dvc.yaml").write_text("stages: {}\n")  # project_root() finds the repo by its dvc.yaml
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "ui.log"
-    with serving([str(BIN / "cnnpipe"), "ui", "--port", str(port)], root, log) as proc:
-        wait_healthy(base, proc, log)
-        first = log.read_text().splitlines()[0]
-        assert first.startswith(f"MLflow UI for sqlite:///{root / 'mlflow.db'}: {base}/#/experiments/"
-                                f"{train['mlflow_experiment_id']}?workflowType=machine_learning ")
-        runs = api(base, "runs/search", {"experiment_ids": [train["mlflow_experiment_id"]]})["runs"]
-        assert train["mlflow_parent_run_id"] in {r["info"]["run_id"] for r in runs}
-        with urllib.request.urlopen(f"{base}/", timeout=30) as page:
-            assert b"<html" in page.read(4096).lower()  # the UI itself, not just the API
-    assert proc.poll() is not None
+    ui = project_ui()
+    base = ui.base
+    first = ui.log.read_text().splitlines()[0]
+    assert first.startswith(f"MLflow UI for sqlite:///{root / 'mlflow.db'}: {base}/#/experiments/"
+                            f"{train['mlflow_experiment_id']}?workflowType=machine_learning ")
+    runs = api(base, "runs/search", {"experiment_ids": [train["mlflow_experiment_id"]]})["runs"]
+    assert train["mlflow_parent_run_id"] in {r["info"]["run_id"] for r in runs}
+    with urllib.request.urlopen(f"{base}/", timeout=30) as page:
+        assert b"<html" in page.read(4096).lower()  # the UI itself, not just the API
+    # (stopped with its group: project_ui's teardown asserts it; `kill PID` alone: the next test)
 
 
 def process_tree(pid: int) -> set[int]:
@@ -190,28 +225,20 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_kill_of_cnnpipe_ui_stops_every_process_it_started(tmp_path: Path) -> None:
-    """``kill PID`` (SIGTERM) of ``cnnpipe ui`` ends mlflow ui, its uvicorn workers and job consumers too."""
-    import sys
+def test_kill_of_cnnpipe_ui_stops_every_process_it_started(project_ui: Callable[[], Ui]) -> None:
+    """``kill PID`` (SIGTERM) of ``cnnpipe ui`` ends mlflow ui, its uvicorn workers and job consumers too.
 
-    from mlflow import MlflowClient
-
-    root = tmp_path / "project"
-    root.mkdir()
-    (root / "dvc.yaml").write_text("stages: {}\n")
-    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", root / "params.yaml")
-    MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").search_experiments()  # a small, empty store
-    port = free_port()
-    log = tmp_path / "ui.log"
-    with serving([sys.executable, "-m", "cnnpipe", "ui", "--port", str(port)], root, log) as proc:
-        wait_healthy(f"http://127.0.0.1:{port}", proc, log)
-        tree = process_tree(proc.pid)
-        assert len(tree) >= 3, tree  # cnnpipe, mlflow ui, its server (and job consumers)
-        os.kill(proc.pid, signal.SIGTERM)  # the pid alone, as `kill PID` does: not its group
-        assert proc.wait(timeout=60) == 0
-        deadline = time.monotonic() + 30
-        while (alive := sorted(p for p in tree if running(p))) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert alive == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in alive if running(p)]
-        with pytest.raises(OSError):  # nothing serves the port any more
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+    The module's ``cnnpipe ui`` (the one the test above read, or a fresh one): its pid is the cnnpipe process.
+    """
+    ui = project_ui()
+    proc, port = ui.proc, int(ui.base.rsplit(":", 1)[1])
+    tree = process_tree(proc.pid)
+    assert len(tree) >= 3, tree  # cnnpipe, mlflow ui, its server (and job consumers)
+    os.kill(proc.pid, signal.SIGTERM)  # the pid alone, as `kill PID` does: not its group
+    assert proc.wait(timeout=60) == 0
+    deadline = time.monotonic() + 30
+    while (alive := sorted(p for p in tree if running(p))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in alive if running(p)]
+    with pytest.raises(OSError):  # nothing serves the port any more
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
