@@ -113,25 +113,19 @@ class SamplerClock:
         self.asks = 0
 
     def wrap(self, study: Any) -> Any:
-        ask, tell = study.ask, study.tell
-
-        def timed_ask(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return ask(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-                self.asks += 1
-
-        def timed_tell(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return tell(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        study.ask, study.tell = timed_ask, timed_tell
+        study.ask, study.tell = self._timed(study.ask, counts=True), self._timed(study.tell, counts=False)
         return study
+
+    def _timed(self, call: Any, *, counts: bool) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.asks += counts
+
+        return timed
 
 
 def gp_study(grid: Any, select_by: str) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import (
     BaseModel,
@@ -35,8 +35,8 @@ ModelName = Annotated[str, Field(min_length=1)]
 Metric = Literal["val_loss", "val_top1"]
 # What a network costs, counted from its architecture (``models.cost``): a search may trade a metric against one.
 Cost = Literal["params", "macs"]
-METRICS: tuple[str, ...] = ("val_loss", "val_top1")
-COSTS: tuple[str, ...] = ("params", "macs")
+METRICS: tuple[str, ...] = get_args(Metric)
+COSTS: tuple[str, ...] = get_args(Cost)
 MEASURED_COSTS: tuple[str, ...] = ("latency_ms",)  # measured, so noisy: reported beside the front, never selected by
 MonitorSetting = Literal["auto", "val_loss", "val_top1"]  # auto: the same metric as select_by
 Optimizer = Literal["adam", "adamw", "sgd"]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from cnnpipe.util.errors import CnnpipeError
 from cnnpipe.params.run_config import RunConfig
+from cnnpipe.params.values import METRICS
 from cnnpipe.util.text import one_line
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from cnnpipe.engine.records import EpochRecord
     from cnnpipe.models.cost import NetworkCost
 
-SELECT_BY = ("val_loss", "val_top1")
+SELECT_BY = METRICS
 
 
 class GridFailed(CnnpipeError):
